@@ -1,0 +1,1 @@
+//! Mapping tables: parser and grammar (being written).

@@ -1,1 +1,43 @@
-fn main() {}
+use clap::Parser;
+
+use replicator::cli::{Cli, Command};
+use replicator::daemon::{self, DaemonConfig};
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Command::Daemon {
+            control,
+            nbd,
+            nbd_unix,
+            metrics,
+            state_dir,
+            event_hook,
+        } => {
+            let cfg = DaemonConfig {
+                control: control.control,
+                nbd,
+                nbd_unix,
+                metrics,
+                state_dir,
+                event_hook,
+            };
+            match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(daemon::run(cfg)),
+                Err(e) => Err(format!("tokio runtime: {e}")),
+            }
+        }
+        other => replicator::cli::run_client(other),
+    };
+    if let Err(e) = result {
+        eprintln!("replicator: {e}");
+        std::process::exit(1);
+    }
+}

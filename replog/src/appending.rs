@@ -1,0 +1,170 @@
+//! `Appending`: the caller's handle on an append (or flush) until its write completes.
+//!
+//! It is both a blocking handle (`wait`) and a `Future`, so the same writer serves threads and
+//! tokio tasks without blocking a runtime. The writer side holds a [`Waiter`]; if it is dropped
+//! unresolved (the replog shut down), the handle resolves to `Error::Closed` instead of hanging.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+
+use crate::error::{Error, Result};
+use crate::Lsn;
+
+#[derive(Default)]
+struct Slot {
+    result: Option<Result<Lsn>>,
+    taken: bool,
+    waker: Option<Waker>,
+}
+
+#[derive(Default)]
+struct Shared {
+    slot: Mutex<Slot>,
+    done: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Handle on a queued append: resolves to its lsn once written (and flushed if Durable).
+#[must_use = "an append is only acknowledged once its Appending resolves"]
+pub struct Appending {
+    lsn: Lsn,
+    shared: Arc<Shared>,
+}
+
+/// The writer's end of an [`Appending`].
+pub(crate) struct Waiter {
+    pub(crate) lsn: Lsn,
+    shared: Option<Arc<Shared>>,
+}
+
+/// A new (handle, writer end) pair for `lsn`.
+pub(crate) fn pair(lsn: Lsn) -> (Appending, Waiter) {
+    let shared = Arc::new(Shared::default());
+    (
+        Appending {
+            lsn,
+            shared: Arc::clone(&shared),
+        },
+        Waiter {
+            lsn,
+            shared: Some(shared),
+        },
+    )
+}
+
+impl Appending {
+    /// An already resolved handle.
+    pub(crate) fn ready(lsn: Lsn, result: Result<Lsn>) -> Appending {
+        let (appending, waiter) = pair(lsn);
+        waiter.resolve(result);
+        appending
+    }
+
+    /// The lsn assigned to this append (for a flush: the last lsn it covers).
+    pub fn lsn(&self) -> Lsn {
+        self.lsn
+    }
+
+    /// Blocks until the append is written (Durable: flushed). Do not call from an async task;
+    /// `.await` the handle there.
+    pub fn wait(self) -> Result<Lsn> {
+        let mut slot = self.shared.lock();
+        loop {
+            if let Some(result) = slot.result.take() {
+                slot.taken = true;
+                return result;
+            }
+            if slot.taken {
+                return Err(Error::Closed);
+            }
+            slot = self
+                .shared
+                .done
+                .wait(slot)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// True once the result is available (`wait` will not block).
+    pub fn is_done(&self) -> bool {
+        self.shared.lock().result.is_some()
+    }
+}
+
+impl Future for Appending {
+    type Output = Result<Lsn>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Lsn>> {
+        let mut slot = self.shared.lock();
+        if let Some(result) = slot.result.take() {
+            slot.taken = true;
+            return Poll::Ready(result);
+        }
+        if slot.taken {
+            return Poll::Ready(Err(Error::Closed));
+        }
+        slot.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl Waiter {
+    /// Resolves the handle (once).
+    pub(crate) fn resolve(mut self, result: Result<Lsn>) {
+        if let Some(shared) = self.shared.take() {
+            fill(&shared, result);
+        }
+    }
+}
+
+fn fill(shared: &Shared, result: Result<Lsn>) {
+    let waker = {
+        let mut slot = shared.lock();
+        slot.result = Some(result);
+        slot.waker.take()
+    };
+    shared.done.notify_all();
+    if let Some(waker) = waker {
+        waker.wake();
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            fill(&shared, Err(Error::Closed));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_across_threads_and_on_drop() {
+        let (a, w) = pair(3);
+        std::thread::spawn(move || w.resolve(Ok(3)));
+        assert_eq!(a.wait().unwrap(), 3);
+        let (a, w) = pair(4);
+        drop(w);
+        assert!(matches!(a.wait(), Err(Error::Closed)));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn is_a_future() {
+        let (a, w) = pair(5);
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            w.resolve(Ok(5));
+        });
+        assert_eq!(a.await.unwrap(), 5);
+    }
+}

@@ -1,0 +1,67 @@
+//! The fallback backend: blocking pwrite/pread/fdatasync on the dedicated I/O thread.
+//!
+//! Batches run one after another in submit order, so the ordering contract (a sync covers this
+//! and every earlier batch) holds trivially. Short transfers are continued and EINTR retried by
+//! std's `write_all_at`/`read_exact_at`; EAGAIN (not expected on blocking files) is retried here.
+
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use super::{AlignedBuf, Job, Op, OpKind, Target, TRANSIENT_RETRIES_MAX};
+
+pub(crate) fn spawn(target: Arc<Target>, rx: Receiver<Job>) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("replog-io-pwrite".into())
+        .spawn(move || {
+            // Ends when every IoFile clone is gone and the queue is drained.
+            while let Ok(job) = rx.recv() {
+                let result = run_job(&target, job.ops, job.sync_after);
+                job.completer.complete(result);
+            }
+        })
+}
+
+fn run_job(target: &Target, ops: Vec<Op>, sync_after: bool) -> io::Result<Vec<AlignedBuf>> {
+    let mut bufs = Vec::with_capacity(ops.len());
+    for mut op in ops {
+        let len = op.buf.len();
+        let (what, result) = match op.kind {
+            OpKind::Write => (
+                "write",
+                retry_transient(|| target.file.write_all_at(&op.buf, op.offset)),
+            ),
+            OpKind::Read => (
+                "read",
+                retry_transient(|| target.file.read_exact_at(&mut op.buf, op.offset)),
+            ),
+        };
+        result.map_err(|e| target.error(&e, what, op.offset, len))?;
+        bufs.push(op.buf);
+    }
+    if sync_after {
+        retry_transient(|| target.file.sync_data())
+            .map_err(|e| target.error(&e, "fdatasync", 0, 0))?;
+    }
+    Ok(bufs)
+}
+
+fn retry_transient(mut f: impl FnMut() -> io::Result<()>) -> io::Result<()> {
+    let mut retries = 0;
+    loop {
+        match f() {
+            Err(e)
+                if retries < TRANSIENT_RETRIES_MAX
+                    && matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                    ) =>
+            {
+                retries += 1;
+            }
+            other => return other,
+        }
+    }
+}

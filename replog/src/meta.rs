@@ -1,0 +1,127 @@
+//! Reading and writing the two metadata slots (newest valid wins; writes alternate so the slot
+//! holding the newest valid state is never the one being overwritten).
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::format::{
+    HeaderFault, MetaSlot, FORMAT_VERSION, META_AREA_BYTES, META_ENCODED_BYTES, META_SLOT_BYTES,
+    RECORD_GRANULE,
+};
+use crate::io::AlignedBuf;
+use crate::storage::Storage;
+
+/// What was found in one slot.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotStatus {
+    pub slot: usize,
+    /// None when the slot decoded; otherwise why not.
+    pub fault: Option<String>,
+    pub sequence: Option<u64>,
+}
+
+/// The chosen metadata and what each slot held.
+#[derive(Debug, Clone)]
+pub struct LoadedMeta {
+    pub meta: MetaSlot,
+    pub slot: usize,
+    pub slots: Vec<SlotStatus>,
+}
+
+/// Reads both slots at `base`, picks the newest valid one and checks it against the storage size.
+pub fn load(storage: &dyn Storage, base: u64) -> Result<LoadedMeta> {
+    let path = storage.describe();
+    let len = storage
+        .len()
+        .map_err(|e| Error::io("size of", &path, e))?;
+    if len < base.saturating_add(META_AREA_BYTES) {
+        return Err(Error::Truncated {
+            what: format!("{path}: metadata area at offset {base}"),
+            expected: base.saturating_add(META_AREA_BYTES),
+            found: len,
+        });
+    }
+    let buf = AlignedBuf::zeroed(META_AREA_BYTES as usize);
+    let buf = storage
+        .read_at(base, buf)
+        .map_err(|e| Error::io("read metadata", &path, e))?;
+    let mut decoded = Vec::new();
+    let mut slots = Vec::new();
+    for slot in 0..2usize {
+        let at = slot * META_SLOT_BYTES as usize;
+        let bytes = buf.get(at..at + META_ENCODED_BYTES).unwrap_or_default();
+        let result = MetaSlot::decode(bytes);
+        slots.push(SlotStatus {
+            slot,
+            fault: result.as_ref().err().map(|f| f.to_string()),
+            sequence: result.as_ref().ok().map(|m| m.sequence),
+        });
+        decoded.push(result);
+    }
+    // A slot of another version may be newer than ours: refuse rather than roll back.
+    for result in &decoded {
+        if let Err(HeaderFault::UnsupportedVersion(found)) = result {
+            return Err(Error::UnsupportedVersion {
+                found: *found,
+                supported: FORMAT_VERSION,
+            });
+        }
+    }
+    let best = decoded
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.as_ref().ok().map(|m| (i, *m)))
+        .max_by_key(|(_, m)| m.sequence);
+    let Some((slot, meta)) = best else {
+        let all_zero = decoded.iter().all(|r| *r == Err(HeaderFault::Zeroed));
+        let what = if all_zero {
+            format!("{path} at offset {base}: both metadata slots are all zero (not a replog, or never created)")
+        } else {
+            let describe = |i: usize| {
+                slots
+                    .get(i)
+                    .and_then(|s| s.fault.clone())
+                    .unwrap_or_default()
+            };
+            format!(
+                "{path} at offset {base}: no valid metadata slot (slot 0: {}; slot 1: {})",
+                describe(0),
+                describe(1)
+            )
+        };
+        return Err(Error::BadFormat { what });
+    };
+    meta.check_geometry().map_err(|what| Error::BadFormat {
+        what: format!("{path}: metadata slot {slot}: {what}"),
+    })?;
+    if meta.tail_vpos % RECORD_GRANULE != 0 {
+        return Err(Error::BadFormat {
+            what: format!("{path}: metadata tail {} not on a record boundary", meta.tail_vpos),
+        });
+    }
+    let needed = base.saturating_add(meta.replog_bytes);
+    if len < needed {
+        return Err(Error::Truncated {
+            what: format!("{path}: ring of {} bytes at offset {base}", meta.ring_bytes),
+            expected: needed,
+            found: len,
+        });
+    }
+    Ok(LoadedMeta { meta, slot, slots })
+}
+
+/// Writes `meta` into slot `sequence % 2` and syncs.
+pub fn write(storage: &dyn Storage, base: u64, meta: &MetaSlot) -> Result<()> {
+    let path = storage.describe();
+    let mut buf = AlignedBuf::zeroed(META_SLOT_BYTES as usize);
+    if let Some(dst) = buf.get_mut(..META_ENCODED_BYTES) {
+        dst.copy_from_slice(&meta.encode());
+    }
+    let at = base + (meta.sequence % 2) * META_SLOT_BYTES;
+    storage
+        .write_at(at, buf)
+        .map_err(|e| Error::io("write metadata", &path, e))?;
+    storage
+        .sync_data()
+        .map_err(|e| Error::io("sync metadata", &path, e))
+}

@@ -1,0 +1,256 @@
+//! The command line: `replicator daemon` and the dmsetup-style client subcommands.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::control::{DeviceStatus, Request, Response, CONTROL_DEFAULT, CONTROL_ENV};
+
+#[derive(Parser, Debug)]
+#[command(name = "replicator", version, about = "Asynchronous remote replication of block device groups")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ControlArg {
+    /// The daemon's control socket.
+    #[arg(long, env = CONTROL_ENV, default_value = CONTROL_DEFAULT)]
+    pub control: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon in the foreground.
+    Daemon {
+        #[command(flatten)]
+        control: ControlArg,
+        /// NBD listen address (host:port).
+        #[arg(long)]
+        nbd: Option<String>,
+        /// NBD listen Unix socket.
+        #[arg(long)]
+        nbd_unix: Option<PathBuf>,
+        /// Prometheus metrics listen address (host:port), serving /metrics.
+        #[arg(long)]
+        metrics: Option<String>,
+        /// Where created devices are recorded, to come back after a restart.
+        #[arg(long, default_value = "/var/lib/replicator")]
+        state_dir: PathBuf,
+        /// Shell command run on every event (REPLICATOR_GROUP, REPLICATOR_EVENT, ... in its env).
+        #[arg(long)]
+        event_hook: Option<String>,
+    },
+    /// Create a device from a mapping table file ("-" reads standard input).
+    Create {
+        #[command(flatten)]
+        control: ControlArg,
+        name: String,
+        table: PathBuf,
+    },
+    /// Flush and remove a device (the group goes with its last device).
+    Remove {
+        #[command(flatten)]
+        control: ControlArg,
+        name: String,
+    },
+    /// List devices.
+    Ls {
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Show a device's status: a dm-style line, or JSON with stable field names.
+    Status {
+        #[command(flatten)]
+        control: ControlArg,
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the table a device was created from.
+    Table {
+        #[command(flatten)]
+        control: ControlArg,
+        name: String,
+    },
+    /// Send a message to a device (`message NAME 0 checkpoint`, `message NAME 0 resync 1`).
+    Message {
+        #[command(flatten)]
+        control: ControlArg,
+        name: String,
+        sector: u64,
+        #[arg(required = true, num_args = 1..)]
+        message: Vec<String>,
+    },
+    /// Wait for an event after EVENT_NR (default: the current one) and print the new event number.
+    Wait {
+        #[command(flatten)]
+        control: ControlArg,
+        name: String,
+        event_nr: Option<u64>,
+    },
+    /// Operate on replog files directly (no daemon).
+    Replog {
+        #[command(subcommand)]
+        cmd: ReplogCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ReplogCommand {
+    /// Print a replog's metadata, cursors, lag per slink and entries, without changing it.
+    Inspect {
+        path: PathBuf,
+        /// Byte offset of the replog inside the file or device.
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        /// Entries to list at most.
+        #[arg(long, default_value_t = 20)]
+        max_entries: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Send one request to the daemon and read its answer.
+pub fn call(control: &ControlArg, req: &Request) -> Result<Response, String> {
+    let mut s = UnixStream::connect(&control.control).map_err(|e| {
+        format!(
+            "cannot reach the daemon at {} ({e}); is `replicator daemon` running? (--control or ${CONTROL_ENV})",
+            control.control.display()
+        )
+    })?;
+    let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    s.write_all(&line).map_err(|e| e.to_string())?;
+    let mut resp = String::new();
+    BufReader::new(s)
+        .read_line(&mut resp)
+        .map_err(|e| e.to_string())?;
+    serde_json::from_str(&resp).map_err(|e| format!("bad answer from daemon: {e}"))
+}
+
+fn body(control: &ControlArg, req: &Request) -> Result<serde_json::Value, String> {
+    let r = call(control, req)?;
+    if r.ok {
+        Ok(r.body)
+    } else {
+        Err(r.error.unwrap_or_else(|| "failed".into()))
+    }
+}
+
+/// Run a client subcommand; returns the process exit code.
+pub fn run_client(cmd: Command) -> Result<(), String> {
+    match cmd {
+        Command::Daemon { .. } => Err("internal: daemon is not a client command".into()),
+        Command::Create {
+            control,
+            name,
+            table,
+        } => {
+            let (text, source) = if table.as_os_str() == "-" {
+                let mut t = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)
+                    .map_err(|e| e.to_string())?;
+                (t, "<stdin>".to_string())
+            } else {
+                (
+                    std::fs::read_to_string(&table)
+                        .map_err(|e| format!("{}: {e}", table.display()))?,
+                    table.display().to_string(),
+                )
+            };
+            let cwd = std::env::current_dir()
+                .map_err(|e| e.to_string())?
+                .display()
+                .to_string();
+            body(
+                &control,
+                &Request::Create {
+                    name,
+                    table: text,
+                    source,
+                    cwd,
+                },
+            )?;
+            Ok(())
+        }
+        Command::Remove { control, name } => body(&control, &Request::Remove { name }).map(|_| ()),
+        Command::Ls { control } => {
+            let v = body(&control, &Request::Ls)?;
+            for d in v.as_array().into_iter().flatten() {
+                println!(
+                    "{}\t(dev {}, {} bytes, replog {})",
+                    d["name"].as_str().unwrap_or(""),
+                    d["dev_nr"],
+                    d["size_bytes"],
+                    d["replog"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+        Command::Status {
+            control,
+            name,
+            json,
+        } => {
+            let v = body(&control, &Request::Status { name })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?);
+            } else {
+                let st: DeviceStatus = serde_json::from_value(v).map_err(|e| e.to_string())?;
+                println!("{}", st.line);
+            }
+            Ok(())
+        }
+        Command::Table { control, name } => {
+            let v = body(&control, &Request::Table { name })?;
+            print!("{}", v.as_str().unwrap_or(""));
+            Ok(())
+        }
+        Command::Message {
+            control,
+            name,
+            sector,
+            message,
+        } => body(
+            &control,
+            &Request::Message {
+                name,
+                sector,
+                args: message,
+            },
+        )
+        .map(|_| ()),
+        Command::Wait {
+            control,
+            name,
+            event_nr,
+        } => {
+            let v = body(&control, &Request::Wait { name, event_nr })?;
+            println!("{}", v["event_nr"]);
+            Ok(())
+        }
+        Command::Replog {
+            cmd:
+                ReplogCommand::Inspect {
+                    path,
+                    offset,
+                    max_entries,
+                    json,
+                },
+        } => {
+            let ins = replog::Replog::inspect(&path, offset, max_entries)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&ins).map_err(|e| e.to_string())?);
+            } else {
+                print!("{ins}");
+            }
+            Ok(())
+        }
+    }
+}

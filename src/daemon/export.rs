@@ -1,0 +1,138 @@
+//! The NBD face of a device: every request goes to the device's group.
+
+use std::sync::Arc;
+
+use replog::EntryKind;
+
+use crate::engine::CoreError;
+use crate::nbd::{BlockError, Export, Exports};
+
+use super::registry::{DeviceHandle, Registry};
+
+pub struct DeviceExport {
+    handle: DeviceHandle,
+}
+
+fn to_block_error(e: CoreError) -> BlockError {
+    match e {
+        CoreError::NoSpace(msg) => {
+            tracing::warn!("write refused: {msg}");
+            BlockError::NoSpace
+        }
+        CoreError::Full { .. } => BlockError::NoSpace,
+        CoreError::Invalid(msg) => {
+            tracing::warn!("{msg}");
+            BlockError::Invalid
+        }
+        other => {
+            tracing::warn!("I/O error: {other}");
+            BlockError::Io(std::io::Error::other(other.to_string()))
+        }
+    }
+}
+
+impl Export for DeviceExport {
+    fn size(&self) -> u64 {
+        self.handle.size
+    }
+
+    fn read_only(&self) -> bool {
+        false
+    }
+
+    fn description(&self) -> String {
+        format!(
+            "replicator device {} (replog {})",
+            self.handle.name,
+            self.handle.group.replog_path.display()
+        )
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, BlockError> {
+        let group = self.handle.group.clone();
+        let dev = self.handle.dev_nr;
+        tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len as usize];
+            group.read(dev, offset, &mut buf).map(|_| buf)
+        })
+        .await
+        .map_err(|e| BlockError::Io(std::io::Error::other(e.to_string())))?
+        .map_err(to_block_error)
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), BlockError> {
+        let len = data.len() as u64;
+        self.handle
+            .group
+            .submit(self.handle.dev_nr, offset, EntryKind::Write, len, data, fua)
+            .await
+            .map_err(to_block_error)
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+        _may_trim: bool,
+    ) -> Result<(), BlockError> {
+        self.handle
+            .group
+            .submit(
+                self.handle.dev_nr,
+                offset,
+                EntryKind::Zeroes,
+                len as u64,
+                Vec::new(),
+                fua,
+            )
+            .await
+            .map_err(to_block_error)
+    }
+
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), BlockError> {
+        // A trim is replicated as a discard: every site frees the range and reads it as zeroes,
+        // so the sites stay byte-identical.
+        self.handle
+            .group
+            .submit(
+                self.handle.dev_nr,
+                offset,
+                EntryKind::Discard,
+                len as u64,
+                Vec::new(),
+                fua,
+            )
+            .await
+            .map_err(to_block_error)
+    }
+
+    async fn flush(&self) -> Result<(), BlockError> {
+        self.handle.group.flush().await.map_err(to_block_error)
+    }
+}
+
+/// The daemon's devices as NBD exports.
+pub struct RegistryExports(pub Arc<Registry>);
+
+impl Exports for RegistryExports {
+    type Export = DeviceExport;
+
+    fn lookup(&self, name: &str) -> Option<Arc<DeviceExport>> {
+        self.0
+            .get(name)
+            .map(|handle| Arc::new(DeviceExport { handle }))
+    }
+
+    fn list(&self) -> Vec<String> {
+        self.0.names()
+    }
+
+    fn default_export(&self) -> Option<String> {
+        let names = self.0.names();
+        match names.as_slice() {
+            [only] => Some(only.clone()),
+            _ => None,
+        }
+    }
+}

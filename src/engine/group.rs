@@ -1,0 +1,681 @@
+//! A group: devices that share one replog, with one write order across them, and the slinks that
+//! carry that order to every site.
+//!
+//! The write path (see README "Architecture"):
+//! 1. Under the group's order lock, the entry is appended to the replog (which assigns its lsn)
+//!    and handed to every slink's feed, so every site sees one lsn order.
+//! 2. The replog write completes (FUA: and is flushed); `written_lsn` moves.
+//! 3. Slink 0 (the primary's own devices) applies it; reads are served from slink 0's devices, so
+//!    a write is acknowledged only once slink 0 has applied it (reads return the newest
+//!    acknowledged data).
+//! 4. Every slink currently in sync mode has applied it.
+//!
+//! When the ring is full: appliers are asked to checkpoint (save cursors, reclaim); if that is not
+//! enough, entries are dropped for async slinks with a dirty log (their regions marked dirty and
+//! persisted first, then their cursor moved, then the space reclaimed); `stall` slinks, slinks
+//! without a dirty log and slink 0 are never dropped: writes wait for them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use replog::dirtylog::DirtyLog;
+use replog::{Durability, EntryKind, Lsn, Record, Replog};
+
+use super::blockfile::BlockFile;
+use super::events::Events;
+use super::lsn_index::LsnIndex;
+use super::policy::{next_mode, Fallbehind, Lag, Mode, PolicyKind};
+use super::queue::MemEntry;
+use super::slink::{run_local_applier, ApplySource, SiteDevice, Slink};
+use super::spec::{DeviceSpec, DirtyLogSpec, GroupSpec, ReplogOpen, SlinkSpec};
+use super::{CoreError, CoreResult};
+
+/// How long a write waits for ring space before it fails with ENOSPC.
+pub const RING_FULL_WAIT_MAX: Duration = Duration::from_secs(30);
+/// When entries must be dropped for a slow site, free at least this share of the ring at once so
+/// overflow handling does not run on every write.
+const OVERFLOW_FREE_FRACTION: u64 = 8;
+
+/// The core's view of one device of the group (an NBD export).
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub dev_nr: u32,
+    pub size: u64,
+    pub table: String,
+}
+
+pub struct Group {
+    /// The replog path identifies the group: tables that name the same replog form one group.
+    pub replog_path: PathBuf,
+    pub replog: Replog,
+    order: Mutex<()>,
+    pub slinks: Vec<Arc<Slink>>,
+    pub devices: RwLock<BTreeMap<u32, DeviceInfo>>,
+    index: LsnIndex,
+    written: AtomicU64,
+    pub events: Arc<Events>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    pub writes_total: AtomicU64,
+    pub overflows_total: AtomicU64,
+    pub write_latency: prometheus::Histogram,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+impl Group {
+    /// Open (or create) the replog named by the spec and bring up its slinks with the spec's
+    /// device. Further devices join with [`Group::add_device`].
+    pub fn open(
+        spec: &GroupSpec,
+        device: &DeviceSpec,
+        name: &str,
+        table: &str,
+        hook: Option<String>,
+    ) -> CoreResult<Arc<Group>> {
+        let replog = open_replog(spec)?;
+        let events = Arc::new(Events::new(&spec.replog_path.display().to_string(), hook));
+
+        // Index the retained entries (lag in bytes and age).
+        let index = LsnIndex::default();
+        let mut from = replog.first_lsn().max(1);
+        loop {
+            let batch = replog
+                .read_from(from, 1024, 64 << 20)
+                .map_err(|e| CoreError::replog(&spec.replog_path, e))?;
+            let Some(last) = batch.last() else { break };
+            from = last.lsn + 1;
+            for e in &batch {
+                index.push(e.lsn, e.len, e.timestamp_ns);
+            }
+        }
+        let last = replog.last_lsn();
+
+        let mut slinks = Vec::new();
+        for s in &spec.slinks {
+            let cursor = match replog.cursor(s.nr) {
+                Some(c) => c,
+                None => {
+                    replog
+                        .register_slink(s.nr, last)
+                        .map_err(|e| CoreError::replog(&spec.replog_path, e))?;
+                    last
+                }
+            };
+            slinks.push(Arc::new(Slink::new(
+                s.nr,
+                s.transport,
+                s.policy,
+                s.fallbehind,
+                cursor,
+            )));
+        }
+        let write_latency = crate::metrics::write_latency()
+            .with_label_values(&[spec.replog_path.display().to_string().as_str()]);
+        let group = Arc::new(Group {
+            replog_path: spec.replog_path.clone(),
+            replog,
+            order: Mutex::new(()),
+            slinks,
+            devices: RwLock::new(BTreeMap::new()),
+            index,
+            written: AtomicU64::new(last),
+            events,
+            threads: Mutex::new(Vec::new()),
+            writes_total: AtomicU64::new(0),
+            overflows_total: AtomicU64::new(0),
+            write_latency,
+        });
+        group.add_device(spec, device, name, table)?;
+        for s in &group.slinks {
+            let src: Arc<dyn ApplySource> = group.clone();
+            let slink = s.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("slink{}-apply", s.nr))
+                .spawn(move || run_local_applier(src, slink))
+                .map_err(|e| CoreError::Invalid(format!("spawning applier: {e}")))?;
+            if let Ok(mut t) = group.threads.lock() {
+                t.push(h);
+            }
+        }
+        group.events.raise(
+            "group-up",
+            format!(
+                "replog {} open, lsn {}..{}, {} slinks",
+                group.replog_path.display(),
+                group.replog.first_lsn(),
+                last,
+                group.slinks.len()
+            ),
+        );
+        Ok(group)
+    }
+
+    /// Join a device to this group (a table that names this group's replog with `open`).
+    pub fn add_device(
+        &self,
+        spec: &GroupSpec,
+        device: &DeviceSpec,
+        name: &str,
+        table: &str,
+    ) -> CoreResult<()> {
+        if let Ok(devs) = self.devices.read() {
+            if let Some(d) = devs.get(&device.dev_nr) {
+                return Err(CoreError::Invalid(format!(
+                    "device number {} is already in this group as {}",
+                    device.dev_nr, d.name
+                )));
+            }
+        }
+        // The slinks of a group are fixed by its first table; later tables must name the same.
+        for s in &spec.slinks {
+            let Some(mine) = self.slink(s.nr) else {
+                return Err(CoreError::Invalid(format!(
+                    "slink {} is not a slink of the group of {}",
+                    s.nr,
+                    self.replog_path.display()
+                )));
+            };
+            if mine.policy != s.policy || mine.transport != s.transport {
+                return Err(CoreError::Invalid(format!(
+                    "slink {} policy/transport differs from the group's",
+                    s.nr
+                )));
+            }
+        }
+        if spec.slinks.len() != self.slinks.len() {
+            return Err(CoreError::Invalid(format!(
+                "the table names {} slinks, the group has {}",
+                spec.slinks.len(),
+                self.slinks.len()
+            )));
+        }
+        let mut opened = Vec::new();
+        for s in &spec.slinks {
+            let site = s
+                .devices
+                .iter()
+                .find(|d| d.dev_nr == device.dev_nr)
+                .ok_or_else(|| {
+                    CoreError::Invalid(format!("slink {} has no device {}", s.nr, device.dev_nr))
+                })?;
+            let file = BlockFile::open(&site.path, device.size, true)
+                .map_err(|e| CoreError::Io(format!("slink {}: {e}", s.nr)))?;
+            let dirty = open_dirty_log(&site.dirty_log, device.size)?;
+            opened.push((s.nr, SiteDevice::new(device.dev_nr, file, dirty)));
+        }
+        for (nr, dev) in opened {
+            if let Some(sl) = self.slink(nr) {
+                sl.add_device(dev);
+            }
+        }
+        if let Ok(mut devs) = self.devices.write() {
+            devs.insert(
+                device.dev_nr,
+                DeviceInfo {
+                    name: name.to_string(),
+                    dev_nr: device.dev_nr,
+                    size: device.size,
+                    table: table.to_string(),
+                },
+            );
+        }
+        self.events.raise(
+            "device-added",
+            format!("device {} ({name}) joined", device.dev_nr),
+        );
+        Ok(())
+    }
+
+    /// Take a device out of the group; true when it was the last one.
+    pub fn remove_device(&self, dev_nr: u32) -> bool {
+        for s in &self.slinks {
+            if let Ok(mut m) = s.devices.write() {
+                m.remove(&dev_nr);
+            }
+        }
+        let mut devs = match self.devices.write() {
+            Ok(d) => d,
+            Err(_) => return false,
+        };
+        devs.remove(&dev_nr);
+        devs.is_empty()
+    }
+
+    pub fn slink(&self, nr: u8) -> Option<&Arc<Slink>> {
+        self.slinks.iter().find(|s| s.nr == nr)
+    }
+
+    pub fn primary_slink(&self) -> Option<&Arc<Slink>> {
+        self.slink(0)
+    }
+
+    pub fn written_lsn(&self) -> Lsn {
+        self.written.load(Ordering::Acquire)
+    }
+
+    fn mark_written(&self, lsn: Lsn) {
+        self.written.fetch_max(lsn, Ordering::AcqRel);
+    }
+
+    /// Lag of a slink behind the newest written entry.
+    pub fn lag(&self, s: &Slink) -> Lag {
+        let applied = s.applied();
+        let last = self.written_lsn();
+        let (bytes, oldest) = self.index.above(applied);
+        let age = match oldest {
+            Some(ts) if last > applied => Duration::from_nanos(now_ns().saturating_sub(ts)),
+            _ => Duration::ZERO,
+        };
+        Lag {
+            ios: last.saturating_sub(applied),
+            bytes,
+            age,
+        }
+    }
+
+    fn update_mode(&self, s: &Slink) {
+        let lag = self.lag(s);
+        let m = next_mode(s.policy, &s.fallbehind, s.mode(), &lag);
+        if s.set_mode(m) {
+            self.events.raise(
+                if m == Mode::Sync { "slink-sync" } else { "slink-async" },
+                format!(
+                    "slink {} now {:?} (lag {} ios, {} bytes, {:.3}s)",
+                    s.nr,
+                    m,
+                    lag.ios,
+                    lag.bytes,
+                    lag.age.as_secs_f64()
+                ),
+            );
+        }
+    }
+
+    /// Re-evaluate every slink's mode (the monitor calls this so `timeout=` and the way back to
+    /// async work when no writes come).
+    pub fn update_modes(&self) {
+        for s in &self.slinks {
+            if s.nr != 0 {
+                self.update_mode(s);
+            }
+        }
+    }
+
+    /// The write path: returns once the write may be acknowledged under every slink's policy.
+    pub async fn submit(
+        self: &Arc<Self>,
+        device: u32,
+        offset: u64,
+        kind: EntryKind,
+        len: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> CoreResult<()> {
+        let started = Instant::now();
+        let durability = if fua {
+            Durability::Durable
+        } else {
+            Durability::Written
+        };
+        let give_up = Instant::now() + RING_FULL_WAIT_MAX;
+        let (pending, entry) = loop {
+            match self.append_and_feed(device, offset, kind, len, data.as_slice(), durability) {
+                Ok(v) => break v,
+                Err(CoreError::Full { needed }) => {
+                    if Instant::now() > give_up {
+                        return Err(CoreError::NoSpace(format!(
+                            "replog {} full for {:?}: a site does not catch up",
+                            self.replog_path.display(),
+                            RING_FULL_WAIT_MAX
+                        )));
+                    }
+                    self.make_room(needed).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        drop(data);
+        let lsn = pending
+            .await
+            .map_err(|e| CoreError::replog(&self.replog_path, e))?;
+        self.mark_written(lsn);
+        for s in &self.slinks {
+            s.feed.kick();
+        }
+        drop(entry);
+        if let Some(p) = self.primary_slink() {
+            p.wait_applied(lsn).await;
+        }
+        for s in &self.slinks {
+            if s.nr != 0 {
+                self.update_mode(s);
+                // A paused or faulty site is not waited for: its regions go dirty instead, and
+                // status says so. Waiting would stop the application for a site that is gone.
+                if s.mode() == Mode::Sync && s.waitable() {
+                    s.wait_applied(lsn).await;
+                }
+            }
+        }
+        self.writes_total.fetch_add(1, Ordering::Relaxed);
+        self.write_latency
+            .observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    fn append_and_feed(
+        &self,
+        device: u32,
+        offset: u64,
+        kind: EntryKind,
+        len: u64,
+        data: &[u8],
+        durability: Durability,
+    ) -> CoreResult<(replog::Appending, Arc<MemEntry>)> {
+        let _order = self
+            .order
+            .lock()
+            .map_err(|_| CoreError::Invalid("order lock poisoned".into()))?;
+        let rec = Record {
+            device,
+            offset,
+            kind,
+            len,
+            data,
+        };
+        let pending = match self.replog.append(rec, durability) {
+            Ok(p) => p,
+            Err(replog::Error::Full { needed, .. }) => {
+                return Err(CoreError::Full { needed });
+            }
+            Err(e) => return Err(CoreError::replog(&self.replog_path, e)),
+        };
+        let lsn = pending.lsn();
+        self.index.push(lsn, len, now_ns());
+        let entry = Arc::new(MemEntry {
+            lsn,
+            device,
+            offset,
+            kind,
+            len,
+            data: data.to_vec(),
+            appended_at: Instant::now(),
+        });
+        for s in &self.slinks {
+            s.feed.push(entry.clone());
+        }
+        Ok((pending, entry))
+    }
+
+    /// FLUSH: every write acknowledged before it becomes durable in the replog.
+    pub async fn flush(&self) -> CoreResult<()> {
+        self.replog
+            .flush()
+            .await
+            .map_err(|e| CoreError::replog(&self.replog_path, e))?;
+        Ok(())
+    }
+
+    /// Make room in a full ring: checkpoint, reclaim, and if still short, drop entries for async
+    /// slinks that have a dirty log.
+    async fn make_room(self: &Arc<Self>, needed: u64) -> CoreResult<()> {
+        for s in &self.slinks {
+            s.checkpoint_now().await;
+        }
+        self.reclaim();
+        if self.replog.space().free_bytes >= needed {
+            return Ok(());
+        }
+        let me = self.clone();
+        let dropped = tokio::task::spawn_blocking(move || me.drop_for_slow_sites(needed))
+            .await
+            .map_err(|e| CoreError::Invalid(format!("overflow task: {e}")))??;
+        if !dropped {
+            // Someone we may not drop for (slink 0, stall, no dirty log) holds the ring: wait.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+
+    fn reclaim(&self) {
+        match self.replog.reclaim() {
+            Ok(_) => self.index.trim_below(self.replog.first_lsn()),
+            Err(e) => tracing::warn!(replog = %self.replog_path.display(), "reclaim: {e}"),
+        }
+    }
+
+    /// Overflow: for every slink that may lose entries (async, with a dirty log) and holds the
+    /// ring, mark the regions of the entries up to a target lsn dirty (durably), then move its
+    /// cursor there. Returns whether anything was dropped.
+    fn drop_for_slow_sites(&self, needed: u64) -> CoreResult<bool> {
+        let Some(primary) = self.primary_slink() else {
+            return Ok(false);
+        };
+        let primary_cursor = self.replog.cursor(0).unwrap_or(0);
+        let space = self.replog.space();
+        let want = needed.max(space.capacity_bytes / OVERFLOW_FREE_FRACTION);
+        // Target: the lsn below which enough bytes are retained, never past slink 0's cursor.
+        let first = self.replog.first_lsn();
+        let mut target = first.saturating_sub(1);
+        let mut freed = 0u64;
+        let mut from = first.max(1);
+        let mut touched: Vec<(u32, u64, u64, Lsn)> = Vec::new();
+        'scan: while freed < want && target < primary_cursor {
+            let batch = self
+                .replog
+                .read_from(from, 256, 32 << 20)
+                .map_err(|e| CoreError::replog(&self.replog_path, e))?;
+            if batch.is_empty() {
+                break;
+            }
+            for e in batch {
+                if e.lsn > primary_cursor || freed >= want {
+                    break 'scan;
+                }
+                freed += e.len + 4096;
+                target = e.lsn;
+                from = e.lsn + 1;
+                touched.push((e.device, e.offset, e.len, e.lsn));
+            }
+        }
+        let _ = primary;
+        let mut dropped_any = false;
+        for s in &self.slinks {
+            if s.nr == 0 || s.policy != PolicyKind::Async || !s.has_dirty_log() {
+                continue;
+            }
+            let cursor = self.replog.cursor(s.nr).unwrap_or(0);
+            if cursor >= target {
+                continue;
+            }
+            // 1. Regions dirty, durably, before the entries go.
+            for dev in s.all_devices() {
+                let Some(d) = &dev.dirty else { continue };
+                let mut d = d
+                    .lock()
+                    .map_err(|_| CoreError::Invalid("dirty log lock poisoned".into()))?;
+                for (device, offset, len, lsn) in &touched {
+                    if *device == dev.dev_nr && *lsn > cursor {
+                        d.mark_range(*offset, (*len).max(1));
+                    }
+                }
+                d.persist()
+                    .map_err(|e| CoreError::Io(format!("dirty log of slink {}: {e}", s.nr)))?;
+            }
+            // 2. The site skips them.
+            s.skip_to.fetch_max(target, Ordering::AcqRel);
+            s.feed.kick();
+            // 3. Its cursor moves past them.
+            self.replog
+                .set_cursor(s.nr, target)
+                .map_err(|e| CoreError::replog(&self.replog_path, e))?;
+            dropped_any = true;
+            self.overflows_total.fetch_add(1, Ordering::Relaxed);
+            self.events.raise(
+                "overflow",
+                format!(
+                    "replog full: slink {} dropped lsn {}..={target}, regions marked dirty",
+                    s.nr,
+                    cursor + 1
+                ),
+            );
+        }
+        self.reclaim();
+        Ok(dropped_any)
+    }
+
+    /// Stop the appliers after they drained what is written; save cursors.
+    pub fn shutdown(&self) {
+        for s in &self.slinks {
+            s.request_stop();
+        }
+        if let Ok(mut t) = self.threads.lock() {
+            for h in t.drain(..) {
+                let _ = h.join();
+            }
+        }
+        let _ = self.replog.flush().wait();
+        self.events.raise("group-down", "group stopped");
+    }
+
+    /// Read from the primary's devices (slink 0).
+    pub fn read(&self, device: u32, offset: u64, buf: &mut [u8]) -> CoreResult<()> {
+        let dev = self
+            .primary_slink()
+            .and_then(|p| p.device(device))
+            .ok_or_else(|| CoreError::Invalid(format!("no device {device}")))?;
+        dev.file.read_at(offset, buf).map_err(|e| {
+            dev.health.store(
+                super::slink::Health::ReadFailed as u8,
+                Ordering::Relaxed,
+            );
+            CoreError::Io(e.to_string())
+        })
+    }
+}
+
+impl ApplySource for Group {
+    fn written_lsn(&self) -> Lsn {
+        Group::written_lsn(self)
+    }
+
+    fn read_entries(&self, from: Lsn) -> Result<Vec<replog::Entry>, String> {
+        self.replog
+            .read_from(from, 256, 16 << 20)
+            .map(|v| {
+                let w = self.written_lsn();
+                v.into_iter().filter(|e| e.lsn <= w).collect()
+            })
+            .map_err(|e| e.to_string())
+    }
+
+    fn save_cursor(&self, slink: u8, lsn: Lsn) -> Result<(), String> {
+        let cur = self.replog.cursor(slink).unwrap_or(0);
+        if lsn > cur {
+            self.replog
+                .set_cursor(slink, lsn)
+                .map_err(|e| e.to_string())?;
+            self.reclaim();
+        }
+        Ok(())
+    }
+
+    fn primary(&self) -> Arc<Slink> {
+        match self.primary_slink() {
+            Some(p) => p.clone(),
+            None => Arc::new(Slink::new(0, "local", PolicyKind::Sync, Fallbehind::default(), 0)),
+        }
+    }
+
+    fn event(&self, kind: &'static str, detail: String) {
+        self.events.raise(kind, detail);
+    }
+}
+
+fn open_replog(spec: &GroupSpec) -> CoreResult<Replog> {
+    let io = replog::io::IoOptions::default();
+    let path = &spec.replog_path;
+    let create = |size: u64| {
+        Replog::create(
+            path,
+            &replog::CreateOptions {
+                offset: spec.replog_offset,
+                size,
+                io: io.clone(),
+            },
+        )
+        .map_err(|e| CoreError::replog(path, e))
+    };
+    let open = || {
+        Replog::open(
+            path,
+            &replog::OpenOptions {
+                offset: spec.replog_offset,
+                io: io.clone(),
+            },
+        )
+        .map(|(r, report)| {
+            tracing::info!(replog = %path.display(), "recovered: {report:?}");
+            r
+        })
+        .map_err(|e| CoreError::replog(path, e))
+    };
+    match spec.open {
+        ReplogOpen::Open => open(),
+        ReplogOpen::Create { size } => create(size),
+        ReplogOpen::Auto { size } => match open() {
+            Ok(r) => Ok(r),
+            Err(e) => match size {
+                Some(size) => {
+                    tracing::info!(replog = %path.display(), "no usable replog ({e}); creating one");
+                    create(size)
+                }
+                None => Err(e),
+            },
+        },
+    }
+}
+
+fn open_dirty_log(spec: &DirtyLogSpec, device_size: u64) -> CoreResult<Option<DirtyLog>> {
+    let r = match spec {
+        DirtyLogSpec::None => return Ok(None),
+        DirtyLogSpec::Core {
+            region_size,
+            initially_dirty,
+        } => DirtyLog::core(device_size, *region_size, *initially_dirty),
+        DirtyLogSpec::Disk {
+            region_size,
+            path,
+            initially_dirty,
+        } => DirtyLog::open_or_create_disk(path, device_size, *region_size, *initially_dirty),
+    };
+    r.map(Some)
+        .map_err(|e| CoreError::Io(format!("dirty log: {e}")))
+}
+
+pub fn replog_key(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Fallbehind from a slink spec (re-exported for status).
+pub fn describe_policy(s: &SlinkSpec) -> String {
+    let mut p = format!("{:?}", s.policy).to_lowercase();
+    if let Some(v) = s.fallbehind.ios {
+        p.push_str(&format!(" ios={v}"));
+    }
+    if let Some(v) = s.fallbehind.bytes {
+        p.push_str(&format!(" size={v}"));
+    }
+    if let Some(v) = s.fallbehind.timeout {
+        p.push_str(&format!(" timeout={}ms", v.as_millis()));
+    }
+    p
+}

@@ -1,0 +1,592 @@
+//! A slink as the core sees it: the site's devices, its feed of entries, its applied lsn, its
+//! mode, its dirty logs, and (for `local` slinks) the applier thread that writes entries to the
+//! site's devices in lsn order, checkpoints its cursor and resyncs dirty regions.
+//!
+//! Invariants kept here:
+//! - entries are applied in lsn order, across all devices of the group;
+//! - an entry is applied only after its replog write completed (`Group::written_lsn`), so no site
+//!   ever holds a write that the replog could lose on a crash;
+//! - the cursor saved in the replog never exceeds what the site's devices hold durably
+//!   (fdatasync of every device before `set_cursor`);
+//! - a dirty region is copied only once the primary's devices have applied at least everything
+//!   this site has applied, and entries that follow are applied after the copy: a write that lands
+//!   in a region while it is being copied is not lost (it is re-applied after the copy).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use replog::dirtylog::DirtyLog;
+use replog::{EntryKind, Lsn};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::blockfile::BlockFile;
+use super::policy::{Fallbehind, Mode, PolicyKind};
+use super::queue::{EntryFeed, MemEntry};
+
+/// Bytes of entries a slink's in-memory feed may hold before it reads from the replog instead.
+pub const FEED_BYTES_MAX: usize = 64 << 20;
+/// Entries applied per round of the applier loop.
+const APPLY_BATCH_MAX: usize = 256;
+/// Entries read back from the replog per read when a feed has a gap.
+const REPLAY_BATCH_ENTRIES_MAX: usize = 256;
+/// Bytes read back from the replog per read when a feed has a gap.
+const REPLAY_BATCH_BYTES_MAX: u64 = 16 << 20;
+/// How often an applier makes its devices durable and saves its cursor while it makes progress.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
+/// Dirty regions copied per round between entry batches (resync shares the thread with shipping).
+const RESYNC_REGIONS_PER_ROUND: usize = 4;
+
+/// Per-device health letters, as dm-raid1 status shows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Health {
+    /// Alive: no failures.
+    Alive = b'A',
+    /// Dead: a write failed; the site is out of sync.
+    Dead = b'D',
+    /// Sync: a resync copy failed.
+    SyncFailed = b'S',
+    /// Read: a read failed; data unaffected.
+    ReadFailed = b'R',
+}
+
+impl Health {
+    pub fn letter(v: u8) -> char {
+        v as char
+    }
+}
+
+/// A device of the group as held by one site.
+pub struct SiteDevice {
+    pub dev_nr: u32,
+    pub file: BlockFile,
+    pub dirty: Option<Mutex<DirtyLog>>,
+    pub health: AtomicU8,
+}
+
+impl SiteDevice {
+    pub fn new(dev_nr: u32, file: BlockFile, dirty: Option<DirtyLog>) -> Self {
+        SiteDevice {
+            dev_nr,
+            file,
+            dirty: dirty.map(Mutex::new),
+            health: AtomicU8::new(Health::Alive as u8),
+        }
+    }
+
+    pub fn dirty_bytes(&self) -> u64 {
+        self.dirty
+            .as_ref()
+            .and_then(|d| d.lock().ok().map(|d| d.dirty_bytes()))
+            .unwrap_or(0)
+    }
+
+    fn set_health(&self, h: Health) {
+        self.health.store(h as u8, Ordering::Relaxed);
+    }
+}
+
+/// What a slink is doing, for status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlinkState {
+    /// Applying entries as they come.
+    Up,
+    /// Copying dirty regions.
+    Resync,
+    /// A device of the site failed; entries are kept for it (or its regions dirtied).
+    Faulty,
+    /// Stopped (group removed or daemon stopping).
+    Stopped,
+}
+
+pub struct Slink {
+    pub nr: u8,
+    pub transport: &'static str,
+    pub policy: PolicyKind,
+    pub fallbehind: Fallbehind,
+    mode: AtomicU8,
+    pub feed: EntryFeed,
+    applied: watch::Sender<Lsn>,
+    /// Entries at or below this lsn were dropped for this site (their regions are dirty instead).
+    pub skip_to: AtomicU64,
+    pub devices: RwLock<BTreeMap<u32, Arc<SiteDevice>>>,
+    state: Mutex<SlinkState>,
+    checkpoint_requested: AtomicBool,
+    checkpoints: watch::Sender<u64>,
+    stop: AtomicBool,
+    /// Operator pause (`message NAME 0 pause N`): the site gets nothing until resumed; the ring
+    /// keeps its entries (or its regions go dirty when the ring overflows).
+    paused: AtomicBool,
+    pub applied_entries_total: AtomicU64,
+    pub resync_regions_copied_total: AtomicU64,
+}
+
+impl Slink {
+    pub fn new(
+        nr: u8,
+        transport: &'static str,
+        policy: PolicyKind,
+        fallbehind: Fallbehind,
+        applied: Lsn,
+    ) -> Self {
+        let initial_mode = if policy == PolicyKind::Sync {
+            Mode::Sync
+        } else {
+            Mode::Async
+        };
+        Slink {
+            nr,
+            transport,
+            policy,
+            fallbehind,
+            mode: AtomicU8::new(initial_mode as u8),
+            feed: EntryFeed::new(FEED_BYTES_MAX),
+            applied: watch::channel(applied).0,
+            skip_to: AtomicU64::new(0),
+            devices: RwLock::new(BTreeMap::new()),
+            state: Mutex::new(SlinkState::Up),
+            checkpoint_requested: AtomicBool::new(false),
+            checkpoints: watch::channel(0).0,
+            stop: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            applied_entries_total: AtomicU64::new(0),
+            resync_regions_copied_total: AtomicU64::new(0),
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        if self.mode.load(Ordering::Relaxed) == Mode::Sync as u8 {
+            Mode::Sync
+        } else {
+            Mode::Async
+        }
+    }
+
+    /// Set the mode; true when it changed.
+    pub fn set_mode(&self, m: Mode) -> bool {
+        self.mode.swap(m as u8, Ordering::Relaxed) != m as u8
+    }
+
+    pub fn applied(&self) -> Lsn {
+        *self.applied.borrow()
+    }
+
+    fn publish_applied(&self, lsn: Lsn) {
+        self.applied.send_if_modified(|a| {
+            if lsn > *a {
+                *a = lsn;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Wait until this site has applied `lsn` (or the slink stops).
+    pub async fn wait_applied(&self, lsn: Lsn) {
+        let mut rx = self.applied.subscribe();
+        let _ = rx.wait_for(|a| *a >= lsn || !self.waitable()).await;
+    }
+
+    pub fn state(&self) -> SlinkState {
+        self.state.lock().map(|s| *s).unwrap_or(SlinkState::Faulty)
+    }
+
+    fn set_state(&self, s: SlinkState) -> bool {
+        let changed = match self.state.lock() {
+            Ok(mut g) if *g != s => {
+                *g = s;
+                true
+            }
+            _ => false,
+        };
+        if changed {
+            self.applied.send_modify(|_| {});
+        }
+        changed
+    }
+
+    pub fn device(&self, dev_nr: u32) -> Option<Arc<SiteDevice>> {
+        self.devices.read().ok()?.get(&dev_nr).cloned()
+    }
+
+    pub fn add_device(&self, d: SiteDevice) {
+        if let Ok(mut m) = self.devices.write() {
+            m.insert(d.dev_nr, Arc::new(d));
+        }
+    }
+
+    pub fn all_devices(&self) -> Vec<Arc<SiteDevice>> {
+        self.devices
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn dirty_bytes(&self) -> u64 {
+        self.all_devices().iter().map(|d| d.dirty_bytes()).sum()
+    }
+
+    pub fn has_dirty_log(&self) -> bool {
+        let devs = self.all_devices();
+        !devs.is_empty() && devs.iter().all(|d| d.dirty.is_some())
+    }
+
+    /// Ask the applier to make its devices durable and save its cursor now; resolves when done.
+    pub async fn checkpoint_now(&self) {
+        let mut rx = self.checkpoints.subscribe();
+        let seen = *rx.borrow_and_update();
+        self.checkpoint_requested.store(true, Ordering::Release);
+        self.feed.kick();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            rx.wait_for(|c| *c > seen || self.stop.load(Ordering::Relaxed)),
+        )
+        .await;
+    }
+
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.feed.close();
+        self.applied.send_modify(|_| {});
+    }
+
+    /// Pause or resume the site; true when that changed something.
+    pub fn set_paused(&self, p: bool) -> bool {
+        let changed = self.paused.swap(p, Ordering::AcqRel) != p;
+        self.feed.kick();
+        // Wake writers waiting on this site: a paused site is not waited for.
+        self.applied.send_modify(|_| {});
+        changed
+    }
+
+    /// Whether writes may wait for this site (sync mode): not when paused, faulty or stopping.
+    pub fn waitable(&self) -> bool {
+        !self.paused() && !self.stopping() && self.state() != SlinkState::Faulty
+    }
+
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+}
+
+/// What the applier needs from its group, kept as a trait so the applier stays testable and does
+/// not see the write path.
+pub trait ApplySource: Send + Sync {
+    /// Highest lsn whose replog write completed (and every lower one).
+    fn written_lsn(&self) -> Lsn;
+    /// Entries with lsn >= `from`, already written, in lsn order.
+    fn read_entries(&self, from: Lsn) -> Result<Vec<replog::Entry>, String>;
+    /// Save a slink's cursor durably and reclaim ring space.
+    fn save_cursor(&self, slink: u8, lsn: Lsn) -> Result<(), String>;
+    /// The primary site (slink 0).
+    fn primary(&self) -> Arc<Slink>;
+    /// Report a state change.
+    fn event(&self, kind: &'static str, detail: String);
+}
+
+enum Applied {
+    Ok,
+    Failed,
+}
+
+fn apply_to_device(
+    slink: &Slink,
+    dev: &SiteDevice,
+    kind: EntryKind,
+    offset: u64,
+    len: u64,
+    data: &[u8],
+) -> std::io::Result<()> {
+    let _ = slink;
+    match kind {
+        EntryKind::Write => dev.file.write_at(offset, data),
+        EntryKind::Zeroes => dev.file.zero_range(offset, len),
+        EntryKind::Discard => dev.file.discard(offset, len),
+    }
+}
+
+/// The applier of a `local` slink: runs on its own thread until the slink stops and is drained.
+pub fn run_local_applier(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
+    let mut next = slink.applied() + 1;
+    let mut last_checkpoint = Instant::now();
+    let mut dirty_since_checkpoint = false;
+    let mut was_resyncing = false;
+    loop {
+        let skip = slink.skip_to.load(Ordering::Acquire);
+        if next <= skip {
+            next = skip + 1;
+            slink.publish_applied(skip);
+        }
+
+        if slink.paused() && !slink.stopping() {
+            if slink.checkpoint_requested.swap(false, Ordering::AcqRel) {
+                checkpoint(&*source, &slink, next - 1);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        let batch = slink.feed.pop_batch(APPLY_BATCH_MAX, Duration::from_millis(10));
+        let mut progressed = false;
+        for e in batch {
+            if e.lsn < next {
+                continue;
+            }
+            if e.lsn > next {
+                // The feed dropped entries (budget): read them back from the replog.
+                replay_range(&*source, &slink, &mut next, e.lsn - 1);
+            }
+            if e.lsn != next && next <= e.lsn {
+                // The replog could not give the gap yet (not written): wait for it.
+                wait_written(&*source, e.lsn);
+                replay_range(&*source, &slink, &mut next, e.lsn - 1);
+            }
+            if e.lsn < next {
+                continue;
+            }
+            wait_written(&*source, e.lsn);
+            apply_mem_entry(&*source, &slink, &e);
+            next = e.lsn + 1;
+            progressed = true;
+        }
+        // Entries the feed never got (dropped when full) are read back from the replog.
+        let written = source.written_lsn();
+        if written >= next {
+            replay_range(&*source, &slink, &mut next, written);
+            progressed = true;
+        }
+        if progressed {
+            slink.publish_applied(next - 1);
+            dirty_since_checkpoint = true;
+        }
+
+        let requested = slink.checkpoint_requested.swap(false, Ordering::AcqRel);
+        if requested || (dirty_since_checkpoint && last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL)
+        {
+            checkpoint(&*source, &slink, next - 1);
+            last_checkpoint = Instant::now();
+            dirty_since_checkpoint = false;
+        }
+
+        let resyncing = resync_step(&*source, &slink, next - 1);
+        if resyncing != was_resyncing {
+            was_resyncing = resyncing;
+            if resyncing {
+                slink.set_state(SlinkState::Resync);
+                source.event("resync-start", format!("slink {} resync started", slink.nr));
+            } else {
+                slink.set_state(SlinkState::Up);
+                source.event("resync-end", format!("slink {} resync complete", slink.nr));
+            }
+        }
+
+        if slink.stopping() && source.written_lsn() < next {
+            checkpoint(&*source, &slink, next - 1);
+            slink.set_state(SlinkState::Stopped);
+            return;
+        }
+    }
+}
+
+fn wait_written(source: &dyn ApplySource, lsn: Lsn) {
+    let mut spins = 0u32;
+    while source.written_lsn() < lsn {
+        spins += 1;
+        if spins > 50_000 {
+            // 50k x 20us = 1 s: the writer is stuck; the caller retries on the next round.
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(20));
+    }
+}
+
+fn apply_mem_entry(source: &dyn ApplySource, slink: &Slink, e: &MemEntry) {
+    apply_one(source, slink, e.lsn, e.device, e.kind, e.offset, e.len, &e.data);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn apply_one(
+    source: &dyn ApplySource,
+    slink: &Slink,
+    lsn: Lsn,
+    device: u32,
+    kind: EntryKind,
+    offset: u64,
+    len: u64,
+    data: &[u8],
+) -> Applied {
+    let Some(dev) = slink.device(device) else {
+        // A device of the group this site does not hold (yet): nothing to apply.
+        return Applied::Ok;
+    };
+    match apply_to_device(slink, &dev, kind, offset, len, data) {
+        Ok(()) => {
+            slink.applied_entries_total.fetch_add(1, Ordering::Relaxed);
+            Applied::Ok
+        }
+        Err(e) => {
+            if dev.health.load(Ordering::Relaxed) != Health::Dead as u8 {
+                dev.set_health(Health::Dead);
+                source.event(
+                    "device-fault",
+                    format!(
+                        "slink {} device {} write failed at lsn {lsn}: {e}",
+                        slink.nr, device
+                    ),
+                );
+            }
+            // Keep the site correct for a later resync: its region is dirty.
+            if let Some(d) = &dev.dirty {
+                if let Ok(mut d) = d.lock() {
+                    d.mark_range(offset, len);
+                    let _ = d.persist();
+                }
+            }
+            if slink.set_state(SlinkState::Faulty) {
+                source.event("slink-faulty", format!("slink {} faulty", slink.nr));
+            }
+            Applied::Failed
+        }
+    }
+}
+
+fn replay_range(source: &dyn ApplySource, slink: &Slink, next: &mut Lsn, upto: Lsn) {
+    while *next <= upto {
+        let skip = slink.skip_to.load(Ordering::Acquire);
+        if *next <= skip {
+            *next = skip + 1;
+            continue;
+        }
+        let entries = match source.read_entries(*next) {
+            Ok(v) => v,
+            Err(e) => {
+                source.event(
+                    "replog-read-error",
+                    format!("slink {} reading lsn {}: {e}", slink.nr, *next),
+                );
+                return;
+            }
+        };
+        if entries.is_empty() {
+            return;
+        }
+        for e in entries {
+            if e.lsn > upto {
+                return;
+            }
+            if e.lsn < *next {
+                continue;
+            }
+            apply_one(
+                source, slink, e.lsn, e.device, e.kind, e.offset, e.len, &e.data,
+            );
+            *next = e.lsn + 1;
+        }
+    }
+}
+
+fn checkpoint(source: &dyn ApplySource, slink: &Slink, applied: Lsn) {
+    let mut ok = true;
+    for dev in slink.all_devices() {
+        if let Err(e) = dev.file.sync_data() {
+            ok = false;
+            dev.set_health(Health::Dead);
+            source.event(
+                "device-fault",
+                format!("slink {} device {} sync failed: {e}", slink.nr, dev.dev_nr),
+            );
+        }
+    }
+    if ok {
+        let lsn = applied.max(slink.skip_to.load(Ordering::Acquire));
+        if let Err(e) = source.save_cursor(slink.nr, lsn) {
+            tracing::warn!(slink = slink.nr, "saving cursor {lsn}: {e}");
+        }
+    }
+    slink.checkpoints.send_modify(|c| *c += 1);
+}
+
+/// Copy a few dirty regions from the primary's devices to this site. Returns whether regions are
+/// still dirty (the slink is resyncing).
+fn resync_step(source: &dyn ApplySource, slink: &Slink, applied: Lsn) -> bool {
+    if slink.nr == 0 {
+        return false;
+    }
+    let primary = source.primary();
+    let mut any_dirty = false;
+    let mut copied = 0usize;
+    for dev in slink.all_devices() {
+        let Some(dirty) = &dev.dirty else { continue };
+        let (regions, region_size): (Vec<u64>, u64) = match dirty.lock() {
+            Ok(d) => (
+                d.dirty_regions().take(RESYNC_REGIONS_PER_ROUND).collect(),
+                d.region_size(),
+            ),
+            Err(_) => continue,
+        };
+        if regions.is_empty() {
+            continue;
+        }
+        any_dirty = true;
+        if copied >= RESYNC_REGIONS_PER_ROUND {
+            continue;
+        }
+        // The primary must hold at least what this site has applied, or the copy could miss a
+        // write this site will not apply again.
+        if primary.applied() < applied {
+            continue;
+        }
+        let Some(src) = primary.device(dev.dev_nr) else {
+            continue;
+        };
+        let mut buf = vec![0u8; region_size as usize];
+        for region in regions {
+            let offset = region * region_size;
+            let len = region_size.min(dev.file.size().saturating_sub(offset)) as usize;
+            let Some(chunk) = buf.get_mut(..len) else {
+                continue;
+            };
+            if let Err(e) = src.file.read_at(offset, chunk) {
+                src.set_health(Health::ReadFailed);
+                source.event(
+                    "device-fault",
+                    format!("primary device {} read failed at {offset}: {e}", dev.dev_nr),
+                );
+                return true;
+            }
+            if let Err(e) = dev.file.write_at(offset, chunk) {
+                dev.set_health(Health::SyncFailed);
+                source.event(
+                    "device-fault",
+                    format!(
+                        "slink {} device {} resync write failed at {offset}: {e}",
+                        slink.nr, dev.dev_nr
+                    ),
+                );
+                return true;
+            }
+            // The copy must be durable before the region stops being dirty.
+            if dev.file.sync_data().is_err() {
+                dev.set_health(Health::SyncFailed);
+                return true;
+            }
+            if let Ok(mut d) = dirty.lock() {
+                d.clear_region(region);
+                let _ = d.persist();
+            }
+            slink
+                .resync_regions_copied_total
+                .fetch_add(1, Ordering::Relaxed);
+            copied += 1;
+        }
+    }
+    any_dirty
+}

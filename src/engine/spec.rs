@@ -1,0 +1,152 @@
+//! What the core needs from a table target, resolved: absolute paths, bytes instead of sectors,
+//! the core's policy types. The table module parses; this module turns a parsed target into the
+//! group and device it describes.
+
+use std::path::{Path, PathBuf};
+
+use crate::table;
+
+use super::policy::{Fallbehind, PolicyKind};
+
+pub const SECTOR: u64 = 512;
+
+#[derive(Clone, Debug)]
+pub enum ReplogOpen {
+    Open,
+    Create { size: u64 },
+    Auto { size: Option<u64> },
+}
+
+#[derive(Clone, Debug)]
+pub enum DirtyLogSpec {
+    None,
+    Core {
+        region_size: u64,
+        initially_dirty: bool,
+    },
+    Disk {
+        region_size: u64,
+        path: PathBuf,
+        initially_dirty: bool,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct SiteDeviceSpec {
+    pub dev_nr: u32,
+    pub path: PathBuf,
+    pub dirty_log: DirtyLogSpec,
+}
+
+#[derive(Clone, Debug)]
+pub struct SlinkSpec {
+    pub nr: u8,
+    pub transport: &'static str,
+    pub policy: PolicyKind,
+    pub fallbehind: Fallbehind,
+    pub devices: Vec<SiteDeviceSpec>,
+}
+
+#[derive(Clone, Debug)]
+pub struct GroupSpec {
+    pub replog_path: PathBuf,
+    /// Byte offset of the replog inside its file or device.
+    pub replog_offset: u64,
+    pub open: ReplogOpen,
+    pub slinks: Vec<SlinkSpec>,
+}
+
+#[derive(Clone, Debug)]
+pub struct DeviceSpec {
+    pub dev_nr: u32,
+    pub size: u64,
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// Resolve a parsed target. Relative paths are taken relative to `base` (the directory the client
+/// ran `create` from). With `reopen`, the replog is opened whatever the table says: a daemon
+/// restoring its groups must never re-create (wipe) a replog.
+pub fn from_target(t: &table::Target, base: &Path, reopen: bool) -> (GroupSpec, DeviceSpec) {
+    let open = if reopen {
+        ReplogOpen::Open
+    } else {
+        match t.replog.mode {
+            table::ReplogMode::Open => ReplogOpen::Open,
+            table::ReplogMode::Create => ReplogOpen::Create {
+                size: t.replog.size_sectors.unwrap_or(0) * SECTOR,
+            },
+            table::ReplogMode::Auto => ReplogOpen::Auto {
+                size: t.replog.size_sectors.map(|s| s * SECTOR),
+            },
+        }
+    };
+    let mut dev_nr = 0;
+    let slinks = t
+        .slinks
+        .iter()
+        .map(|s| {
+            dev_nr = s.device.dev_nr;
+            let dirty_log = match &s.dirty_log {
+                table::DirtyLogParams::None => DirtyLogSpec::None,
+                table::DirtyLogParams::Core {
+                    region_sectors,
+                    initially_dirty,
+                } => DirtyLogSpec::Core {
+                    region_size: region_sectors * SECTOR,
+                    initially_dirty: *initially_dirty,
+                },
+                table::DirtyLogParams::Disk {
+                    region_sectors,
+                    path,
+                    initially_dirty,
+                } => DirtyLogSpec::Disk {
+                    region_size: region_sectors * SECTOR,
+                    path: resolve(base, path),
+                    initially_dirty: *initially_dirty,
+                },
+            };
+            SlinkSpec {
+                nr: s.slink_nr,
+                transport: match s.transport {
+                    table::Transport::Local => "local",
+                    table::Transport::Tcp { .. } => "tcp",
+                },
+                policy: match s.policy.mode {
+                    table::PolicyMode::Sync => PolicyKind::Sync,
+                    table::PolicyMode::Async => PolicyKind::Async,
+                    table::PolicyMode::Stall => PolicyKind::Stall,
+                },
+                fallbehind: Fallbehind {
+                    ios: s.policy.fallbehind.ios,
+                    bytes: s.policy.fallbehind.bytes,
+                    timeout: s.policy.fallbehind.timeout,
+                }
+                .normalized(),
+                devices: vec![SiteDeviceSpec {
+                    dev_nr: s.device.dev_nr,
+                    path: resolve(base, Path::new(&s.device.path)),
+                    dirty_log,
+                }],
+            }
+        })
+        .collect();
+    (
+        GroupSpec {
+            replog_path: resolve(base, &t.replog.path),
+            replog_offset: t.replog.dev_start_sectors * SECTOR,
+            open,
+            slinks,
+        },
+        DeviceSpec {
+            dev_nr,
+            size: t.length_sectors * SECTOR,
+        },
+    )
+}

@@ -14,6 +14,7 @@ packages=(
   util-linux     # losetup, mount
   iproute2       # ip netns, tc
   jq             # reading `status --json` in scripts
+  curl           # scraping /metrics in the demo
 )
 
 missing=()

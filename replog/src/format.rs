@@ -234,7 +234,7 @@ impl EntryHeader {
             RecordKind::Write if header.len > MAX_DATA_BYTES => {
                 Err(HeaderFault::Malformed("write longer than the maximum"))
             }
-            RecordKind::Pad if header.len % RECORD_GRANULE != 0 => {
+            RecordKind::Pad if !header.len.is_multiple_of(RECORD_GRANULE) => {
                 Err(HeaderFault::Malformed("pad length not a multiple of 128"))
             }
             RecordKind::Pad if header.data_crc != 0 => {
@@ -391,7 +391,7 @@ impl MetaSlot {
         if self.ring_offset != META_AREA_BYTES {
             return Err(format!("ring offset {} (expected {META_AREA_BYTES})", self.ring_offset));
         }
-        if self.ring_bytes < MIN_RING_BYTES || self.ring_bytes % BLOCK_BYTES != 0 {
+        if self.ring_bytes < MIN_RING_BYTES || !self.ring_bytes.is_multiple_of(BLOCK_BYTES) {
             return Err(format!(
                 "ring size {} (must be a multiple of {BLOCK_BYTES}, at least {MIN_RING_BYTES})",
                 self.ring_bytes

@@ -10,11 +10,38 @@
 //! - I/O goes through io_uring on a dedicated thread, with a pwrite/fdatasync fallback chosen
 //!   automatically when io_uring is unavailable.
 //!
-//! NOTE: this file is the public contract between the replog crate and the core; the bodies are
-//! being filled in (see the module docs).
+//! - Batches start on 4096-byte blocks and a block holding an acknowledged entry is never
+//!   rewritten; entries carry uuid, virtual position (lap) and writer generation so that a leftover
+//!   of an earlier lap, another replog or a pre-crash write never validates (FORMAT.md).
+//! - Recovery is an explicit decision table (`recovery::DECISION_TABLE`).
+//!
+//! Code map: `format` owns the bytes, `meta` the metadata slots, `recovery` the scan, `index` the
+//! in-memory entry index and lag, `log` the public `Replog`, `writer` the group-commit threads,
+//! `storage` the storage trait (with an in-memory crash-image disk for tests), `inspect` the
+//! read-only inspection.
 
 pub mod dirtylog;
 pub mod io;
+
+mod appending;
+mod error;
+pub mod format;
+pub mod index;
+mod inspect;
+mod log;
+pub mod meta;
+pub mod recovery;
+pub mod storage;
+mod writer;
+
+pub use appending::Appending;
+pub use error::{Error, Result};
+pub use index::Lag;
+pub use inspect::{inspect_storage, Inspection, SlinkInspection};
+pub use log::{
+    CreateOptions, Durability, Entry, EntryKind, OpenOptions, Record, RecoveryReport, Replog,
+    Space, BATCHES_IN_FLIGHT_MAX, BATCH_BUFFER_BYTES_MAX, MAX_RECORD_BYTES,
+};
 
 /// Log sequence number: one counter per group. The first entry has lsn 1; 0 means "nothing".
 pub type Lsn = u64;

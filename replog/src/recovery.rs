@@ -144,27 +144,24 @@ pub fn classify(
             return Ok((finding, None));
         }
     };
+    let end = h.vpos.saturating_add(h.record_bytes());
+    let lap_end = (h.vpos / state.ring_bytes.max(1) + 1).saturating_mul(state.ring_bytes);
+    let overruns = end > lap_end || round_up(end, BLOCK_BYTES) > state.limit_vpos;
     let finding = if h.uuid != state.uuid {
         Finding::OtherUuid
     } else if h.vpos != state.expected_vpos {
-        if h.vpos < state.expected_vpos && (state.expected_vpos - h.vpos) % state.ring_bytes == 0 {
+        if h.vpos < state.expected_vpos && (state.expected_vpos - h.vpos).is_multiple_of(state.ring_bytes) {
             Finding::StaleLap
         } else {
             Finding::WrongPosition
         }
     } else if h.generation > state.max_generation {
         Finding::FutureGeneration
-    } else if h.generation < state.prev_generation
-        || (state.require_newer_generation && h.generation <= state.prev_generation)
-    {
+    } else if state.require_newer_generation && h.generation <= state.prev_generation {
         Finding::StaleGeneration
     } else if h.kind != RecordKind::Pad && h.lsn <= state.prev_lsn {
         Finding::LsnNotIncreasing
-    } else if {
-        let end = h.vpos.saturating_add(h.record_bytes());
-        let lap_end = (h.vpos / state.ring_bytes + 1).saturating_mul(state.ring_bytes);
-        end > lap_end || round_up(end, BLOCK_BYTES) > state.limit_vpos
-    } {
+    } else if overruns {
         Finding::BeyondTail
     } else if h.kind == RecordKind::Write && data(h.len)? != h.data_crc {
         Finding::BadDataCrc

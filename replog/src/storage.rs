@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use crate::io::{AlignedBuf, IoTicket};
 
 /// The storage calls the replog needs. Offsets are absolute bytes in the file or device.
+#[allow(clippy::len_without_is_empty, reason = "a device size, not a collection")]
 pub trait Storage: Send + Sync {
     /// Human-readable name (the path) for error messages.
     fn describe(&self) -> String;
@@ -128,7 +129,7 @@ impl MemDisk {
 
     fn check_aligned(&self, offset: u64, len: usize) -> io::Result<()> {
         let a = self.alignment as u64;
-        if offset % a != 0 || (len as u64) % a != 0 {
+        if !offset.is_multiple_of(a) || !(len as u64).is_multiple_of(a) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("unaligned I/O: offset {offset} len {len} alignment {a}"),
@@ -198,6 +199,7 @@ impl Storage for MemDisk {
             state.durable.resize(end, 0);
         }
         let start = usize::try_from(offset).map_err(io::Error::other)?;
+        let state = &mut *state;
         for image in [&mut state.current, &mut state.durable] {
             if let Some(dst) = image.get_mut(start..end) {
                 dst.fill(0);

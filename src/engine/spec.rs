@@ -97,19 +97,19 @@ pub fn from_target(t: &table::Target, base: &Path, reopen: bool) -> (GroupSpec, 
                 table::DirtyLogParams::None => DirtyLogSpec::None,
                 table::DirtyLogParams::Core {
                     region_sectors,
-                    initially_dirty,
+                    sync,
                 } => DirtyLogSpec::Core {
                     region_size: region_sectors * SECTOR,
-                    initially_dirty: *initially_dirty,
+                    initially_dirty: sync.new_regions_dirty(),
                 },
                 table::DirtyLogParams::Disk {
                     region_sectors,
                     path,
-                    initially_dirty,
+                    sync,
                 } => DirtyLogSpec::Disk {
                     region_size: region_sectors * SECTOR,
                     path: resolve(base, path),
-                    initially_dirty: *initially_dirty,
+                    initially_dirty: sync.new_regions_dirty(),
                 },
             };
             SlinkSpec {

@@ -56,15 +56,15 @@ pub const TFLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 /// The transmission flags we advertise for an export.
 ///
 /// `SEND_DF` only when structured replies were negotiated (the spec requires it to be clear
-/// otherwise); we can honour DF because every read reply is a single content chunk.
+/// otherwise); we can honour DF because every read reply is a single content chunk. A read-only
+/// export does not offer trim and write-zeroes (they would only fail with `EPERM`); flush and
+/// FUA stay, they are harmless and some clients expect them.
 pub fn transmission_flags(read_only: bool, multi_conn: bool, structured: bool) -> u16 {
-    let mut flags = TFLAG_HAS_FLAGS
-        | TFLAG_SEND_FLUSH
-        | TFLAG_SEND_FUA
-        | TFLAG_SEND_TRIM
-        | TFLAG_SEND_WRITE_ZEROES;
+    let mut flags = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA;
     if read_only {
         flags |= TFLAG_READ_ONLY;
+    } else {
+        flags |= TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES;
     }
     if multi_conn {
         flags |= TFLAG_CAN_MULTI_CONN;
@@ -923,6 +923,7 @@ mod tests {
         assert_eq!(ro & TFLAG_READ_ONLY, TFLAG_READ_ONLY);
         assert_eq!(ro & TFLAG_SEND_DF, TFLAG_SEND_DF);
         assert_eq!(ro & TFLAG_CAN_MULTI_CONN, 0);
+        assert_eq!(ro & (TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES), 0);
         assert_eq!(rw & (TFLAG_SEND_CACHE | TFLAG_SEND_FAST_ZERO | TFLAG_ROTATIONAL), 0);
     }
 

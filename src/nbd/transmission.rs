@@ -22,7 +22,7 @@ use tokio::io::{
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::check::{check_request, Command};
-use super::config::{ServerConfig, DISCARD_WRITE_LIMIT};
+use super::config::{ServerConfig, DISCARD_WRITE_LIMIT, IO_BUFFER_BYTES};
 use super::export::{BlockError, Export};
 use super::handshake::{skip, Negotiated};
 use super::proto::{self, NbdErrno, Request};
@@ -259,8 +259,9 @@ async fn answer_buffered_with_shutdown<R: AsyncRead + Unpin>(
         if req.command == proto::CMD_WRITE {
             consumed += req.length as usize;
         }
-        let complete = consumed <= buffered.len();
-        std::pin::Pin::new(&mut *reader).consume(consumed.min(buffered.len()));
+        let available = buffered.len();
+        let complete = consumed <= available;
+        std::pin::Pin::new(&mut *reader).consume(consumed.min(available));
         let Ok(permit) = Arc::clone(requests).acquire_owned().await else {
             return;
         };
@@ -539,7 +540,7 @@ async fn write_with_data<W: AsyncWrite + Unpin + Send>(
     header: &[u8],
     data: &[u8],
 ) -> std::io::Result<()> {
-    if header.len() + data.len() <= writer.capacity() - writer.buffer().len() {
+    if header.len() + data.len() <= IO_BUFFER_BYTES.saturating_sub(writer.buffer().len()) {
         writer.write_all(header).await?;
         return writer.write_all(data).await;
     }

@@ -71,7 +71,11 @@ impl TableError {
 
 impl fmt::Display for TableError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: expected {}, found ", self.file, self.line, self.col, self.expected)?;
+        write!(
+            f,
+            "{}:{}:{}: expected {}, found ",
+            self.file, self.line, self.col, self.expected
+        )?;
         match &self.token {
             Some(token) => write!(f, "`{token}`"),
             None => f.write_str("end of table"),
@@ -93,13 +97,22 @@ pub struct TableWarning {
 
 impl TableWarning {
     pub(crate) fn from_note(file: &str, note: Note) -> Self {
-        TableWarning { file: file.to_owned(), line: note.pos.line, col: note.pos.col, message: note.message }
+        TableWarning {
+            file: file.to_owned(),
+            line: note.pos.line,
+            col: note.pos.col,
+            message: note.message,
+        }
     }
 }
 
 impl fmt::Display for TableWarning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: warning: {}", self.file, self.line, self.col, self.message)
+        write!(
+            f,
+            "{}:{}:{}: warning: {}",
+            self.file, self.line, self.col, self.message
+        )
     }
 }
 
@@ -107,9 +120,16 @@ impl fmt::Display for TableWarning {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadTableError {
     #[error("{}: cannot read table: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}: table file is {len_bytes} bytes, more than the {max_bytes} a table may hold", path.display())]
-    TooLarge { path: PathBuf, len_bytes: u64, max_bytes: usize },
+    TooLarge {
+        path: PathBuf,
+        len_bytes: u64,
+        max_bytes: usize,
+    },
     #[error("{}: table is not UTF-8 text", path.display())]
     NotUtf8 { path: PathBuf },
     #[error(transparent)]

@@ -100,7 +100,11 @@ impl Scanner<'_> {
 /// Splits `text` into tokens. Fails on a backslash at the very end of the text (it quotes
 /// nothing) and on a token that starts beyond [`MAX_TABLE_BYTES`].
 pub(crate) fn lex(text: &str) -> Result<Lexed, Fault> {
-    let mut s = Scanner { rest: text.chars(), pos: Pos { line: 1, col: 1 }, offset: 0 };
+    let mut s = Scanner {
+        rest: text.chars(),
+        pos: Pos { line: 1, col: 1 },
+        offset: 0,
+    };
     let mut tokens = Vec::new();
     let mut notes = Vec::new();
     let mut end = s.pos;
@@ -168,10 +172,15 @@ pub(crate) fn lex(text: &str) -> Result<Lexed, Fault> {
             return Err(Fault {
                 pos: start,
                 token: Some(token),
-                expected: format!("the end of the table (a table holds at most {MAX_TABLE_BYTES} bytes)"),
+                expected: format!(
+                    "the end of the table (a table holds at most {MAX_TABLE_BYTES} bytes)"
+                ),
             });
         }
-        tokens.push(Token { text: token, pos: start });
+        tokens.push(Token {
+            text: token,
+            pos: start,
+        });
     }
     Ok(Lexed { tokens, end, notes })
 }
@@ -188,11 +197,21 @@ mod tests {
     use super::*;
 
     fn texts(text: &str) -> Vec<String> {
-        lex(text).unwrap().tokens.into_iter().map(|t| t.text).collect()
+        lex(text)
+            .unwrap()
+            .tokens
+            .into_iter()
+            .map(|t| t.text)
+            .collect()
     }
 
     fn positions(text: &str) -> Vec<(usize, usize)> {
-        lex(text).unwrap().tokens.into_iter().map(|t| (t.pos.line, t.pos.col)).collect()
+        lex(text)
+            .unwrap()
+            .tokens
+            .into_iter()
+            .map(|t| (t.pos.line, t.pos.col))
+            .collect()
     }
 
     #[test]

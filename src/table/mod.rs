@@ -27,26 +27,38 @@ use std::path::Path;
 pub use error::{LoadTableError, TableError, TableWarning};
 pub use lexer::MAX_TABLE_BYTES;
 pub use model::{
-    sectors_to_bytes, DeviceParams, DirtyLogParams, DirtyLogSync, Fallbehind, Policy, PolicyMode, ReplogMode,
-    ReplogParams, SlinkParams, Table, Target, Transport, MAX_SECTORS, MAX_SLINKS, MIN_REGION_SECTORS, SECTOR_BYTES,
+    sectors_to_bytes, DeviceParams, DirtyLogParams, DirtyLogSync, Fallbehind, Policy, PolicyMode,
+    ReplogMode, ReplogParams, SlinkParams, Table, Target, Transport, MAX_SECTORS, MAX_SLINKS,
+    MIN_REGION_SECTORS, SECTOR_BYTES,
 };
 
 /// Parses table text. `source` names the text in errors and warnings (usually the file name).
 pub fn parse(text: &str, source: &str) -> Result<Table, TableError> {
     let lexed = lexer::lex(text).map_err(|fault| TableError::from_fault(source, fault))?;
-    let (targets, notes) = parser::parse_targets(lexed).map_err(|fault| TableError::from_fault(source, fault))?;
-    let warnings = notes.into_iter().map(|note| TableWarning::from_note(source, note)).collect();
+    let (targets, mut notes) =
+        parser::parse_targets(lexed).map_err(|fault| TableError::from_fault(source, fault))?;
+    // Lexer and parser notes interleave; report them in text order.
+    notes.sort_by_key(|note| (note.pos.line, note.pos.col));
+    let warnings = notes
+        .into_iter()
+        .map(|note| TableWarning::from_note(source, note))
+        .collect();
     Ok(Table { targets, warnings })
 }
 
 /// Reads and parses a table file (at most [`MAX_TABLE_BYTES`]); errors name the path as given.
 pub fn read_table_file(path: &Path) -> Result<Table, LoadTableError> {
-    let io_error = |source| LoadTableError::Io { path: path.to_owned(), source };
+    let io_error = |source| LoadTableError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let file = std::fs::File::open(path).map_err(io_error)?;
     let mut bytes = Vec::new();
     // Read one byte past the limit to tell "exactly at the limit" from "too large" without
     // trusting the file's metadata (it may be a pipe or still growing).
-    let limit = u64::try_from(MAX_TABLE_BYTES).unwrap_or(u64::MAX).saturating_add(1);
+    let limit = u64::try_from(MAX_TABLE_BYTES)
+        .unwrap_or(u64::MAX)
+        .saturating_add(1);
     file.take(limit).read_to_end(&mut bytes).map_err(io_error)?;
     if bytes.len() > MAX_TABLE_BYTES {
         return Err(LoadTableError::TooLarge {
@@ -55,7 +67,9 @@ pub fn read_table_file(path: &Path) -> Result<Table, LoadTableError> {
             max_bytes: MAX_TABLE_BYTES,
         });
     }
-    let text = String::from_utf8(bytes).map_err(|_| LoadTableError::NotUtf8 { path: path.to_owned() })?;
+    let text = String::from_utf8(bytes).map_err(|_| LoadTableError::NotUtf8 {
+        path: path.to_owned(),
+    })?;
     Ok(parse(&text, &path.display().to_string())?)
 }
 
@@ -70,7 +84,11 @@ mod tests {
 
     #[test]
     fn minimal_target_parses() {
-        let table = parse("0 8 replicator default 4 r 0 create 64 local 2 0 async 2 0 d - 0", "t").unwrap();
+        let table = parse(
+            "0 8 replicator default 4 r 0 create 64 local 2 0 async 2 0 d - 0",
+            "t",
+        )
+        .unwrap();
         assert_eq!(table.targets.len(), 1);
         assert!(table.warnings.is_empty());
         assert_eq!(table.length_bytes(), 4096);
@@ -79,9 +97,15 @@ mod tests {
     #[test]
     fn error_display_has_file_line_col_and_token() {
         let err = parse("0 8 mirror", "x.table").unwrap_err();
-        assert_eq!(err.to_string(), "x.table:1:5: expected target type `replicator`, found `mirror`");
+        assert_eq!(
+            err.to_string(),
+            "x.table:1:5: expected target type `replicator`, found `mirror`"
+        );
         let err = parse("0 8", "x.table").unwrap_err();
-        assert_eq!(err.to_string(), "x.table:1:4: expected target type `replicator`, found end of table");
+        assert_eq!(
+            err.to_string(),
+            "x.table:1:4: expected target type `replicator`, found end of table"
+        );
     }
 
     #[test]
@@ -95,16 +119,30 @@ mod tests {
     fn read_table_file_reports_io_and_size() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.table");
-        assert!(matches!(read_table_file(&missing), Err(LoadTableError::Io { .. })));
+        assert!(matches!(
+            read_table_file(&missing),
+            Err(LoadTableError::Io { .. })
+        ));
         let big = dir.path().join("big.table");
         std::fs::write(&big, vec![b' '; MAX_TABLE_BYTES + 1]).unwrap();
-        assert!(matches!(read_table_file(&big), Err(LoadTableError::TooLarge { .. })));
+        assert!(matches!(
+            read_table_file(&big),
+            Err(LoadTableError::TooLarge { .. })
+        ));
         let good = dir.path().join("good.table");
-        std::fs::write(&good, "0 8 replicator default 3 r 0 open local 2 0 sync 2 0 d - 0\n").unwrap();
+        std::fs::write(
+            &good,
+            "0 8 replicator default 3 r 0 open local 2 0 sync 2 0 d - 0\n",
+        )
+        .unwrap();
         let table = read_table_file(&good).unwrap();
         assert_eq!(table.targets[0].replog.mode, ReplogMode::Open);
         let bad = dir.path().join("bad.table");
-        std::fs::write(&bad, "0 8 replicator default 3 r 0 open local 2 0 sync 2 0 d - 1\n").unwrap();
+        std::fs::write(
+            &bad,
+            "0 8 replicator default 3 r 0 open local 2 0 sync 2 0 d - 1\n",
+        )
+        .unwrap();
         let err = read_table_file(&bad).unwrap_err().to_string();
         assert!(err.starts_with(&format!("{}:1:", bad.display())), "{err}");
     }

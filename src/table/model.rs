@@ -109,7 +109,11 @@ impl Target {
 
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {} replicator {}", self.start_sectors, self.length_sectors, self.replog)?;
+        write!(
+            f,
+            "{} {} replicator {}",
+            self.start_sectors, self.length_sectors, self.replog
+        )?;
         for slink in &self.slinks {
             write!(f, " {slink}")?;
         }
@@ -199,14 +203,26 @@ impl fmt::Display for SlinkParams {
             Transport::Local => ("local", 2),
             Transport::Tcp { .. } => ("tcp", 3),
         };
-        write!(f, "{name} {} {} {}", base_count + fallbehind.len(), self.slink_nr, self.policy.mode)?;
+        write!(
+            f,
+            "{name} {} {} {}",
+            base_count + fallbehind.len(),
+            self.slink_nr,
+            self.policy.mode
+        )?;
         for token in &fallbehind {
             write!(f, " {token}")?;
         }
         if let Transport::Tcp { addr } = &self.transport {
             write!(f, " {}", quote_token(addr))?;
         }
-        write!(f, " 2 {} {} {}", self.device.dev_nr, quote_token(&self.device.path), self.dirty_log)
+        write!(
+            f,
+            " 2 {} {} {}",
+            self.device.dev_nr,
+            quote_token(&self.device.path),
+            self.dirty_log
+        )
     }
 }
 
@@ -265,8 +281,8 @@ impl fmt::Display for PolicyMode {
 pub struct Fallbehind {
     /// `ios=N`: unshipped writes.
     pub ios: Option<u64>,
-    /// `size=BYTES`: unshipped bytes.
-    pub size_bytes: Option<u64>,
+    /// `size=BYTES`: unshipped bytes (the table's suffixes k, m, g, t already applied).
+    pub bytes: Option<u64>,
     /// `timeout=DURATION`: age of the oldest unshipped write (RPO in time), millisecond
     /// resolution.
     pub timeout: Option<Duration>,
@@ -275,7 +291,7 @@ pub struct Fallbehind {
 impl Fallbehind {
     /// True if no threshold is set.
     pub fn is_unbounded(&self) -> bool {
-        self.ios.is_none() && self.size_bytes.is_none() && self.timeout.is_none()
+        self.ios.is_none() && self.bytes.is_none() && self.timeout.is_none()
     }
 
     /// The canonical tokens, in the order `ios`, `size`, `timeout`.
@@ -284,7 +300,7 @@ impl Fallbehind {
         if let Some(ios) = self.ios {
             tokens.push(format!("ios={ios}"));
         }
-        if let Some(bytes) = self.size_bytes {
+        if let Some(bytes) = self.bytes {
             tokens.push(format!("size={}", format_size_bytes(bytes)));
         }
         if let Some(timeout) = self.timeout {
@@ -310,9 +326,16 @@ pub enum DirtyLogParams {
     /// `- 0`: no dirty log; entries for this slink are never dropped for lack of one.
     None,
     /// `core <#> <region_sectors> [sync|nosync]`: in memory.
-    Core { region_sectors: u64, sync: DirtyLogSync },
+    Core {
+        region_sectors: u64,
+        sync: DirtyLogSync,
+    },
     /// `disk <#> <region_sectors> <path> [sync|nosync]`: persisted in `path`.
-    Disk { region_sectors: u64, path: PathBuf, sync: DirtyLogSync },
+    Disk {
+        region_sectors: u64,
+        path: PathBuf,
+        sync: DirtyLogSync,
+    },
 }
 
 impl DirtyLogParams {
@@ -320,9 +343,8 @@ impl DirtyLogParams {
     pub fn region_sectors(&self) -> Option<u64> {
         match self {
             DirtyLogParams::None => None,
-            DirtyLogParams::Core { region_sectors, .. } | DirtyLogParams::Disk { region_sectors, .. } => {
-                Some(*region_sectors)
-            }
+            DirtyLogParams::Core { region_sectors, .. }
+            | DirtyLogParams::Disk { region_sectors, .. } => Some(*region_sectors),
         }
     }
 
@@ -335,14 +357,25 @@ impl fmt::Display for DirtyLogParams {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DirtyLogParams::None => f.write_str("- 0"),
-            DirtyLogParams::Core { region_sectors, sync } => {
+            DirtyLogParams::Core {
+                region_sectors,
+                sync,
+            } => {
                 let count = if *sync == DirtyLogSync::Default { 1 } else { 2 };
                 write!(f, "core {count} {region_sectors}")?;
                 write_sync(f, *sync)
             }
-            DirtyLogParams::Disk { region_sectors, path, sync } => {
+            DirtyLogParams::Disk {
+                region_sectors,
+                path,
+                sync,
+            } => {
                 let count = if *sync == DirtyLogSync::Default { 2 } else { 3 };
-                write!(f, "disk {count} {region_sectors} {}", quote_token(&path.to_string_lossy()))?;
+                write!(
+                    f,
+                    "disk {count} {region_sectors} {}",
+                    quote_token(&path.to_string_lossy())
+                )?;
                 write_sync(f, *sync)
             }
         }
@@ -357,7 +390,9 @@ fn write_sync(f: &mut fmt::Formatter<'_>, sync: DirtyLogSync) -> fmt::Result {
     }
 }
 
-/// The optional last dirty log parameter, with dm-log's meaning.
+/// The optional last dirty log parameter, with dm-log's meaning (drivers/md/dm-log.c: `sync`
+/// forces a resync, `nosync` declares the copy in sync, neither keeps what a disk log persisted).
+/// A bool cannot carry this: a `disk` log given neither must keep its bits across restarts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DirtyLogSync {
     /// Not given: `disk` keeps the state it has persisted (a new disk log starts all dirty);
@@ -367,4 +402,22 @@ pub enum DirtyLogSync {
     ForceResync,
     /// `nosync`: mark every region clean: the operator asserts the site already has the data.
     AssumeInSync,
+}
+
+impl DirtyLogSync {
+    /// Whether every region starts dirty in a log that is created now (every `core` log, a
+    /// `disk` log whose file does not exist yet): yes unless `nosync`.
+    pub fn new_regions_dirty(self) -> bool {
+        self != DirtyLogSync::AssumeInSync
+    }
+
+    /// What to do with a `disk` log that already exists: `None` keeps its bits, `Some(true)`
+    /// sets every region dirty (`sync`), `Some(false)` every region clean (`nosync`).
+    pub fn overwrite_existing(self) -> Option<bool> {
+        match self {
+            DirtyLogSync::Default => None,
+            DirtyLogSync::ForceResync => Some(true),
+            DirtyLogSync::AssumeInSync => Some(false),
+        }
+    }
 }

@@ -12,14 +12,19 @@ use std::path::PathBuf;
 use super::error::{Fault, Note, Pos};
 use super::lexer::{push_note, Lexed, Token};
 use super::model::{
-    DeviceParams, DirtyLogParams, DirtyLogSync, Fallbehind, Policy, PolicyMode, ReplogMode, ReplogParams,
-    SlinkParams, Target, Transport, MAX_SECTORS, MAX_SLINKS, MIN_REGION_SECTORS,
+    DeviceParams, DirtyLogParams, DirtyLogSync, Fallbehind, Policy, PolicyMode, ReplogMode,
+    ReplogParams, SlinkParams, Target, Transport, MAX_SECTORS, MAX_SLINKS, MIN_REGION_SECTORS,
 };
 use super::units::{is_decimal, parse_decimal, parse_duration, parse_size_bytes, NumError};
 
 /// Parses all targets of a lexed table.
 pub(crate) fn parse_targets(lexed: Lexed) -> Result<(Vec<Target>, Vec<Note>), Fault> {
-    let mut parser = Parser { tokens: &lexed.tokens, next: 0, end: lexed.end, notes: lexed.notes };
+    let mut parser = Parser {
+        tokens: &lexed.tokens,
+        next: 0,
+        end: lexed.end,
+        notes: lexed.notes,
+    };
     let targets = parser.table()?;
     Ok((targets, parser.notes))
 }
@@ -41,14 +46,20 @@ struct SeenSlink {
 }
 
 fn fault(token: &Token, expected: impl Into<String>) -> Fault {
-    Fault { pos: token.pos, token: Some(token.text.clone()), expected: expected.into() }
+    Fault {
+        pos: token.pos,
+        token: Some(token.text.clone()),
+        expected: expected.into(),
+    }
 }
 
 /// A decimal in `min..=max`; `what` names it in the error (the range is added).
 fn number_in(token: &Token, what: &str, min: u64, max: u64) -> Result<u64, Fault> {
     match parse_decimal(&token.text) {
         Ok(n) if (min..=max).contains(&n) => Ok(n),
-        Ok(_) | Err(NumError::Overflow) => Err(fault(token, format!("{what} between {min} and {max}"))),
+        Ok(_) | Err(NumError::Overflow) => {
+            Err(fault(token, format!("{what} between {min} and {max}")))
+        }
         Err(NumError::Malformed) => Err(fault(token, format!("{what} (a decimal number)"))),
     }
 }
@@ -73,7 +84,11 @@ impl<'t> Parser<'t> {
                 self.next += 1;
                 Ok(token)
             }
-            None => Err(Fault { pos: self.end, token: None, expected: expected.to_owned() }),
+            None => Err(Fault {
+                pos: self.end,
+                token: None,
+                expected: expected.to_owned(),
+            }),
         }
     }
 
@@ -129,7 +144,12 @@ impl<'t> Parser<'t> {
             slinks.push(slink);
             seen.push(seen_slink);
         }
-        Ok(Target { start_sectors: start, length_sectors: length, replog, slinks })
+        Ok(Target {
+            start_sectors: start,
+            length_sectors: length,
+            replog,
+            slinks,
+        })
     }
 
     /// `<default|replog> <#2..4> <path> <dev_start> [<auto|create|open> [<size>]]`
@@ -163,7 +183,10 @@ impl<'t> Parser<'t> {
                 // Seed compatibility (TABLE.md, "Counts"): the seed's `open` example keeps the
                 // count 4 of the `create` example without a size. Only `open` (where a size is
                 // optional) and only when a slink type follows, so the reading is unique.
-                Some(next) if mode == ReplogMode::Open && matches!(next.text.as_str(), "local" | "tcp") => {
+                Some(next)
+                    if mode == ReplogMode::Open
+                        && matches!(next.text.as_str(), "local" | "tcp") =>
+                {
                     push_note(
                         &mut self.notes,
                         count_token.pos,
@@ -189,7 +212,12 @@ impl<'t> Parser<'t> {
                 ));
             }
         }
-        Ok(ReplogParams { path, dev_start_sectors: dev_start, mode, size_sectors: size })
+        Ok(ReplogParams {
+            path,
+            dev_start_sectors: dev_start,
+            mode,
+            size_sectors: size,
+        })
     }
 
     /// One slink: `local <#> <slink_nr> <policy> [<fallbehind>...]` or
@@ -208,13 +236,21 @@ impl<'t> Parser<'t> {
             _ => return Err(fault(type_token, slink_type)),
         };
         let count_token = self.take("the slink parameter count")?;
-        let count = number_in(count_token, "a slink parameter count", 0, u64::from(u8::MAX))?;
+        let count = number_in(
+            count_token,
+            "a slink parameter count",
+            0,
+            u64::from(u8::MAX),
+        )?;
 
         let nr_token = self.take("a slink number")?;
         let slink_nr = number_in(nr_token, "a slink number", 0, u64::from(MAX_SLINKS - 1))?;
         let slink_nr = u8::try_from(slink_nr).map_err(|_| fault(nr_token, "a slink number"))?;
         if seen.is_empty() && slink_nr != 0 {
-            return Err(fault(nr_token, "slink number 0 (the first slink of a target is the local site, slink 0)"));
+            return Err(fault(
+                nr_token,
+                "slink number 0 (the first slink of a target is the local site, slink 0)",
+            ));
         }
         if let Some(earlier) = seen.iter().find(|s| s.slink_nr == slink_nr) {
             return Err(fault(
@@ -226,7 +262,10 @@ impl<'t> Parser<'t> {
             ));
         }
         if slink_nr == 0 && is_tcp {
-            return Err(fault(type_token, "`local` for slink 0 (slink 0 is the local site)"));
+            return Err(fault(
+                type_token,
+                "`local` for slink 0 (slink 0 is the local site)",
+            ));
         }
 
         let policy_token = self.take("a policy `sync`, `async` or `stall`")?;
@@ -240,7 +279,9 @@ impl<'t> Parser<'t> {
 
         let transport = if is_tcp {
             let token = self.take("the remote address `host:port`")?;
-            Transport::Tcp { addr: tcp_addr(token)? }
+            Transport::Tcp {
+                addr: tcp_addr(token)?,
+            }
         } else {
             Transport::Local
         };
@@ -276,7 +317,11 @@ impl<'t> Parser<'t> {
                 ));
             }
         }
-        let path_what = if is_tcp { "the device name at the remote site" } else { "the device path" };
+        let path_what = if is_tcp {
+            "the device name at the remote site"
+        } else {
+            "the device path"
+        };
         let path = self.take(path_what)?.text.clone();
         let dirty_log = self.dirty_log()?;
 
@@ -287,7 +332,12 @@ impl<'t> Parser<'t> {
             device: DeviceParams { dev_nr, path },
             dirty_log,
         };
-        let seen_slink = SeenSlink { slink_nr, nr_pos: nr_token.pos, dev_nr, dev_nr_pos: dev_nr_token.pos };
+        let seen_slink = SeenSlink {
+            slink_nr,
+            nr_pos: nr_token.pos,
+            dev_nr,
+            dev_nr_pos: dev_nr_token.pos,
+        };
         Ok((slink, seen_slink))
     }
 
@@ -302,9 +352,15 @@ impl<'t> Parser<'t> {
             self.next += 1;
             count += 1;
             if mode == PolicyMode::Sync {
-                return Err(fault(token, "no fallbehind threshold after `sync` (a sync slink never falls behind)"));
+                return Err(fault(
+                    token,
+                    "no fallbehind threshold after `sync` (a sync slink never falls behind)",
+                ));
             }
-            let (key, value) = token.text.split_once('=').unwrap_or((token.text.as_str(), ""));
+            let (key, value) = token
+                .text
+                .split_once('=')
+                .unwrap_or((token.text.as_str(), ""));
             let slot = match key {
                 "ios" => 0,
                 "size" => 1,
@@ -314,7 +370,10 @@ impl<'t> Parser<'t> {
             if let Some(Some(earlier)) = seen.get(slot) {
                 return Err(fault(
                     token,
-                    format!("each fallbehind key once (`{key}=` is already given at {}:{})", earlier.line, earlier.col),
+                    format!(
+                        "each fallbehind key once (`{key}=` is already given at {}:{})",
+                        earlier.line, earlier.col
+                    ),
                 ));
             }
             if let Some(entry) = seen.get_mut(slot) {
@@ -324,7 +383,14 @@ impl<'t> Parser<'t> {
             match key {
                 "ios" => {
                     let ios = parse_decimal(value).map_err(|e| {
-                        fault(token, describe(e, "`ios=N` with N a number of writes (0: no bound)", "`ios=N` with N"))
+                        fault(
+                            token,
+                            describe(
+                                e,
+                                "`ios=N` with N a number of writes (0: no bound)",
+                                "`ios=N` with N",
+                            ),
+                        )
                     })?;
                     fallbehind.ios = Some(ios).filter(|&n| n != 0);
                 }
@@ -340,7 +406,7 @@ impl<'t> Parser<'t> {
                             ),
                         )
                     })?;
-                    fallbehind.size_bytes = Some(bytes).filter(|&n| n != 0);
+                    fallbehind.bytes = Some(bytes).filter(|&n| n != 0);
                 }
                 _ => {
                     let timeout = parse_duration(value).map_err(|e| {
@@ -373,15 +439,30 @@ impl<'t> Parser<'t> {
             "core" => {
                 let count = number_in(count_token, "a `core` dirty log parameter count", 1, 2)?;
                 let region_sectors = self.region()?;
-                let sync = if count == 2 { self.dirty_log_sync()? } else { DirtyLogSync::Default };
-                Ok(DirtyLogParams::Core { region_sectors, sync })
+                let sync = if count == 2 {
+                    self.dirty_log_sync()?
+                } else {
+                    DirtyLogSync::Default
+                };
+                Ok(DirtyLogParams::Core {
+                    region_sectors,
+                    sync,
+                })
             }
             "disk" => {
                 let count = number_in(count_token, "a `disk` dirty log parameter count", 2, 3)?;
                 let region_sectors = self.region()?;
                 let path = PathBuf::from(&self.take("the dirty log path")?.text);
-                let sync = if count == 3 { self.dirty_log_sync()? } else { DirtyLogSync::Default };
-                Ok(DirtyLogParams::Disk { region_sectors, path, sync })
+                let sync = if count == 3 {
+                    self.dirty_log_sync()?
+                } else {
+                    DirtyLogSync::Default
+                };
+                Ok(DirtyLogParams::Disk {
+                    region_sectors,
+                    path,
+                    sync,
+                })
             }
             _ => Err(fault(type_token, TYPE)),
         }
@@ -389,7 +470,8 @@ impl<'t> Parser<'t> {
 
     fn region(&mut self) -> Result<u64, Fault> {
         let token = self.take("the region size in sectors")?;
-        let what = format!("a region size in sectors: a power of two, at least {MIN_REGION_SECTORS}");
+        let what =
+            format!("a region size in sectors: a power of two, at least {MIN_REGION_SECTORS}");
         match parse_decimal(&token.text) {
             Ok(n) if n >= MIN_REGION_SECTORS && n.is_power_of_two() => Ok(n),
             _ => Err(fault(token, what)),
@@ -417,9 +499,14 @@ fn describe(error: NumError, form: &str, overflow_prefix: &str) -> String {
 /// `host:port` or `[ipv6]:port`, port 1..=65535. The host is not resolved here.
 fn tcp_addr(token: &Token) -> Result<String, Fault> {
     const ADDR: &str = "a remote address `host:port` (IPv6 as `[addr]:port`, port 1 to 65535)";
-    let (host, port) = token.text.rsplit_once(':').ok_or_else(|| fault(token, ADDR))?;
+    let (host, port) = token
+        .text
+        .rsplit_once(':')
+        .ok_or_else(|| fault(token, ADDR))?;
     let host_ok = match host.strip_prefix('[') {
-        Some(inner) => inner.strip_suffix(']').is_some_and(|ip| !ip.is_empty() && ip.contains(':')),
+        Some(inner) => inner
+            .strip_suffix(']')
+            .is_some_and(|ip| !ip.is_empty() && ip.contains(':')),
         None => !host.is_empty() && !host.contains(':') && !host.contains(']'),
     };
     let port_ok = matches!(parse_decimal(port), Ok(p) if (1..=u64::from(u16::MAX)).contains(&p));

@@ -26,7 +26,12 @@ pub(crate) fn is_decimal(text: &str) -> bool {
 }
 
 /// Binary multiples for size suffixes, largest first (the order canonical spelling tries them).
-const SIZE_SUFFIXES: [(char, u64); 4] = [('t', 1 << 40), ('g', 1 << 30), ('m', 1 << 20), ('k', 1 << 10)];
+const SIZE_SUFFIXES: [(char, u64); 4] = [
+    ('t', 1 << 40),
+    ('g', 1 << 30),
+    ('m', 1 << 20),
+    ('k', 1 << 10),
+];
 
 /// Bytes: a decimal, optionally followed by one suffix `k`, `m`, `g` or `t` (either case), each a
 /// binary multiple (`1k` = 1024).
@@ -44,14 +49,16 @@ pub(crate) fn parse_size_bytes(text: &str) -> Result<u64, NumError> {
         .map(|(_, m)| *m)
         .ok_or(NumError::Malformed)?;
     let digits = text.strip_suffix(last).ok_or(NumError::Malformed)?;
-    parse_decimal(digits)?.checked_mul(multiplier).ok_or(NumError::Overflow)
+    parse_decimal(digits)?
+        .checked_mul(multiplier)
+        .ok_or(NumError::Overflow)
 }
 
 /// The shortest exact spelling of `bytes`: the largest suffix that divides it, else plain.
 pub(crate) fn format_size_bytes(bytes: u64) -> String {
     if bytes != 0 {
         for (suffix, multiplier) in SIZE_SUFFIXES {
-            if bytes % multiplier == 0 {
+            if bytes.is_multiple_of(multiplier) {
                 return format!("{}{suffix}", bytes / multiplier);
             }
         }
@@ -69,13 +76,17 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, NumError> {
         return Ok(Duration::ZERO);
     }
     let digits_len = text.bytes().take_while(u8::is_ascii_digit).count();
-    let (digits, unit) = text.split_at_checked(digits_len).ok_or(NumError::Malformed)?;
+    let (digits, unit) = text
+        .split_at_checked(digits_len)
+        .ok_or(NumError::Malformed)?;
     let unit_ms = DURATION_UNITS
         .iter()
         .find(|(name, _)| *name == unit)
         .map(|(_, ms)| *ms)
         .ok_or(NumError::Malformed)?;
-    let ms = parse_decimal(digits)?.checked_mul(unit_ms).ok_or(NumError::Overflow)?;
+    let ms = parse_decimal(digits)?
+        .checked_mul(unit_ms)
+        .ok_or(NumError::Overflow)?;
     Ok(Duration::from_millis(ms))
 }
 
@@ -88,7 +99,7 @@ pub(crate) fn format_duration(duration: Duration) -> String {
         return "0".to_owned();
     }
     for (unit, unit_ms) in DURATION_UNITS {
-        if ms % unit_ms == 0 {
+        if ms.is_multiple_of(unit_ms) {
             return format!("{}{unit}", ms / unit_ms);
         }
     }
@@ -104,7 +115,10 @@ mod tests {
         assert_eq!(parse_decimal("0"), Ok(0));
         assert_eq!(parse_decimal("007"), Ok(7));
         assert_eq!(parse_decimal("18446744073709551615"), Ok(u64::MAX));
-        assert_eq!(parse_decimal("18446744073709551616"), Err(NumError::Overflow));
+        assert_eq!(
+            parse_decimal("18446744073709551616"),
+            Err(NumError::Overflow)
+        );
         for bad in ["", "+1", "-1", "0x10", "1_000", "1.5", "١"] {
             assert_eq!(parse_decimal(bad), Err(NumError::Malformed), "{bad:?}");
         }
@@ -144,7 +158,10 @@ mod tests {
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
-        assert_eq!(parse_duration("18446744073709551615h"), Err(NumError::Overflow));
+        assert_eq!(
+            parse_duration("18446744073709551615h"),
+            Err(NumError::Overflow)
+        );
         for bad in ["", "30", "s", "1.5s", "10sec", "10S", "1d", "-1s", "1 s"] {
             assert_eq!(parse_duration(bad), Err(NumError::Malformed), "{bad:?}");
         }

@@ -322,6 +322,21 @@ fn block_device(backend: Backend) {
     file.preallocate_zeroed(0, 4 << 20).unwrap();
     let err = file.preallocate_zeroed(0, 8 << 20).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    // A request the kernel fails (beyond the device end) fails its batch with context, and the
+    // file stays usable.
+    let err = file
+        .submit(IoBatch {
+            writes: vec![(0, pattern(4096, 1)), (4 << 20, pattern(4096, 2))],
+            sync_after: true,
+        })
+        .wait()
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("write at offset 4194304 len 4096"),
+        "{err}"
+    );
+    assert!(file.read_at(4 << 20, AlignedBuf::zeroed(4096)).is_err());
+    file.sync_data().unwrap();
 }
 
 macro_rules! for_each_backend {

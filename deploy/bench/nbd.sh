@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# NBD front-end benchmark: fio's nbd engine against replicator (slink 0 only; slink 0 plus an
+# async local slink) and against qemu-nbd (cache=none, aio=io_uring) and nbdkit's file plugin
+# serving an equal file on the same disk. Same jobs, one run, printed as ratios to qemu-nbd.
+#
+#   deploy/bench/nbd.sh            # full run (about 3 minutes)
+#   RUNTIME=5 deploy/bench/nbd.sh  # shorter
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root=$(pwd)
+RUNTIME=${RUNTIME:-10}
+SIZE_MIB=${SIZE_MIB:-1024}
+command -v fio >/dev/null && command -v qemu-nbd >/dev/null && command -v nbdkit >/dev/null || bash deploy/install-deps.sh
+cargo build --release --bin replicator >/dev/null
+bin="$root/target/release/replicator"
+
+work=$(mktemp -d "$root/bench-nbd.XXXXXX")
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+# name|fio args
+jobs=(
+  "seq-write-1M-qd16|--rw=write --bs=1M --iodepth=16"
+  "rand-write-4k-qd32|--rw=randwrite --bs=4k --iodepth=32"
+  "rand-write-4k-qd1|--rw=randwrite --bs=4k --iodepth=1"
+  "rand-read-4k-qd32|--rw=randread --bs=4k --iodepth=32"
+)
+
+# run_fio URI JOBARGS -> prints "MiB/s IOPS"
+run_fio() {
+  local uri=$1; shift
+  fio --name=b --ioengine=nbd --uri="$uri" --size="${SIZE_MIB}M" --time_based --runtime="$RUNTIME" \
+      --ramp_time=2 --output-format=json "$@" 2>/dev/null |
+    python3 -c 'import json,sys; d=json.load(sys.stdin)["jobs"][0]; io=d["write"] if d["write"]["io_bytes"] else d["read"]; print(io["bw"]/1024, io["iops"])'
+}
+
+prefill() { # the read job needs data on the device
+  fio --name=fill --ioengine=nbd --uri="$1" --size="${SIZE_MIB}M" --rw=write --bs=1M --iodepth=16 >/dev/null 2>&1
+}
+
+declare -A result
+peer_run() { # label uri
+  local label=$1 uri=$2
+  prefill "$uri"
+  for j in "${jobs[@]}"; do
+    local name=${j%%|*} args=${j#*|}
+    # shellcheck disable=SC2086
+    result["$label/$name"]=$(run_fio "$uri" $args)
+  done
+}
+
+# qemu-nbd
+truncate -s "${SIZE_MIB}M" "$work/qemu.img"
+qemu-nbd -f raw --cache=none --aio=io_uring -t -b 127.0.0.1 -p 10901 -x qemu --shared=8 "$work/qemu.img" &
+pids+=($!)
+# nbdkit file plugin
+truncate -s "${SIZE_MIB}M" "$work/nbdkit.img"
+nbdkit -f -i 127.0.0.1 -p 10902 -e nbdkit file "$work/nbdkit.img" &
+pids+=($!)
+# replicator
+export REPLICATOR_CONTROL="$work/control.sock"
+"$bin" daemon --nbd 127.0.0.1:10903 --state-dir "$work/state" 2>"$work/daemon.log" &
+pids+=($!)
+for _ in $(seq 100); do "$bin" ls >/dev/null 2>&1 && break; sleep 0.1; done
+sectors=$((SIZE_MIB * 2048))
+replog_sectors=$((1024 * 2048))
+cd "$work"
+cat >solo.table <<T
+0 $sectors replicator default 4 solo-replog.img 0 create $replog_sectors local 2 0 async ios=0 2 0 solo0.img - 0
+T
+cat >pair.table <<T
+0 $sectors replicator default 4 pair-replog.img 0 create $replog_sectors local 2 0 async ios=0 2 0 pair0.img - 0 local 2 1 async 2 0 pair1.img core 2 2048 nosync
+T
+"$bin" create solo solo.table
+"$bin" create pair pair.table
+cd "$root"
+sleep 1
+
+peer_run qemu-nbd "nbd://127.0.0.1:10901/qemu"
+peer_run nbdkit "nbd://127.0.0.1:10902/"
+peer_run "replicator(slink0)" "nbd://127.0.0.1:10903/solo"
+peer_run "replicator(+async)" "nbd://127.0.0.1:10903/pair"
+
+printf '\n%-20s %-22s %12s %10s %10s\n' job server MiB/s IOPS "vs qemu-nbd"
+for j in "${jobs[@]}"; do
+  name=${j%%|*}
+  read -r qbw qiops <<<"${result[qemu-nbd/$name]}"
+  for label in qemu-nbd nbdkit "replicator(slink0)" "replicator(+async)"; do
+    read -r bw iops <<<"${result[$label/$name]}"
+    ratio=$(python3 -c "print(f'{$iops/$qiops:.2f}x' if $qiops else 'n/a')")
+    printf '%-20s %-22s %12.1f %10.0f %10s\n' "$name" "$label" "$bw" "$iops" "$ratio"
+  done
+done

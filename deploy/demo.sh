@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: a replicated group on this machine, file-backed, no manual setup.
 #
-# Brings up `replicator daemon` with a group from deploy/tables/quickstart.table (a primary
+# Brings up `replicator daemon` with a group from deploy/tables/quickstart-local.table (a primary
 # device and a second site, both files under ./run/), writes through NBD with qemu-io, waits for
 # the second site's lag to return to zero, byte-compares the two sites, shows status and metrics,
 # and stops the daemon cleanly. Leave it running with KEEP=1.
@@ -25,9 +25,9 @@ daemon=$!
 trap '[ -z "${KEEP:-}" ] && kill $daemon 2>/dev/null; true' EXIT
 for _ in $(seq 100); do "$bin" ls >/dev/null 2>&1 && break; sleep 0.1; done
 
-echo "== create r1 from deploy/tables/quickstart.table"
-cat deploy/tables/quickstart.table
-"$bin" create r1 deploy/tables/quickstart.table
+echo "== create r1 from deploy/tables/quickstart-local.table"
+cat deploy/tables/quickstart-local.table
+"$bin" create r1 deploy/tables/quickstart-local.table
 "$bin" ls
 
 uri="nbd://127.0.0.1:$NBD_PORT/r1"

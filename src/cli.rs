@@ -248,9 +248,43 @@ pub fn run_client(cmd: Command) -> Result<(), String> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&ins).map_err(|e| e.to_string())?);
             } else {
-                print!("{ins}");
+                let v = serde_json::to_value(&ins).map_err(|e| e.to_string())?;
+                print!("{}", render_inspection(&v));
             }
             Ok(())
         }
     }
+}
+
+/// The text form of `replog inspect`: the same facts as `--json`, one per line.
+fn render_inspection(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let field = |k: &str| v.get(k).map(|x| x.to_string()).unwrap_or_default();
+    for k in [
+        "path",
+        "offset",
+        "format_version",
+        "uuid",
+        "metadata_slot",
+        "capacity_bytes",
+        "used_bytes",
+        "entries_total",
+        "first_lsn",
+        "last_lsn",
+        "stop",
+    ] {
+        out.push_str(&format!("{k:<16} {}\n", field(k)));
+    }
+    if let Some(m) = v.get("metadata") {
+        out.push_str(&format!("{:<16} {m}\n", "metadata"));
+    }
+    out.push_str("slinks:\n");
+    for s in v.get("slinks").and_then(|s| s.as_array()).into_iter().flatten() {
+        out.push_str(&format!("  {s}\n"));
+    }
+    out.push_str("entries:\n");
+    for e in v.get("entries").and_then(|s| s.as_array()).into_iter().flatten() {
+        out.push_str(&format!("  {e}\n"));
+    }
+    out
 }

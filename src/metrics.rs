@@ -153,7 +153,7 @@ impl Metrics {
             self.replog_capacity_bytes.with_label_values(&l).set(space.capacity_bytes as i64);
             self.replog_used_bytes.with_label_values(&l).set(space.used_bytes as i64);
             self.replog_entries.with_label_values(&l).set(space.entries as i64);
-            self.replog_last_lsn.with_label_values(&l).set(g.replog.last_lsn() as i64);
+            self.replog_last_lsn.with_label_values(&l).set(g.written_lsn() as i64);
             self.group_writes.with_label_values(&l).set(
                 g.writes_total.load(std::sync::atomic::Ordering::Relaxed) as i64,
             );

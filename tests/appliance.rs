@@ -41,7 +41,7 @@ fn qemu_io_patterns_reach_the_second_site() {
     let d = Daemon::start();
     d.create("r1", &two_site_table(16, 16, "async ios=100", 0, "create"));
     let uri = d.uri("r1");
-    let writes: &[(u8, u64, u64)] = &[(0x11, 0, 65536), (0x22, 1 << 20, 4096), (0x33, 7 << 20, 1 << 20), (0x44, (16 << 20) - 512, 512), (0x55, 4096 * 3 + 512, 1536)];
+    let writes: &[(u8, u64, u64)] = &[(0x11, 0, 65536), (0x22, 1 << 20, 4096), (0x33, 7 << 20, 1 << 20), (0x44, (16 << 20) - 512, 512), (0x55, (5 << 20) + 512, 1536)];
     for (pat, off, len) in writes {
         must(Command::new("qemu-io").args(["-f", "raw", &uri, "-c", &format!("write -P {pat} {off} {len}")]));
     }
@@ -119,7 +119,7 @@ fn ext4_on_nbdfuse_loop_device_is_clean_and_replicated() {
             let data: Vec<u8> = (0..(37 * 1024 + i * 1000)).map(|b| (b * 7 + i) as u8).collect();
             std::fs::write(fsdir.join(format!("file{i}")), &data).unwrap();
         }
-        must(Command::new("sync"));
+        must(&mut Command::new("sync"));
         must(Command::new("umount").arg(&fsdir));
         let fsck = Command::new("e2fsck").args(["-fn", &loopdev]).output().unwrap();
         assert!(fsck.status.success(), "e2fsck: {}{}", String::from_utf8_lossy(&fsck.stdout), String::from_utf8_lossy(&fsck.stderr));

@@ -32,7 +32,10 @@ async fn fixture() -> Fixture {
     let disk_path = dir.path().join("disk0.img");
     let mut exports = TestExports::default();
     let disk = exports.add("disk0", FileExport::create(&disk_path, 64 * MIB));
-    exports.add("ro0", FileExport::create(&dir.path().join("ro0.img"), 8 * MIB).read_only());
+    exports.add(
+        "ro0",
+        FileExport::create(&dir.path().join("ro0.img"), 8 * MIB).read_only(),
+    );
     exports.add(
         "single",
         FileExport::create(&dir.path().join("single.img"), 8 * MIB).single_conn(),
@@ -78,7 +81,10 @@ async fn nbdinfo_shows_size_flags_and_list() {
     ] {
         assert_eq!(nbdinfo_field(&out, key), want, "{key}");
     }
-    assert!(out.contains("base:allocation"), "meta context listed:\n{out}");
+    assert!(
+        out.contains("base:allocation"),
+        "meta context listed:\n{out}"
+    );
     assert!(out.contains("using structured packets"), "{out}");
 
     let out = run_ok("nbdinfo", &[&f.server.uri("ro0")]).await;
@@ -90,7 +96,10 @@ async fn nbdinfo_shows_size_flags_and_list() {
     let out = run_ok("nbdinfo", &["--list", &f.server.uri("")]).await;
     println!("{out}");
     for name in ["disk0", "ro0", "single"] {
-        assert!(out.contains(&format!("export=\"{name}\"")), "{name} listed:\n{out}");
+        assert!(
+            out.contains(&format!("export=\"{name}\"")),
+            "{name} listed:\n{out}"
+        );
     }
 
     // `--map` drives NBD_CMD_BLOCK_STATUS on base:allocation: one data extent.
@@ -112,7 +121,10 @@ async fn nbdinfo_over_unix_socket() {
     require_bins!("nbdinfo");
     let dir = tempfile::tempdir().unwrap();
     let mut exports = TestExports::default();
-    exports.add("u0", FileExport::create(&dir.path().join("u0.img"), 4 * MIB));
+    exports.add(
+        "u0",
+        FileExport::create(&dir.path().join("u0.img"), 4 * MIB),
+    );
     let sock = dir.path().join("nbd.sock");
     let server = start_unix(exports, ServerConfig::default(), &sock).await;
     let uri = format!("nbd+unix:///u0?socket={}", sock.display());
@@ -172,8 +184,14 @@ async fn qemu_io_write_then_verify_patterns() {
         assert!(bytes.iter().all(|b| *b == p), "file content at {o}+{l}");
     }
     // Neighbours of the unaligned writes are untouched (read-modify-write kept them).
-    assert_eq!(read_file_at(&f.disk_path, 3 * MIB + 500, 500), vec![0u8; 500]);
-    assert_eq!(read_file_at(&f.disk_path, 3 * MIB + 4000, 96), vec![0u8; 96]);
+    assert_eq!(
+        read_file_at(&f.disk_path, 3 * MIB + 500, 500),
+        vec![0u8; 500]
+    );
+    assert_eq!(
+        read_file_at(&f.disk_path, 3 * MIB + 4000, 96),
+        vec![0u8; 96]
+    );
     assert_eq!(read_file_at(&f.disk_path, 5 * MIB + 510, 1), vec![0u8]);
     assert_eq!(read_file_at(&f.disk_path, 5 * MIB + 512, 1), vec![0u8]);
 
@@ -230,16 +248,16 @@ fn fio_has_nbd() -> bool {
     std::process::Command::new("fio")
         .arg("--enghelp")
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == "nbd"))
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim() == "nbd")
+        })
         .unwrap_or(false)
 }
 
 async fn fio(uri: &str, extra: &[&str]) -> String {
-    let mut args = vec![
-        "--name=nbdtest",
-        "--ioengine=nbd",
-        "--output-format=normal",
-    ];
+    let mut args = vec!["--name=nbdtest", "--ioengine=nbd", "--output-format=normal"];
     let uri_arg = format!("--uri={uri}");
     args.push(&uri_arg);
     args.extend_from_slice(extra);
@@ -341,11 +359,19 @@ async fn nbdcopy_multi_conn_round_trip_and_concurrent_clients() {
     // nbdcopy opens one extra connection to probe the server before copying.
     let conns = f.server.stats.snapshot().connections_total;
     assert!(conns >= 4, "nbdcopy used multi-conn: {conns} connections");
-    assert!(std::fs::read(&f.disk_path).unwrap() == data, "file content after nbdcopy");
+    assert!(
+        std::fs::read(&f.disk_path).unwrap() == data,
+        "file content after nbdcopy"
+    );
     let back = f.dir.path().join("back.img");
     run_ok(
         "nbdcopy",
-        &["--connections=4", "--threads=4", &uri, back.to_str().unwrap()],
+        &[
+            "--connections=4",
+            "--threads=4",
+            &uri,
+            back.to_str().unwrap(),
+        ],
     )
     .await;
     assert!(std::fs::read(&back).unwrap() == data, "round trip");

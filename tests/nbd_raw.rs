@@ -33,7 +33,10 @@ async fn fixture(cfg: ServerConfig) -> Fixture {
     let disk_path = dir.path().join("disk.img");
     let mut exports = TestExports::default();
     exports.add("disk", FileExport::create(&disk_path, 4 * MIB));
-    exports.add("ro", FileExport::create(&dir.path().join("ro.img"), MIB).read_only());
+    exports.add(
+        "ro",
+        FileExport::create(&dir.path().join("ro.img"), MIB).read_only(),
+    );
     exports.default = Some("disk".into());
     let server = start_tcp(exports, cfg).await;
     Fixture {
@@ -79,8 +82,11 @@ async fn garbage_magic_at_handshake_drops_only_that_connection() {
 async fn unknown_options_get_unsup_and_the_session_continues() {
     let f = fixture(ServerConfig::default()).await;
     let mut c = RawClient::greet(&f.server, proto::FLAG_C_FIXED_NEWSTYLE).await;
-    for (option, len) in [(99u32, 10usize), (proto::OPT_STARTTLS, 0), (proto::OPT_EXTENDED_HEADERS, 0)]
-    {
+    for (option, len) in [
+        (99u32, 10usize),
+        (proto::OPT_STARTTLS, 0),
+        (proto::OPT_EXTENDED_HEADERS, 0),
+    ] {
         let r = c.option(option, &vec![7u8; len]).await;
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].reply_type, proto::REP_ERR_UNSUP, "option {option}");
@@ -140,7 +146,11 @@ async fn list_info_and_export_name() {
     // INFO on the default export (empty name) with name, description and block size.
     let req = proto::encode_info_request(
         "",
-        &[proto::INFO_NAME, proto::INFO_DESCRIPTION, proto::INFO_BLOCK_SIZE],
+        &[
+            proto::INFO_NAME,
+            proto::INFO_DESCRIPTION,
+            proto::INFO_BLOCK_SIZE,
+        ],
     );
     let r = c.option(proto::OPT_INFO, &req).await;
     assert_eq!(r.last().unwrap().reply_type, proto::REP_ACK);
@@ -156,7 +166,10 @@ async fn list_info_and_export_name() {
             .unwrap_or_else(|| panic!("info {t} missing in {infos:?}"))
     };
     let export = find(proto::INFO_EXPORT);
-    assert_eq!(u64::from_be_bytes(export[2..10].try_into().unwrap()), 4 * MIB);
+    assert_eq!(
+        u64::from_be_bytes(export[2..10].try_into().unwrap()),
+        4 * MIB
+    );
     let flags = u16::from_be_bytes([export[10], export[11]]);
     assert_eq!(flags, proto::transmission_flags(false, true, false));
     assert_eq!(&find(proto::INFO_NAME)[2..], b"disk");
@@ -170,7 +183,11 @@ async fn list_info_and_export_name() {
     let r = c
         .option(proto::OPT_INFO, &proto::encode_info_request("ro", &[]))
         .await;
-    let export = &r.iter().find(|x| x.reply_type == proto::REP_INFO).unwrap().data;
+    let export = &r
+        .iter()
+        .find(|x| x.reply_type == proto::REP_INFO)
+        .unwrap()
+        .data;
     let flags = u16::from_be_bytes([export[10], export[11]]);
     assert_ne!(flags & proto::TFLAG_READ_ONLY, 0);
 
@@ -220,7 +237,11 @@ async fn out_of_range_readonly_unknown_and_misaligned_requests() {
             let read_len = (*cmd == proto::CMD_READ).then_some(*len);
             let r = c.read_reply(read_len).await;
             assert_eq!(r.cookie, i as u64);
-            assert_eq!(r.error, errno(*want), "case {i}: cmd {cmd} off {offset} len {len}");
+            assert_eq!(
+                r.error,
+                errno(*want),
+                "case {i}: cmd {cmd} off {offset} len {len}"
+            );
             assert!(r.data.is_empty());
             if structured {
                 assert_eq!(r.chunks, vec![proto::CHUNK_ERROR], "case {i}");
@@ -237,7 +258,8 @@ async fn out_of_range_readonly_unknown_and_misaligned_requests() {
         .into_iter()
         .enumerate()
         {
-            c.send_request(proto::CMD_WRITE, 0, 100 + i as u64, offset, len).await;
+            c.send_request(proto::CMD_WRITE, 0, 100 + i as u64, offset, len)
+                .await;
             c.s.write_all(&vec![0xee; len as usize]).await.unwrap();
             let r = c.read_reply(None).await;
             assert_eq!((r.cookie, r.error), (100 + i as u64, errno(want)));
@@ -252,8 +274,15 @@ async fn out_of_range_readonly_unknown_and_misaligned_requests() {
         c.send_request(proto::CMD_READ, 0, 202, 0, 4096).await;
         assert_eq!(c.read_reply(Some(4096)).await.error, 0);
     }
-    assert!(f.disk_path.metadata().unwrap().len() == 4 * MIB, "nothing written past the end");
-    assert_eq!(read_file_at(&f.disk_path, 0, 1024), vec![0u8; 1024], "no stray writes");
+    assert!(
+        f.disk_path.metadata().unwrap().len() == 4 * MIB,
+        "nothing written past the end"
+    );
+    assert_eq!(
+        read_file_at(&f.disk_path, 0, 1024),
+        vec![0u8; 1024],
+        "no stray writes"
+    );
 
     // Read-only export.
     let mut c = RawClient::connect_go(&f.server, "ro", true).await;
@@ -284,8 +313,12 @@ async fn oversized_requests() {
     let mut c = RawClient::connect_go(&f.server, "disk", true).await;
     // Oversized read: EINVAL (the spec keeps EOVERFLOW for DF reads we never fragment).
     c.send_request(proto::CMD_READ, 0, 1, 0, 2 << 20).await;
-    assert_eq!(c.read_reply(Some(2 << 20)).await.error, errno(NbdErrno::Inval));
-    c.send_request(proto::CMD_WRITE_ZEROES, 0, 2, 0, 2 << 20).await;
+    assert_eq!(
+        c.read_reply(Some(2 << 20)).await.error,
+        errno(NbdErrno::Inval)
+    );
+    c.send_request(proto::CMD_WRITE_ZEROES, 0, 2, 0, 2 << 20)
+        .await;
     assert_eq!(c.read_reply(None).await.error, errno(NbdErrno::Inval));
     // Oversized write below 32 MiB: the payload is read and discarded, EINVAL, session lives.
     c.send_request(proto::CMD_WRITE, 0, 3, 0, 2 << 20).await;
@@ -327,7 +360,9 @@ async fn garbage_and_disconnects_in_transmission_hurt_only_that_client() {
     drop(c);
     // Disconnect in the middle of the handshake.
     let mut c = RawClient::greet(&f.server, proto::FLAG_C_FIXED_NEWSTYLE).await;
-    c.s.write_all(&proto::encode_option_header(proto::OPT_GO, 100)).await.unwrap();
+    c.s.write_all(&proto::encode_option_header(proto::OPT_GO, 100))
+        .await
+        .unwrap();
     drop(c);
 
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -336,7 +371,11 @@ async fn garbage_and_disconnects_in_transmission_hurt_only_that_client() {
     assert_eq!(good.read_reply(None).await.error, 0);
     good.send_request(proto::CMD_READ, 0, 10, 0, 4096).await;
     assert_eq!(good.read_reply(Some(4096)).await.data, pattern(1, 0, 4096));
-    assert_eq!(read_file_at(&f.disk_path, 4096, 4096), vec![0u8; 4096], "partial write applied");
+    assert_eq!(
+        read_file_at(&f.disk_path, 4096, 4096),
+        vec![0u8; 4096],
+        "partial write applied"
+    );
     assert_server_serves(&f.server).await;
     // Connection tasks finish just after the client sees EOF.
     for _ in 0..100 {
@@ -347,7 +386,10 @@ async fn garbage_and_disconnects_in_transmission_hurt_only_that_client() {
     }
     let s = f.server.stats.snapshot();
     assert!(s.protocol_violations_total >= 2, "{s:?}");
-    assert_eq!(s.connections_active, 1, "only the good client is left: {s:?}");
+    assert_eq!(
+        s.connections_active, 1,
+        "only the good client is left: {s:?}"
+    );
     f.server.stop().await;
 }
 
@@ -369,7 +411,10 @@ async fn structured_reads_block_status_and_df() {
     let r = c
         .option(
             proto::OPT_SET_META_CONTEXT,
-            &proto::encode_meta_context_request("disk", &["qemu:dirty-bitmap:x", "base:allocation"]),
+            &proto::encode_meta_context_request(
+                "disk",
+                &["qemu:dirty-bitmap:x", "base:allocation"],
+            ),
         )
         .await;
     assert_eq!(r.len(), 2);
@@ -377,25 +422,33 @@ async fn structured_reads_block_status_and_df() {
     let r = c
         .option(proto::OPT_GO, &proto::encode_info_request("disk", &[]))
         .await;
-    let export = &r.iter().find(|x| x.reply_type == proto::REP_INFO).unwrap().data;
+    let export = &r
+        .iter()
+        .find(|x| x.reply_type == proto::REP_INFO)
+        .unwrap()
+        .data;
     let flags = u16::from_be_bytes([export[10], export[11]]);
     assert_ne!(flags & proto::TFLAG_SEND_DF, 0);
 
-    c.send_request(proto::CMD_WRITE, proto::CMD_FLAG_FUA, 1, 8192, 8192).await;
+    c.send_request(proto::CMD_WRITE, proto::CMD_FLAG_FUA, 1, 8192, 8192)
+        .await;
     c.s.write_all(&pattern(3, 8192, 8192)).await.unwrap();
     assert_eq!(c.read_reply(None).await.chunks, vec![proto::CHUNK_NONE]);
-    c.send_request(proto::CMD_READ, proto::CMD_FLAG_DF, 2, 8192, 8192).await;
+    c.send_request(proto::CMD_READ, proto::CMD_FLAG_DF, 2, 8192, 8192)
+        .await;
     let r = c.read_reply(Some(8192)).await;
     assert_eq!(r.chunks, vec![proto::CHUNK_OFFSET_DATA]);
     assert_eq!(r.data, pattern(3, 8192, 8192));
 
-    c.send_request(proto::CMD_BLOCK_STATUS, 0, 3, 0, 1 << 20).await;
+    c.send_request(proto::CMD_BLOCK_STATUS, 0, 3, 0, 1 << 20)
+        .await;
     let r = c.read_reply(None).await;
     assert_eq!(r.chunks, vec![proto::CHUNK_BLOCK_STATUS]);
     let p = &r.payloads[0];
     assert_eq!(u32::from_be_bytes(p[..4].try_into().unwrap()), id);
     assert_eq!(u32::from_be_bytes(p[4..8].try_into().unwrap()), 1 << 20);
-    c.send_request(proto::CMD_BLOCK_STATUS, 0, 4, 4 * MIB - 512, 1024).await;
+    c.send_request(proto::CMD_BLOCK_STATUS, 0, 4, 4 * MIB - 512, 1024)
+        .await;
     assert_eq!(c.read_reply(None).await.error, errno(NbdErrno::Inval));
     f.server.stop().await;
 }
@@ -421,11 +474,16 @@ async fn pipelined_requests_complete_out_of_order_within_bounds() {
     c.send_request(proto::CMD_WRITE, 0, 2, 4096, 4096).await;
     c.s.write_all(&pattern(9, 4096, 4096)).await.unwrap();
     let r = c.read_reply(None).await;
-    assert_eq!((r.cookie, r.error), (2, 0), "write overtook the blocked read");
+    assert_eq!(
+        (r.cookie, r.error),
+        (2, 0),
+        "write overtook the blocked read"
+    );
 
     // 20 more reads: at most 4 requests may be in flight, so at most 4 reads enter the export.
     for i in 0..20u64 {
-        c.send_request(proto::CMD_READ, 0, 100 + i, i * 4096, 4096).await;
+        c.send_request(proto::CMD_READ, 0, 100 + i, i * 4096, 4096)
+            .await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(disk.reads_started.load(Ordering::SeqCst), 4);
@@ -483,7 +541,10 @@ async fn shutdown_drains_in_flight_requests_and_refuses_new_ones() {
     server.shutdown.send(true).unwrap();
     assert!(idle.is_closed().await);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!server.handle.is_finished(), "drain waits for in-flight requests");
+    assert!(
+        !server.handle.is_finished(),
+        "drain waits for in-flight requests"
+    );
     gate.add_permits(100);
 
     let mut got = Vec::new();
@@ -500,7 +561,9 @@ async fn shutdown_drains_in_flight_requests_and_refuses_new_ones() {
         .unwrap()
         .unwrap();
     // No longer accepting.
-    assert!(tokio::net::TcpStream::connect(("127.0.0.1", server.port)).await.is_err());
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", server.port))
+        .await
+        .is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

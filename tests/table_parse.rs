@@ -19,6 +19,9 @@ use replicator::table::{
 
 const SEED_1: &str = include_str!("../deploy/tables/seed-1ld-1rd-async.table");
 const SEED_2: &str = include_str!("../deploy/tables/seed-2nd-ld-rd-async.table");
+const SEED_2_CORRECTED: &str =
+    include_str!("../deploy/tables/seed-2nd-ld-rd-async.corrected.table");
+const TABLE_MD: &str = include_str!("../src/table/TABLE.md");
 const QUICK_LOCAL: &str = include_str!("../deploy/tables/quickstart-local.table");
 const QUICK_LOCAL_DEV1: &str = include_str!("../deploy/tables/quickstart-local-dev1.table");
 const QUICK_TCP: &str = include_str!("../deploy/tables/quickstart-tcp.table");
@@ -184,18 +187,60 @@ fn seed_example_2_is_accepted_verbatim_with_warnings() {
 
 #[test]
 fn seed_example_2_corrected_text_has_no_warnings() {
-    let corrected = "0 209715200 replicator \\\n\
-                     default 3 /dev/local_vg/replog_store 32 open \\\n\
-                     local 2 0 async ios=0 \\\n\
-                     2 1 /dev/local_vg/lvol1 \\\n\
-                     - 0 \\\n\
-                     \\\n\
-                     local 2 1 async ios=100 \\\n\
-                     2 1 /dev/remote_vg/lvol1 \\\n\
-                     disk 3 16384 /dev/local_vg/slink1_lvol1_dirty_log sync\n";
-    let table = parse(corrected, "t").unwrap();
+    let table = parse(SEED_2_CORRECTED, "t").unwrap();
     assert!(table.warnings.is_empty(), "{:?}", table.warnings);
     assert_eq!(table.targets, vec![seed_2_expected()]);
+}
+
+/// TABLE.md's examples are checked, so the document cannot drift from the parser: `table`
+/// blocks parse without warnings, `table-warnings` blocks with some, `table-error` blocks fail
+/// with exactly the message on their `=>` line. The seed texts in it are the deploy files.
+#[test]
+fn table_md_examples_are_true() {
+    let (mut valid, mut warned, mut refused) = (0, 0, 0);
+    let mut lines = TABLE_MD.lines();
+    while let Some(line) = lines.next() {
+        let Some(kind) = line.strip_prefix("```") else {
+            continue;
+        };
+        let kind = kind.trim().to_owned();
+        let block: Vec<&str> = lines
+            .by_ref()
+            .take_while(|l| !l.starts_with("```"))
+            .collect();
+        match kind.as_str() {
+            "table" | "table-warnings" => {
+                let text = block.join("\n");
+                let table = parse(&text, "example.table").unwrap_or_else(|e| panic!("{e}\n{text}"));
+                if kind == "table" {
+                    assert!(table.warnings.is_empty(), "{:?}\n{text}", table.warnings);
+                    valid += 1;
+                } else {
+                    assert!(!table.warnings.is_empty(), "{text}");
+                    warned += 1;
+                }
+            }
+            "table-error" => {
+                let (expected, table_lines) = block.split_last().unwrap();
+                let expected = expected.strip_prefix("=> ").unwrap();
+                let text = table_lines.join("\n");
+                let err = parse(&text, "example.table").expect_err(&text);
+                assert_eq!(err.to_string(), expected, "\n{text}");
+                refused += 1;
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        valid >= 6 && warned == 1 && refused >= 15,
+        "{valid} {warned} {refused}"
+    );
+    for file in [SEED_1, SEED_2, SEED_2_CORRECTED] {
+        assert!(
+            TABLE_MD.contains(file.trim_end()),
+            "TABLE.md shows the deploy file verbatim:\n{file}"
+        );
+    }
 }
 
 #[test]
@@ -466,6 +511,17 @@ fn every_dirty_log_form() {
             "canonical spelling"
         );
     }
+}
+
+#[test]
+fn dirty_log_sync_helpers_follow_dm_log() {
+    // A log created now: dirty unless `nosync`. An existing disk log: kept unless a flag says.
+    assert!(DirtyLogSync::Default.new_regions_dirty());
+    assert!(DirtyLogSync::ForceResync.new_regions_dirty());
+    assert!(!DirtyLogSync::AssumeInSync.new_regions_dirty());
+    assert_eq!(DirtyLogSync::Default.overwrite_existing(), None);
+    assert_eq!(DirtyLogSync::ForceResync.overwrite_existing(), Some(true));
+    assert_eq!(DirtyLogSync::AssumeInSync.overwrite_existing(), Some(false));
 }
 
 #[test]

@@ -240,9 +240,9 @@ impl EntryHeader {
             RecordKind::Pad if header.data_crc != 0 => {
                 Err(HeaderFault::Malformed("pad with a data checksum"))
             }
-            RecordKind::Zeroes | RecordKind::Discard if header.data_crc != 0 => {
-                Err(HeaderFault::Malformed("payload-less entry with a data checksum"))
-            }
+            RecordKind::Zeroes | RecordKind::Discard if header.data_crc != 0 => Err(
+                HeaderFault::Malformed("payload-less entry with a data checksum"),
+            ),
             _ => Ok(header),
         }
     }
@@ -386,10 +386,16 @@ impl MetaSlot {
     /// Checks the geometry fields against what v1 allows; `Err` names the field.
     pub fn check_geometry(&self) -> Result<(), String> {
         if u64::from(self.block_bytes) != BLOCK_BYTES {
-            return Err(format!("block size {} (expected {BLOCK_BYTES})", self.block_bytes));
+            return Err(format!(
+                "block size {} (expected {BLOCK_BYTES})",
+                self.block_bytes
+            ));
         }
         if self.ring_offset != META_AREA_BYTES {
-            return Err(format!("ring offset {} (expected {META_AREA_BYTES})", self.ring_offset));
+            return Err(format!(
+                "ring offset {} (expected {META_AREA_BYTES})",
+                self.ring_offset
+            ));
         }
         if self.ring_bytes < MIN_RING_BYTES || !self.ring_bytes.is_multiple_of(BLOCK_BYTES) {
             return Err(format!(
@@ -458,16 +464,28 @@ mod tests {
         };
         let mut b = h.encode();
         b[4] = 2;
-        assert_eq!(EntryHeader::decode(&reseal(b)), Err(HeaderFault::UnsupportedVersion(2)));
+        assert_eq!(
+            EntryHeader::decode(&reseal(b)),
+            Err(HeaderFault::UnsupportedVersion(2))
+        );
         let mut b = h.encode();
         b[6] = 9;
-        assert!(matches!(EntryHeader::decode(&reseal(b)), Err(HeaderFault::Malformed(_))));
+        assert!(matches!(
+            EntryHeader::decode(&reseal(b)),
+            Err(HeaderFault::Malformed(_))
+        ));
         let mut b = h.encode();
         b[7] = 1;
-        assert!(matches!(EntryHeader::decode(&reseal(b)), Err(HeaderFault::Malformed(_))));
+        assert!(matches!(
+            EntryHeader::decode(&reseal(b)),
+            Err(HeaderFault::Malformed(_))
+        ));
         let mut b = h.encode();
         b[100] = 1;
-        assert!(matches!(EntryHeader::decode(&reseal(b)), Err(HeaderFault::Malformed(_))));
+        assert!(matches!(
+            EntryHeader::decode(&reseal(b)),
+            Err(HeaderFault::Malformed(_))
+        ));
     }
 
     #[test]

@@ -107,7 +107,10 @@ impl Index {
         let total = self.entries.back().map_or(0, |(_, cum)| *cum);
         let before = match position.checked_sub(1).and_then(|p| self.entries.get(p)) {
             Some((_, cum)) => *cum,
-            None => self.entries.front().map_or(0, |(e, cum)| cum - e.data_bytes()),
+            None => self
+                .entries
+                .front()
+                .map_or(0, |(e, cum)| cum - e.data_bytes()),
         };
         Lag {
             ios: (self.entries.len() - position) as u64,
@@ -156,7 +159,11 @@ mod tests {
         }
         assert_eq!(
             index.lag_above(2),
-            Lag { ios: 3, bytes: 30 + 40 + 50, oldest_timestamp_ns: Some(300) }
+            Lag {
+                ios: 3,
+                bytes: 30 + 40 + 50,
+                oldest_timestamp_ns: Some(300)
+            }
         );
         assert_eq!(index.lag_above(0).ios, 5);
         assert_eq!(index.lag_above(0).bytes, 150);

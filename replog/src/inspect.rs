@@ -66,7 +66,11 @@ impl Replog {
 }
 
 /// [`Replog::inspect`] on any storage.
-pub fn inspect_storage(storage: &dyn Storage, offset: u64, max_entries: usize) -> Result<Inspection> {
+pub fn inspect_storage(
+    storage: &dyn Storage,
+    offset: u64,
+    max_entries: usize,
+) -> Result<Inspection> {
     if !offset.is_multiple_of(BLOCK_BYTES) {
         return Err(Error::InvalidOptions {
             what: format!("replog offset {offset} is not a multiple of {BLOCK_BYTES}"),

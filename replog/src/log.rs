@@ -263,7 +263,12 @@ impl Inner {
     }
 
     /// Durably writes `next` (with the tail fields of `st_tail`) as the new metadata.
-    fn commit_meta(&self, current: &mut MetaState, mut next: MetaState, tail: Option<(u64, Lsn, u32)>) -> Result<()> {
+    fn commit_meta(
+        &self,
+        current: &mut MetaState,
+        mut next: MetaState,
+        tail: Option<(u64, Lsn, u32)>,
+    ) -> Result<()> {
         next.sequence = current.sequence + 1;
         let mut slot = {
             let st = lock(&self.state);
@@ -358,7 +363,14 @@ impl Replog {
             cursors: [0; MAX_SLINKS],
         };
         meta::write(storage.as_ref(), offset, &slot)?;
-        meta::write(storage.as_ref(), offset, &MetaSlot { sequence: 2, ..slot })?;
+        meta::write(
+            storage.as_ref(),
+            offset,
+            &MetaSlot {
+                sequence: 2,
+                ..slot
+            },
+        )?;
         Replog::open_on(storage, offset).map(|(replog, _)| replog)
     }
 
@@ -380,9 +392,12 @@ impl Replog {
             let mut reader = RingReader::new(storage.as_ref(), offset, m.ring_bytes);
             recovery::scan(&mut reader, &scan_start(&m), usize::MAX)?
         };
-        let generation = m.generation.checked_add(1).ok_or_else(|| Error::BadFormat {
-            what: format!("{}: writer generation exhausted", storage.describe()),
-        })?;
+        let generation = m
+            .generation
+            .checked_add(1)
+            .ok_or_else(|| Error::BadFormat {
+                what: format!("{}: writer generation exhausted", storage.describe()),
+            })?;
         let mut index = Index::default();
         for entry in &scanned.entries {
             index.push(*entry);
@@ -494,17 +509,31 @@ impl Replog {
     }
 
     /// Same as [`Replog::append`] with an explicit lsn, which must exceed the last one.
-    pub fn append_with_lsn(&self, lsn: Lsn, rec: Record<'_>, durability: Durability) -> Result<Appending> {
+    pub fn append_with_lsn(
+        &self,
+        lsn: Lsn,
+        rec: Record<'_>,
+        durability: Durability,
+    ) -> Result<Appending> {
         self.append_inner(Some(lsn), rec, durability)
     }
 
-    fn append_inner(&self, explicit: Option<Lsn>, rec: Record<'_>, durability: Durability) -> Result<Appending> {
+    fn append_inner(
+        &self,
+        explicit: Option<Lsn>,
+        rec: Record<'_>,
+        durability: Durability,
+    ) -> Result<Appending> {
         let inner = &*self.inner;
         let data_len = match rec.kind {
             EntryKind::Write => {
                 if rec.data.len() as u64 != rec.len {
                     return Err(Error::InvalidRecord {
-                        what: format!("write of len {} carries {} data bytes", rec.len, rec.data.len()),
+                        what: format!(
+                            "write of len {} carries {} data bytes",
+                            rec.len,
+                            rec.data.len()
+                        ),
                     });
                 }
                 rec.len
@@ -526,7 +555,11 @@ impl Replog {
                 max: max_record.saturating_sub(ENTRY_HEADER_BYTES as u64),
             });
         }
-        let data_crc = if rec.kind == EntryKind::Write { crc32c::crc32c(rec.data) } else { 0 };
+        let data_crc = if rec.kind == EntryKind::Write {
+            crc32c::crc32c(rec.data)
+        } else {
+            0
+        };
         let timestamp_ns = now_ns();
         let ring = inner.ring_bytes;
         let mut st = lock(&inner.state);
@@ -539,7 +572,11 @@ impl Replog {
             }
             let v0 = st.next_vpos;
             let lap_end = (v0 / ring + 1) * ring;
-            let pad_before = if lap_end - v0 < rsize { lap_end - v0 } else { 0 };
+            let pad_before = if lap_end - v0 < rsize {
+                lap_end - v0
+            } else {
+                0
+            };
             let end = v0 + pad_before + rsize;
             let limit = round_down(st.tail_vpos, BLOCK_BYTES) + ring;
             if round_up(end, BLOCK_BYTES) > limit {
@@ -558,7 +595,10 @@ impl Replog {
         };
         let lsn = match explicit {
             Some(lsn) if lsn <= st.last_lsn => {
-                return Err(Error::LsnNotIncreasing { lsn, last: st.last_lsn });
+                return Err(Error::LsnNotIncreasing {
+                    lsn,
+                    last: st.last_lsn,
+                });
             }
             Some(lsn) => lsn,
             None => st.last_lsn + 1,
@@ -570,7 +610,10 @@ impl Replog {
             st.open.start_vpos = v0;
         }
         if st.open.buf.is_none() {
-            let buf = st.pool.pop().unwrap_or_else(|| AlignedBuf::zeroed(inner.batch_buffer_bytes as usize));
+            let buf = st
+                .pool
+                .pop()
+                .unwrap_or_else(|| AlignedBuf::zeroed(inner.batch_buffer_bytes as usize));
             st.open.buf = Some(buf);
         }
         let Some(buf) = st.open.buf.as_mut() else {
@@ -750,7 +793,10 @@ impl Replog {
     fn check_slink(slink: u8) -> Result<usize> {
         let i = usize::from(slink);
         if i >= MAX_SLINKS {
-            return Err(Error::BadSlink { slink, max: MAX_SLINKS - 1 });
+            return Err(Error::BadSlink {
+                slink,
+                max: MAX_SLINKS - 1,
+            });
         }
         Ok(i)
     }
@@ -788,7 +834,13 @@ impl Replog {
     /// Forgets a slink (its cursor no longer holds back reclaim). Durable.
     pub fn unregister_slink(&self, slink: u8) -> Result<()> {
         let i = Replog::check_slink(slink)?;
-        if lock(&self.inner.state).cursors.get(i).copied().flatten().is_none() {
+        if lock(&self.inner.state)
+            .cursors
+            .get(i)
+            .copied()
+            .flatten()
+            .is_none()
+        {
             return Err(Error::SlinkNotRegistered { slink });
         }
         self.set_slink(slink, None)
@@ -803,7 +855,11 @@ impl Replog {
         }
         let current = meta_state.cursors.get(i).copied().unwrap_or(0);
         if lsn < current {
-            return Err(Error::CursorBackwards { slink, current, requested: lsn });
+            return Err(Error::CursorBackwards {
+                slink,
+                current,
+                requested: lsn,
+            });
         }
         if lsn == current {
             return Ok(());
@@ -821,7 +877,11 @@ impl Replog {
 
     /// A slink's cursor; None when not registered.
     pub fn cursor(&self, slink: u8) -> Option<Lsn> {
-        lock(&self.inner.state).cursors.get(usize::from(slink)).copied().flatten()
+        lock(&self.inner.state)
+            .cursors
+            .get(usize::from(slink))
+            .copied()
+            .flatten()
     }
 
     /// Frees the ring below the lowest registered cursor (only written entries; nothing when no
@@ -880,7 +940,13 @@ impl Replog {
 }
 
 /// Copies a record (header, payload, zeroed padding up to `rsize`) into `buf` at `at`.
-fn write_record(buf: &mut [u8], at: usize, header: &EntryHeader, data: &[u8], rsize: u64) -> Result<()> {
+fn write_record(
+    buf: &mut [u8],
+    at: usize,
+    header: &EntryHeader,
+    data: &[u8],
+    rsize: u64,
+) -> Result<()> {
     let end = at.saturating_add(rsize as usize);
     let Some(dst) = buf.get_mut(at..end) else {
         return Err(Error::InvalidRecord {

@@ -31,9 +31,7 @@ pub struct LoadedMeta {
 /// Reads both slots at `base`, picks the newest valid one and checks it against the storage size.
 pub fn load(storage: &dyn Storage, base: u64) -> Result<LoadedMeta> {
     let path = storage.describe();
-    let len = storage
-        .len()
-        .map_err(|e| Error::io("size of", &path, e))?;
+    let len = storage.len().map_err(|e| Error::io("size of", &path, e))?;
     if len < base.saturating_add(META_AREA_BYTES) {
         return Err(Error::Truncated {
             what: format!("{path}: metadata area at offset {base}"),
@@ -96,7 +94,10 @@ pub fn load(storage: &dyn Storage, base: u64) -> Result<LoadedMeta> {
     })?;
     if meta.tail_vpos % RECORD_GRANULE != 0 {
         return Err(Error::BadFormat {
-            what: format!("{path}: metadata tail {} not on a record boundary", meta.tail_vpos),
+            what: format!(
+                "{path}: metadata tail {} not on a record boundary",
+                meta.tail_vpos
+            ),
         });
     }
     let needed = base.saturating_add(meta.replog_bytes);

@@ -75,22 +75,86 @@ pub enum Decision {
 
 /// The recovery decision table: finding, decision, why.
 pub const DECISION_TABLE: &[(Finding, Decision, &str)] = &[
-    (Finding::Valid, Decision::Accept, "checksums, uuid, position, generation and lsn all agree"),
-    (Finding::Pad, Decision::SkipPad, "padding written with the batch; skip its length"),
-    (Finding::Zeroed, Decision::EndOfLog, "never written since creation"),
-    (Finding::BadMagic, Decision::EndOfLog, "garbage or payload of an old record: nothing written here in this chain"),
-    (Finding::BadHeaderCrc, Decision::EndOfLog, "torn header: its append never completed"),
-    (Finding::ForeignVersion, Decision::EndOfLog, "not written by this format version's writer"),
-    (Finding::Malformed, Decision::EndOfLog, "fields out of range: not a record this writer wrote"),
-    (Finding::OtherUuid, Decision::EndOfLog, "left over from another replog on the same space"),
-    (Finding::StaleLap, Decision::EndOfLog, "left over from an earlier lap of the ring"),
-    (Finding::WrongPosition, Decision::EndOfLog, "record claims another position: misplaced or corrupt"),
-    (Finding::StaleGeneration, Decision::EndOfLog, "left over from before a crash, past a shorter rewrite"),
-    (Finding::FutureGeneration, Decision::EndOfLog, "no opened writer had this generation"),
-    (Finding::LsnNotIncreasing, Decision::EndOfLog, "lsn order broken: left over or corrupt"),
-    (Finding::BeyondTail, Decision::EndOfLog, "would overlap the lap end or protected space"),
-    (Finding::BadDataCrc, Decision::EndOfLog, "torn data: the append never completed"),
-    (Finding::RingFull, Decision::EndOfLog, "the ring is full up to the tail"),
+    (
+        Finding::Valid,
+        Decision::Accept,
+        "checksums, uuid, position, generation and lsn all agree",
+    ),
+    (
+        Finding::Pad,
+        Decision::SkipPad,
+        "padding written with the batch; skip its length",
+    ),
+    (
+        Finding::Zeroed,
+        Decision::EndOfLog,
+        "never written since creation",
+    ),
+    (
+        Finding::BadMagic,
+        Decision::EndOfLog,
+        "garbage or payload of an old record: nothing written here in this chain",
+    ),
+    (
+        Finding::BadHeaderCrc,
+        Decision::EndOfLog,
+        "torn header: its append never completed",
+    ),
+    (
+        Finding::ForeignVersion,
+        Decision::EndOfLog,
+        "not written by this format version's writer",
+    ),
+    (
+        Finding::Malformed,
+        Decision::EndOfLog,
+        "fields out of range: not a record this writer wrote",
+    ),
+    (
+        Finding::OtherUuid,
+        Decision::EndOfLog,
+        "left over from another replog on the same space",
+    ),
+    (
+        Finding::StaleLap,
+        Decision::EndOfLog,
+        "left over from an earlier lap of the ring",
+    ),
+    (
+        Finding::WrongPosition,
+        Decision::EndOfLog,
+        "record claims another position: misplaced or corrupt",
+    ),
+    (
+        Finding::StaleGeneration,
+        Decision::EndOfLog,
+        "left over from before a crash, past a shorter rewrite",
+    ),
+    (
+        Finding::FutureGeneration,
+        Decision::EndOfLog,
+        "no opened writer had this generation",
+    ),
+    (
+        Finding::LsnNotIncreasing,
+        Decision::EndOfLog,
+        "lsn order broken: left over or corrupt",
+    ),
+    (
+        Finding::BeyondTail,
+        Decision::EndOfLog,
+        "would overlap the lap end or protected space",
+    ),
+    (
+        Finding::BadDataCrc,
+        Decision::EndOfLog,
+        "torn data: the append never completed",
+    ),
+    (
+        Finding::RingFull,
+        Decision::EndOfLog,
+        "the ring is full up to the tail",
+    ),
 ];
 
 /// The decision for a finding (looked up in [`DECISION_TABLE`]).
@@ -150,14 +214,18 @@ pub fn classify(
     let finding = if h.uuid != state.uuid {
         Finding::OtherUuid
     } else if h.vpos != state.expected_vpos {
-        if h.vpos < state.expected_vpos && (state.expected_vpos - h.vpos).is_multiple_of(state.ring_bytes) {
+        if h.vpos < state.expected_vpos
+            && (state.expected_vpos - h.vpos).is_multiple_of(state.ring_bytes)
+        {
             Finding::StaleLap
         } else {
             Finding::WrongPosition
         }
     } else if h.generation > state.max_generation {
         Finding::FutureGeneration
-    } else if state.require_newer_generation && h.generation <= state.prev_generation {
+    } else if h.generation < state.prev_generation
+        || (state.require_newer_generation && h.generation <= state.prev_generation)
+    {
         Finding::StaleGeneration
     } else if h.kind != RecordKind::Pad && h.lsn <= state.prev_lsn {
         Finding::LsnNotIncreasing
@@ -206,7 +274,9 @@ impl<'a> RingReader<'a> {
             let end = want_end.min(lap_end);
             if vpos + len > end {
                 return Err(Error::BadFormat {
-                    what: format!("read of {len} bytes at ring position {vpos} crosses the lap end"),
+                    what: format!(
+                        "read of {len} bytes at ring position {vpos} crosses the lap end"
+                    ),
                 });
             }
             let buf = AlignedBuf::zeroed(usize::try_from(end - start).unwrap_or(0));
@@ -312,7 +382,9 @@ pub fn scan(reader: &mut RingReader<'_>, start: &ScanStart, max_entries: usize) 
                 ..state
             };
             let (jump_finding, jump_header) = classify_at(reader, &jump_state)?;
-            if let (Decision::Accept | Decision::SkipPad, Some(_)) = (decide(jump_finding), jump_header) {
+            if let (Decision::Accept | Decision::SkipPad, Some(_)) =
+                (decide(jump_finding), jump_header)
+            {
                 jumps += 1;
                 state = jump_state;
                 continue;
@@ -337,7 +409,9 @@ fn classify_at(
     if state.expected_vpos >= state.limit_vpos {
         return Ok((Finding::RingFull, None));
     }
-    let header = reader.bytes(state.expected_vpos, ENTRY_HEADER_BYTES as u64)?.to_vec();
+    let header = reader
+        .bytes(state.expected_vpos, ENTRY_HEADER_BYTES as u64)?
+        .to_vec();
     let data_vpos = state.expected_vpos + ENTRY_HEADER_BYTES as u64;
     let lap_end = (state.expected_vpos / state.ring_bytes + 1) * state.ring_bytes;
     let mut data = |len: u64| -> Result<u32> {
@@ -375,7 +449,11 @@ mod tests {
         ];
         assert_eq!(DECISION_TABLE.len(), all.len());
         for f in all {
-            assert_eq!(DECISION_TABLE.iter().filter(|(g, _, _)| *g == f).count(), 1, "{f:?}");
+            assert_eq!(
+                DECISION_TABLE.iter().filter(|(g, _, _)| *g == f).count(),
+                1,
+                "{f:?}"
+            );
         }
         assert_eq!(decide(Finding::Valid), Decision::Accept);
         assert_eq!(decide(Finding::Pad), Decision::SkipPad);

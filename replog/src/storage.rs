@@ -13,7 +13,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use crate::io::{AlignedBuf, IoTicket};
 
 /// The storage calls the replog needs. Offsets are absolute bytes in the file or device.
-#[allow(clippy::len_without_is_empty, reason = "a device size, not a collection")]
+#[allow(
+    clippy::len_without_is_empty,
+    reason = "a device size, not a collection"
+)]
 pub trait Storage: Send + Sync {
     /// Human-readable name (the path) for error messages.
     fn describe(&self) -> String;
@@ -107,7 +110,8 @@ impl MemDisk {
                 if rng & 1 == 0 {
                     continue;
                 }
-                let at = usize::try_from(*offset).unwrap_or(usize::MAX)
+                let at = usize::try_from(*offset)
+                    .unwrap_or(usize::MAX)
                     .saturating_add(i * TORN_SECTOR_BYTES);
                 if let Some(dst) = image.get_mut(at..at.saturating_add(sector.len())) {
                     dst.copy_from_slice(sector);

@@ -1,25 +1,40 @@
 //! The public API against a real file (io layer, O_DIRECT where the file system allows it).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 
 use std::sync::Arc;
 
-use replog::{
-    CreateOptions, Durability, EntryKind, Error, OpenOptions, Record, Replog,
-};
+use replog::{CreateOptions, Durability, EntryKind, Error, OpenOptions, Record, Replog};
 
 const MIB: u64 = 1 << 20;
 
 fn write(device: u32, offset: u64, data: &[u8]) -> Record<'_> {
-    Record { device, offset, kind: EntryKind::Write, len: data.len() as u64, data }
+    Record {
+        device,
+        offset,
+        kind: EntryKind::Write,
+        len: data.len() as u64,
+        data,
+    }
 }
 
 fn payload(lsn: u64, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (lsn as usize * 31 + i * 7) as u8).collect()
+    (0..len)
+        .map(|i| (lsn as usize * 31 + i * 7) as u8)
+        .collect()
 }
 
 fn create(dir: &tempfile::TempDir, size: u64) -> (std::path::PathBuf, Replog) {
     let path = dir.path().join("replog");
-    let opts = CreateOptions { offset: 0, size, io: Default::default() };
+    let opts = CreateOptions {
+        offset: 0,
+        size,
+        io: Default::default(),
+    };
     (path.clone(), Replog::create(&path, &opts).unwrap())
 }
 
@@ -31,11 +46,20 @@ fn append_read_reopen() {
     let mut handles = Vec::new();
     for i in 1..=20u64 {
         let data = payload(i, (i as usize * 1000) % 9000 + 1);
-        handles.push(log.append(write(i as u32 % 3, i * 4096, &data), Durability::Durable).unwrap());
+        handles.push(
+            log.append(write(i as u32 % 3, i * 4096, &data), Durability::Durable)
+                .unwrap(),
+        );
     }
     handles.push(
         log.append(
-            Record { device: 1, offset: 0, kind: EntryKind::Zeroes, len: 1 << 30, data: &[] },
+            Record {
+                device: 1,
+                offset: 0,
+                kind: EntryKind::Zeroes,
+                len: 1 << 30,
+                data: &[],
+            },
             Durability::Written,
         )
         .unwrap(),
@@ -44,12 +68,25 @@ fn append_read_reopen() {
     assert_eq!(lsns, (1..=21).collect::<Vec<_>>());
     assert_eq!(log.flush().wait().unwrap(), 21);
     let e = log.read(5).unwrap();
-    assert_eq!((e.lsn, e.device, e.offset, e.kind), (5, 2, 5 * 4096, EntryKind::Write));
+    assert_eq!(
+        (e.lsn, e.device, e.offset, e.kind),
+        (5, 2, 5 * 4096, EntryKind::Write)
+    );
     assert_eq!(e.data, payload(5, 5001));
     let z = log.read(21).unwrap();
-    assert_eq!((z.kind, z.len, z.data.len()), (EntryKind::Zeroes, 1 << 30, 0));
+    assert_eq!(
+        (z.kind, z.len, z.data.len()),
+        (EntryKind::Zeroes, 1 << 30, 0)
+    );
     // read_from honours max_entries and max_bytes but returns at least one entry.
-    assert_eq!(log.read_from(3, 4, u64::MAX).unwrap().iter().map(|e| e.lsn).collect::<Vec<_>>(), vec![3, 4, 5, 6]);
+    assert_eq!(
+        log.read_from(3, 4, u64::MAX)
+            .unwrap()
+            .iter()
+            .map(|e| e.lsn)
+            .collect::<Vec<_>>(),
+        vec![3, 4, 5, 6]
+    );
     assert_eq!(log.read_from(10, 100, 1).unwrap().len(), 1);
     assert!(log.read_from(22, 10, u64::MAX).unwrap().is_empty());
     assert!(matches!(log.read(22), Err(Error::NotFound { lsn: 22 })));
@@ -59,18 +96,36 @@ fn append_read_reopen() {
 
     let (log, report) = Replog::open(&path, &OpenOptions::default()).unwrap();
     assert_eq!(report.entries, 21);
-    assert_eq!((report.first_lsn, report.last_lsn, report.next_lsn), (1, 21, 22));
+    assert_eq!(
+        (report.first_lsn, report.last_lsn, report.next_lsn),
+        (1, 21, 22)
+    );
     assert_eq!(report.generation, generation + 1);
     assert_eq!(log.uuid(), uuid);
     for lsn in 1..=20 {
-        assert_eq!(log.read(lsn).unwrap().data, payload(lsn, (lsn as usize * 1000) % 9000 + 1));
+        assert_eq!(
+            log.read(lsn).unwrap().data,
+            payload(lsn, (lsn as usize * 1000) % 9000 + 1)
+        );
     }
-    assert_eq!(log.append(write(0, 0, b"x"), Durability::Durable).unwrap().wait().unwrap(), 22);
+    assert_eq!(
+        log.append(write(0, 0, b"x"), Durability::Durable)
+            .unwrap()
+            .wait()
+            .unwrap(),
+        22
+    );
     assert!(matches!(
         log.append_with_lsn(22, write(0, 0, b"y"), Durability::Written),
         Err(Error::LsnNotIncreasing { lsn: 22, last: 22 })
     ));
-    assert_eq!(log.append_with_lsn(100, write(0, 0, b"y"), Durability::Durable).unwrap().wait().unwrap(), 100);
+    assert_eq!(
+        log.append_with_lsn(100, write(0, 0, b"y"), Durability::Durable)
+            .unwrap()
+            .wait()
+            .unwrap(),
+        100
+    );
     assert_eq!(log.next_lsn(), 101);
     // Gaps are skipped by read_from.
     assert_eq!(log.read_from(23, 10, u64::MAX).unwrap()[0].lsn, 100);
@@ -81,13 +136,20 @@ fn cursors_reclaim_space_and_lag() {
     let dir = tempfile::tempdir().unwrap();
     let (path, log) = create(&dir, 8 * MIB);
     assert_eq!(log.cursor(0), None);
-    assert_eq!(log.reclaim().unwrap(), 0, "nothing is reclaimed without a registered slink");
+    assert_eq!(
+        log.reclaim().unwrap(),
+        0,
+        "nothing is reclaimed without a registered slink"
+    );
     log.register_slink(0, 0).unwrap();
     log.register_slink(3, 0).unwrap();
     let before = log.space();
     assert_eq!(before.used_bytes, 0);
     for i in 1..=10u64 {
-        log.append(write(0, 0, &payload(i, 4096)), Durability::Durable).unwrap().wait().unwrap();
+        log.append(write(0, 0, &payload(i, 4096)), Durability::Durable)
+            .unwrap()
+            .wait()
+            .unwrap();
     }
     let space = log.space();
     assert_eq!(space.entries, 10);
@@ -98,8 +160,18 @@ fn cursors_reclaim_space_and_lag() {
     assert!(lag.oldest_timestamp_ns.unwrap() > 0);
     assert!(log.lag(1).is_none());
     log.set_cursor(0, 6).unwrap();
-    assert!(matches!(log.set_cursor(0, 5), Err(Error::CursorBackwards { slink: 0, current: 6, requested: 5 })));
-    assert!(matches!(log.set_cursor(1, 5), Err(Error::SlinkNotRegistered { slink: 1 })));
+    assert!(matches!(
+        log.set_cursor(0, 5),
+        Err(Error::CursorBackwards {
+            slink: 0,
+            current: 6,
+            requested: 5
+        })
+    ));
+    assert!(matches!(
+        log.set_cursor(1, 5),
+        Err(Error::SlinkNotRegistered { slink: 1 })
+    ));
     assert!(matches!(log.set_cursor(16, 5), Err(Error::BadSlink { .. })));
     assert_eq!(log.lag(0).unwrap().ios, 4);
     assert_eq!(log.reclaim().unwrap(), 0, "slink 3 still holds everything");
@@ -118,12 +190,21 @@ fn cursors_reclaim_space_and_lag() {
     assert_eq!(log.cursor(3), None);
     log.set_cursor(0, 10).unwrap();
     log.reclaim().unwrap();
-    assert_eq!((log.first_lsn(), log.last_lsn(), log.next_lsn()), (0, 0, 11));
+    assert_eq!(
+        (log.first_lsn(), log.last_lsn(), log.next_lsn()),
+        (0, 0, 11)
+    );
     assert_eq!(log.space().used_bytes, 0);
     drop(log);
     let (log, report) = Replog::open(&path, &OpenOptions::default()).unwrap();
     assert_eq!((report.entries, report.next_lsn), (0, 11));
-    assert_eq!(log.append(write(0, 0, b"z"), Durability::Durable).unwrap().wait().unwrap(), 11);
+    assert_eq!(
+        log.append(write(0, 0, b"z"), Durability::Durable)
+            .unwrap()
+            .wait()
+            .unwrap(),
+        11
+    );
 }
 
 #[test]
@@ -152,7 +233,10 @@ fn full_and_too_large() {
     assert!(n >= 6, "only {n} appends fit");
     log.set_cursor(0, 3).unwrap();
     assert!(log.reclaim().unwrap() > 0);
-    log.append(write(0, 0, &chunk), Durability::Durable).unwrap().wait().unwrap();
+    log.append(write(0, 0, &chunk), Durability::Durable)
+        .unwrap()
+        .wait()
+        .unwrap();
 }
 
 #[test]
@@ -166,7 +250,9 @@ fn wraps_many_laps_and_recovers() {
     for round in 0..40u64 {
         for _ in 0..3 {
             let len = ((next * 977) % 7000 + 1) as usize;
-            let h = log.append(write(0, next, &payload(next, len)), Durability::Durable).unwrap();
+            let h = log
+                .append(write(0, next, &payload(next, len)), Durability::Durable)
+                .unwrap();
             assert_eq!(h.wait().unwrap(), next);
             next += 1;
         }
@@ -176,14 +262,24 @@ fn wraps_many_laps_and_recovers() {
         if round % 7 == 0 {
             drop(log);
             let (reopened, report) = Replog::open(&path, &OpenOptions::default()).unwrap();
-            assert_eq!((report.first_lsn, report.last_lsn), (next - 1, next - 1), "{report:?}");
+            assert_eq!(
+                (report.first_lsn, report.last_lsn),
+                (next - 1, next - 1),
+                "{report:?}"
+            );
             log = reopened;
         }
         let e = log.read(next - 1).unwrap();
-        assert_eq!(e.data, payload(next - 1, ((next - 1) * 977 % 7000 + 1) as usize));
+        assert_eq!(
+            e.data,
+            payload(next - 1, ((next - 1) * 977 % 7000 + 1) as usize)
+        );
     }
     let insp = Replog::inspect(&path, 0, 10).unwrap();
-    assert!(insp.head_vpos > 10 * ring, "40 rounds of ~10 KiB cross several laps");
+    assert!(
+        insp.head_vpos > 10 * ring,
+        "40 rounds of ~10 KiB cross several laps"
+    );
 }
 
 #[test]
@@ -198,16 +294,26 @@ fn concurrent_appenders_share_flushes() {
                 let mut got = Vec::new();
                 for i in 0..100u64 {
                     let data = payload(i + u64::from(t) * 1000, 4096);
-                    let lsn = log.append(write(t, i * 4096, &data), Durability::Durable).unwrap().wait().unwrap();
+                    let lsn = log
+                        .append(write(t, i * 4096, &data), Durability::Durable)
+                        .unwrap()
+                        .wait()
+                        .unwrap();
                     got.push((lsn, data));
                 }
                 got
             })
         })
         .collect();
-    let mut all: Vec<(u64, Vec<u8>)> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let mut all: Vec<(u64, Vec<u8>)> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
     all.sort_by_key(|(lsn, _)| *lsn);
-    assert_eq!(all.iter().map(|(l, _)| *l).collect::<Vec<_>>(), (1..=800).collect::<Vec<_>>());
+    assert_eq!(
+        all.iter().map(|(l, _)| *l).collect::<Vec<_>>(),
+        (1..=800).collect::<Vec<_>>()
+    );
     drop(log);
     let (log, report) = Replog::open(&path, &OpenOptions::default()).unwrap();
     assert_eq!(report.entries, 800);
@@ -221,7 +327,9 @@ fn concurrent_appenders_share_flushes() {
 async fn appending_is_awaitable() {
     let dir = tempfile::tempdir().unwrap();
     let (_path, log) = create(&dir, 8 * MIB);
-    let a = log.append(write(0, 0, b"abc"), Durability::Durable).unwrap();
+    let a = log
+        .append(write(0, 0, b"abc"), Durability::Durable)
+        .unwrap();
     assert_eq!(a.lsn(), 1);
     assert_eq!(a.await.unwrap(), 1);
     assert_eq!(log.flush().await.unwrap(), 1);
@@ -233,17 +341,34 @@ fn inspect_is_read_only_and_serializes() {
     let (path, log) = create(&dir, 8 * MIB);
     log.register_slink(2, 0).unwrap();
     for i in 1..=5u64 {
-        log.append(write(1, i, &payload(i, 100)), Durability::Durable).unwrap().wait().unwrap();
+        log.append(write(1, i, &payload(i, 100)), Durability::Durable)
+            .unwrap()
+            .wait()
+            .unwrap();
     }
     log.set_cursor(2, 3).unwrap();
     drop(log);
     let before = std::fs::read(&path).unwrap();
     let insp = Replog::inspect(&path, 0, 3).unwrap();
-    assert_eq!(std::fs::read(&path).unwrap(), before, "inspect must not modify the file");
-    assert_eq!((insp.entries_total, insp.first_lsn, insp.last_lsn), (5, 1, 5));
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "inspect must not modify the file"
+    );
+    assert_eq!(
+        (insp.entries_total, insp.first_lsn, insp.last_lsn),
+        (5, 1, 5)
+    );
     assert_eq!(insp.entries.len(), 3);
     assert_eq!(insp.slinks.len(), 1);
-    assert_eq!((insp.slinks[0].slink, insp.slinks[0].cursor, insp.slinks[0].lag.ios), (2, 3, 2));
+    assert_eq!(
+        (
+            insp.slinks[0].slink,
+            insp.slinks[0].cursor,
+            insp.slinks[0].lag.ios
+        ),
+        (2, 3, 2)
+    );
     let json = serde_json::to_value(&insp).unwrap();
     assert_eq!(json["entries"][0]["lsn"], 1);
     assert_eq!(json["slinks"][0]["lag"]["bytes"], 200);
@@ -254,17 +379,41 @@ fn replog_at_an_offset_inside_a_bigger_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dev");
     std::fs::write(&path, vec![0xAB; 1 << 20]).unwrap();
-    let opts = CreateOptions { offset: 1 << 20, size: 4 * MIB, io: Default::default() };
+    let opts = CreateOptions {
+        offset: 1 << 20,
+        size: 4 * MIB,
+        io: Default::default(),
+    };
     let log = Replog::create(&path, &opts).unwrap();
-    log.append(write(0, 0, b"hello"), Durability::Durable).unwrap().wait().unwrap();
+    log.append(write(0, 0, b"hello"), Durability::Durable)
+        .unwrap()
+        .wait()
+        .unwrap();
     drop(log);
     let data = std::fs::read(&path).unwrap();
-    assert!(data[..1 << 20].iter().all(|b| *b == 0xAB), "bytes before the offset untouched");
-    let (log, report) = Replog::open(&path, &OpenOptions { offset: 1 << 20, io: Default::default() }).unwrap();
+    assert!(
+        data[..1 << 20].iter().all(|b| *b == 0xAB),
+        "bytes before the offset untouched"
+    );
+    let (log, report) = Replog::open(
+        &path,
+        &OpenOptions {
+            offset: 1 << 20,
+            io: Default::default(),
+        },
+    )
+    .unwrap();
     assert_eq!(report.entries, 1);
     assert_eq!(log.read(1).unwrap().data, b"hello");
     assert!(matches!(
-        Replog::create(&path, &CreateOptions { offset: 100, size: 4 * MIB, io: Default::default() }),
+        Replog::create(
+            &path,
+            &CreateOptions {
+                offset: 100,
+                size: 4 * MIB,
+                io: Default::default()
+            }
+        ),
         Err(Error::InvalidOptions { .. })
     ));
 }

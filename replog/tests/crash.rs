@@ -5,7 +5,12 @@
 //! identical content, containing every entry whose append was acknowledged with the durability the
 //! crash respects (Durable for a power loss, Written or Durable for a process crash) and that was
 //! not reclaimed by a successful reclaim(); never a torn, stale or foreign entry.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,7 +23,9 @@ const RING: u64 = 64 * 1024;
 const SIZE: u64 = 8192 + RING;
 
 fn payload(lsn: u64, salt: u64, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (lsn * 131 + salt * 17 + i as u64 * 7) as u8).collect()
+    (0..len)
+        .map(|i| (lsn * 131 + salt * 17 + i as u64 * 7) as u8)
+        .collect()
 }
 
 /// What the test knows about the history.
@@ -44,9 +51,15 @@ fn check_recovered(log: &Replog, history: &History, power_loss: bool) -> Vec<(u6
             .position(|(l, _)| l == first)
             .unwrap_or_else(|| panic!("recovered lsn {first} was never appended"));
         let run = &history.appended[at..];
-        assert!(got.len() <= run.len(), "more entries recovered than appended");
+        assert!(
+            got.len() <= run.len(),
+            "more entries recovered than appended"
+        );
         for (g, want) in got.iter().zip(run) {
-            assert_eq!(g.0, want.0, "recovered lsns are not a contiguous run of the history");
+            assert_eq!(
+                g.0, want.0,
+                "recovered lsns are not a contiguous run of the history"
+            );
             assert_eq!(g.1, want.1, "lsn {} recovered with other content", g.0);
         }
         assert!(
@@ -56,7 +69,11 @@ fn check_recovered(log: &Replog, history: &History, power_loss: bool) -> Vec<(u6
         );
     }
     for (lsn, durability) in &history.acked {
-        if *lsn <= history.reclaimed_through.max(history.maybe_reclaimed_through) {
+        if *lsn
+            <= history
+                .reclaimed_through
+                .max(history.maybe_reclaimed_through)
+        {
             continue;
         }
         let required = !power_loss || *durability == Durability::Durable;
@@ -73,7 +90,13 @@ fn check_recovered(log: &Replog, history: &History, power_loss: bool) -> Vec<(u6
 }
 
 fn write_rec(data: &[u8]) -> Record<'_> {
-    Record { device: 0, offset: 0, kind: EntryKind::Write, len: data.len() as u64, data }
+    Record {
+        device: 0,
+        offset: 0,
+        kind: EntryKind::Write,
+        len: data.len() as u64,
+        data,
+    }
 }
 
 /// A workload that stops writing (disk dies) after `fail_after` write calls.
@@ -82,7 +105,11 @@ fn workload(disk: &Arc<MemDisk>, log: &Replog, history: &mut History, salt: u64,
         let len = ((step * 1237 + salt * 71) % 5000 + 1) as usize;
         let lsn = log.next_lsn();
         let data = payload(lsn, salt, len);
-        let durability = if step % 3 == 0 { Durability::Written } else { Durability::Durable };
+        let durability = if step % 3 == 0 {
+            Durability::Written
+        } else {
+            Durability::Durable
+        };
         match log.append(write_rec(&data), durability) {
             Ok(h) => {
                 assert_eq!(h.lsn(), lsn);
@@ -93,10 +120,17 @@ fn workload(disk: &Arc<MemDisk>, log: &Replog, history: &mut History, salt: u64,
             }
             Err(replog::Error::Full { .. }) => {
                 let target = log.last_lsn().saturating_sub(2);
-                if log.set_cursor(0, target.max(log.cursor(0).unwrap_or(0))).is_ok() {
-                    history.maybe_reclaimed_through = history.maybe_reclaimed_through.max(log.cursor(0).unwrap());
+                if log
+                    .set_cursor(0, target.max(log.cursor(0).unwrap_or(0)))
+                    .is_ok()
+                {
+                    history.maybe_reclaimed_through =
+                        history.maybe_reclaimed_through.max(log.cursor(0).unwrap());
                     if log.reclaim().is_ok() {
-                        history.reclaimed_through = log.first_lsn().saturating_sub(1).max(history.reclaimed_through);
+                        history.reclaimed_through = log
+                            .first_lsn()
+                            .saturating_sub(1)
+                            .max(history.reclaimed_through);
                     }
                 }
             }
@@ -129,7 +163,10 @@ fn crash_at_every_write_point() {
             // leftover of the first life validates behind the new entries.
             let mut h2 = History {
                 appended: recovered.clone(),
-                acked: recovered.iter().map(|(l, _)| (*l, Durability::Durable)).collect(),
+                acked: recovered
+                    .iter()
+                    .map(|(l, _)| (*l, Durability::Durable))
+                    .collect(),
                 reclaimed_through: 0,
                 maybe_reclaimed_through: 0,
             };
@@ -150,7 +187,11 @@ fn crash_at_every_write_point() {
             drop(log2);
             let (log3, _) = Replog::open_on(MemDisk::from_image(image2, 512), 0).unwrap();
             let again = check_recovered(&log3, &h2, true);
-            assert_eq!(again.len(), h2.appended.len(), "exactly the durable entries, no leftovers");
+            assert_eq!(
+                again.len(),
+                h2.appended.len(),
+                "exactly the durable entries, no leftovers"
+            );
         }
     }
 }
@@ -238,4 +279,72 @@ proptest! {
             }
         }
     }
+}
+
+/// Concurrent appenders while the disk dies at a random write: every acknowledged Durable append
+/// survives a power loss, and what is recovered is a contiguous run of the appended history.
+#[test]
+fn concurrent_appenders_then_power_loss() {
+    for fail_after in [3u64, 7, 12, 20, 33, 50] {
+        let disk = MemDisk::new(8192 + 1024 * 1024, 512);
+        let log = Arc::new(Replog::create_on(disk.clone(), 0, 8192 + 1024 * 1024).unwrap());
+        disk.fail_writes_after(Some(fail_after));
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let log = Arc::clone(&log);
+                std::thread::spawn(move || {
+                    let mut out = Vec::new();
+                    for i in 0..40u64 {
+                        let data = payload(t * 1000 + i, t, 500 + (i as usize * 37) % 3000);
+                        let durability = if i % 2 == 0 {
+                            Durability::Durable
+                        } else {
+                            Durability::Written
+                        };
+                        match log.append(write_rec(&data), durability) {
+                            Ok(h) => {
+                                let lsn = h.lsn();
+                                let acked = h.wait().is_ok();
+                                out.push((lsn, data, acked.then_some(durability)));
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        let mut all: Vec<_> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        all.sort_by_key(|(lsn, _, _)| *lsn);
+        let history = History {
+            appended: all.iter().map(|(l, d, _)| (*l, d.clone())).collect(),
+            acked: all
+                .iter()
+                .filter_map(|(l, _, a)| a.map(|a| (*l, a)))
+                .collect(),
+            reclaimed_through: 0,
+            maybe_reclaimed_through: 0,
+        };
+        let images = [
+            disk.durable_image(),
+            disk.power_loss_image(fail_after),
+            disk.power_loss_image(fail_after + 1),
+        ];
+        drop(log);
+        for image in images {
+            let (log2, _) = Replog::open_on(MemDisk::from_image(image, 512), 0).unwrap();
+            check_recovered(&log2, &history, true);
+        }
+    }
+}
+
+#[test]
+fn handles_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Replog>();
+    send::<replog::Appending>();
 }

@@ -1,6 +1,11 @@
 //! Quick throughput figures (ignored by default; the real benchmark lives with the io layer).
 //! Run: cargo test --release -p replog --test perf_smoke -- --ignored --nocapture
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,7 +16,17 @@ fn run(writers: usize, len: usize, per_writer: usize) {
     let dir = tempfile::tempdir_in("/work").unwrap();
     let path = dir.path().join("replog");
     let size = 8192 + 2048 * (1 << 20);
-    let log = Arc::new(Replog::create(&path, &CreateOptions { offset: 0, size, io: Default::default() }).unwrap());
+    let log = Arc::new(
+        Replog::create(
+            &path,
+            &CreateOptions {
+                offset: 0,
+                size,
+                io: Default::default(),
+            },
+        )
+        .unwrap(),
+    );
     log.register_slink(0, 0).unwrap();
     let start = Instant::now();
     let threads: Vec<_> = (0..writers)
@@ -20,7 +35,13 @@ fn run(writers: usize, len: usize, per_writer: usize) {
             std::thread::spawn(move || {
                 let data = vec![t as u8; len];
                 for i in 0..per_writer {
-                    let rec = Record { device: 0, offset: (i * len) as u64, kind: EntryKind::Write, len: len as u64, data: &data };
+                    let rec = Record {
+                        device: 0,
+                        offset: (i * len) as u64,
+                        kind: EntryKind::Write,
+                        len: len as u64,
+                        data: &data,
+                    };
                     loop {
                         match log.append(rec, Durability::Durable) {
                             Ok(h) => {

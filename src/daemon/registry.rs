@@ -253,7 +253,7 @@ pub fn device_status(h: &DeviceHandle) -> DeviceStatus {
             free_bytes: space.free_bytes,
             entries: space.entries,
             first_lsn: g.replog.first_lsn(),
-            last_lsn: g.replog.last_lsn(),
+            last_lsn: g.written_lsn(),
             io_backend: format!("{:?}", g.replog.io_backend()).to_lowercase(),
             devices: g
                 .devices

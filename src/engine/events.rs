@@ -98,10 +98,8 @@ impl Events {
     /// Wait until the counter exceeds `after`; returns the new counter.
     pub async fn wait_after(&self, after: u64) -> u64 {
         let mut rx = self.counter.subscribe();
-        match rx.wait_for(|c| *c > after).await {
-            Ok(v) => *v,
-            Err(_) => self.current(),
-        }
+        let reached = rx.wait_for(|c| *c > after).await.map(|v| *v);
+        reached.unwrap_or_else(|_| self.current())
     }
 }
 

@@ -97,7 +97,8 @@ impl Group {
                 index.push(e.lsn, e.len, e.timestamp_ns);
             }
         }
-        let last = replog.last_lsn();
+        // Every lsn the replog handed out so far; after recovery all of them are written.
+        let last = replog.next_lsn().saturating_sub(1);
 
         let mut slinks = Vec::new();
         for s in &spec.slinks {
@@ -569,7 +570,11 @@ impl ApplySource for Group {
 
     fn read_entries(&self, from: Lsn) -> Result<Vec<replog::Entry>, String> {
         self.replog
-            .read_from(from, 256, 16 << 20)
+            .read_from(
+                from,
+                super::slink::REPLAY_BATCH_ENTRIES_MAX,
+                super::slink::REPLAY_BATCH_BYTES_MAX,
+            )
             .map(|v| {
                 let w = self.written_lsn();
                 v.into_iter().filter(|e| e.lsn <= w).collect()

@@ -31,9 +31,9 @@ pub const FEED_BYTES_MAX: usize = 64 << 20;
 /// Entries applied per round of the applier loop.
 const APPLY_BATCH_MAX: usize = 256;
 /// Entries read back from the replog per read when a feed has a gap.
-const REPLAY_BATCH_ENTRIES_MAX: usize = 256;
+pub const REPLAY_BATCH_ENTRIES_MAX: usize = 256;
 /// Bytes read back from the replog per read when a feed has a gap.
-const REPLAY_BATCH_BYTES_MAX: u64 = 16 << 20;
+pub const REPLAY_BATCH_BYTES_MAX: u64 = 16 << 20;
 /// How often an applier makes its devices durable and saves its cursor while it makes progress.
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
 /// Dirty regions copied per round between entry batches (resync shares the thread with shipping).

@@ -62,12 +62,25 @@ pub struct DeviceSpec {
     pub size: u64,
 }
 
+/// Absolute, with `.` and `..` folded lexically (the file may not exist yet, so no canonicalize).
 fn resolve(base: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() {
+    use std::path::Component;
+    let joined = if p.is_absolute() {
         p.to_path_buf()
     } else {
         base.join(p)
+    };
+    let mut out = PathBuf::new();
+    for c in joined.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
     }
+    out
 }
 
 /// Resolve a parsed target. Relative paths are taken relative to `base` (the directory the client

@@ -216,7 +216,10 @@ mod tests {
             }
         );
         // The server's cap wins over the export's.
-        assert_eq!(negotiate_block_sizes((512, 4096, 32 << 20), 1 << 20).max, 1 << 20);
+        assert_eq!(
+            negotiate_block_sizes((512, 4096, 32 << 20), 1 << 20).max,
+            1 << 20
+        );
     }
 
     #[test]
@@ -286,8 +289,14 @@ mod tests {
                 fua: false
             })
         );
-        assert_eq!(check_request(&req(CMD_FLUSH, CMD_FLAG_FUA, 0, 0), &l), Ok(Command::Flush));
-        assert_eq!(check_request(&req(CMD_DISC, 0, 0, 0), &l), Ok(Command::Disc));
+        assert_eq!(
+            check_request(&req(CMD_FLUSH, CMD_FLAG_FUA, 0, 0), &l),
+            Ok(Command::Flush)
+        );
+        assert_eq!(
+            check_request(&req(CMD_DISC, 0, 0, 0), &l),
+            Ok(Command::Disc)
+        );
         assert_eq!(
             check_request(&req(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 0, 1 << 20), &l),
             Ok(Command::BlockStatus {
@@ -305,25 +314,79 @@ mod tests {
     fn invalid_requests_get_the_spec_errno() {
         let l = limits();
         let e = |r: Request| check_request(&r, &l).err();
-        assert_eq!(e(req(42, 0, 0, 512)), Some(NbdErrno::Inval), "unknown command");
-        assert_eq!(e(req(CMD_CACHE, 0, 0, 512)), Some(NbdErrno::Inval), "not advertised");
-        assert_eq!(e(req(CMD_READ, 1 << 9, 0, 512)), Some(NbdErrno::Inval), "unknown flag");
-        assert_eq!(e(req(CMD_WRITE, CMD_FLAG_DF, 0, 512)), Some(NbdErrno::Inval));
+        assert_eq!(
+            e(req(42, 0, 0, 512)),
+            Some(NbdErrno::Inval),
+            "unknown command"
+        );
+        assert_eq!(
+            e(req(CMD_CACHE, 0, 0, 512)),
+            Some(NbdErrno::Inval),
+            "not advertised"
+        );
+        assert_eq!(
+            e(req(CMD_READ, 1 << 9, 0, 512)),
+            Some(NbdErrno::Inval),
+            "unknown flag"
+        );
+        assert_eq!(
+            e(req(CMD_WRITE, CMD_FLAG_DF, 0, 512)),
+            Some(NbdErrno::Inval)
+        );
         assert_eq!(
             e(req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 512)),
             Some(NbdErrno::Inval),
             "fast zero is not advertised"
         );
-        assert_eq!(e(req(CMD_READ, 0, 1 << 20, 512)), Some(NbdErrno::Inval), "read past end");
-        assert_eq!(e(req(CMD_TRIM, 0, 1 << 20, 512)), Some(NbdErrno::Inval), "trim past end");
-        assert_eq!(e(req(CMD_WRITE, 0, 1 << 20, 512)), Some(NbdErrno::NoSpc), "write past end");
-        assert_eq!(e(req(CMD_WRITE_ZEROES, 0, 1 << 20, 512)), Some(NbdErrno::NoSpc));
-        assert_eq!(e(req(CMD_READ, 0, u64::MAX - 100, 512)), Some(NbdErrno::Inval), "wraps");
-        assert_eq!(e(req(CMD_READ, 0, 0, 128 * 1024)), Some(NbdErrno::Inval), "oversized");
-        assert_eq!(e(req(CMD_WRITE, 0, 0, 128 * 1024)), Some(NbdErrno::Inval), "oversized");
-        assert_eq!(e(req(CMD_READ, 0, 100, 512)), Some(NbdErrno::Inval), "misaligned offset");
-        assert_eq!(e(req(CMD_WRITE, 0, 0, 100)), Some(NbdErrno::Inval), "misaligned length");
-        assert_eq!(e(req(CMD_BLOCK_STATUS, 0, 0, 0)), Some(NbdErrno::Inval), "empty status");
+        assert_eq!(
+            e(req(CMD_READ, 0, 1 << 20, 512)),
+            Some(NbdErrno::Inval),
+            "read past end"
+        );
+        assert_eq!(
+            e(req(CMD_TRIM, 0, 1 << 20, 512)),
+            Some(NbdErrno::Inval),
+            "trim past end"
+        );
+        assert_eq!(
+            e(req(CMD_WRITE, 0, 1 << 20, 512)),
+            Some(NbdErrno::NoSpc),
+            "write past end"
+        );
+        assert_eq!(
+            e(req(CMD_WRITE_ZEROES, 0, 1 << 20, 512)),
+            Some(NbdErrno::NoSpc)
+        );
+        assert_eq!(
+            e(req(CMD_READ, 0, u64::MAX - 100, 512)),
+            Some(NbdErrno::Inval),
+            "wraps"
+        );
+        assert_eq!(
+            e(req(CMD_READ, 0, 0, 128 * 1024)),
+            Some(NbdErrno::Inval),
+            "oversized"
+        );
+        assert_eq!(
+            e(req(CMD_WRITE, 0, 0, 128 * 1024)),
+            Some(NbdErrno::Inval),
+            "oversized"
+        );
+        assert_eq!(
+            e(req(CMD_READ, 0, 100, 512)),
+            Some(NbdErrno::Inval),
+            "misaligned offset"
+        );
+        assert_eq!(
+            e(req(CMD_WRITE, 0, 0, 100)),
+            Some(NbdErrno::Inval),
+            "misaligned length"
+        );
+        assert_eq!(
+            e(req(CMD_BLOCK_STATUS, 0, 0, 0)),
+            Some(NbdErrno::Inval),
+            "empty status"
+        );
         let no_meta = Limits {
             meta_context: None,
             structured: false,

@@ -72,7 +72,11 @@ pub trait Export: Send + Sync + 'static {
         String::new()
     }
     /// Reads `len` bytes at `offset`. The returned buffer must be exactly `len` bytes long.
-    fn read(&self, offset: u64, len: u32) -> impl Future<Output = Result<Vec<u8>, BlockError>> + Send;
+    fn read(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = Result<Vec<u8>, BlockError>> + Send;
     /// Writes `data` at `offset`; with `fua` the data is durable when this returns.
     fn write(
         &self,
@@ -90,7 +94,12 @@ pub trait Export: Send + Sync + 'static {
         may_trim: bool,
     ) -> impl Future<Output = Result<(), BlockError>> + Send;
     /// A hint that `len` bytes at `offset` are no longer needed (contents become unspecified).
-    fn trim(&self, offset: u64, len: u32, fua: bool) -> impl Future<Output = Result<(), BlockError>> + Send;
+    fn trim(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), BlockError>> + Send;
     /// Makes every write that completed before this call durable.
     fn flush(&self) -> impl Future<Output = Result<(), BlockError>> + Send;
 }

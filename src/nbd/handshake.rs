@@ -121,8 +121,13 @@ where
             if header.option == proto::OPT_EXPORT_NAME {
                 return Ok(HandshakeEnd::Closed);
             }
-            send_error(writer, header.option, proto::REP_ERR_SHUTDOWN, "server shutting down")
-                .await?;
+            send_error(
+                writer,
+                header.option,
+                proto::REP_ERR_SHUTDOWN,
+                "server shutting down",
+            )
+            .await?;
             continue;
         }
 
@@ -151,8 +156,13 @@ where
             }
             proto::OPT_LIST => {
                 if !data.is_empty() {
-                    send_error(writer, header.option, proto::REP_ERR_INVALID, "data not allowed")
-                        .await?;
+                    send_error(
+                        writer,
+                        header.option,
+                        proto::REP_ERR_INVALID,
+                        "data not allowed",
+                    )
+                    .await?;
                     continue;
                 }
                 for name in exports.list() {
@@ -165,11 +175,15 @@ where
             }
             proto::OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    send_error(writer, header.option, proto::REP_ERR_INVALID, "data not allowed")
-                        .await?;
+                    send_error(
+                        writer,
+                        header.option,
+                        proto::REP_ERR_INVALID,
+                        "data not allowed",
+                    )
+                    .await?;
                 } else if session.structured {
-                    send_error(writer, header.option, proto::REP_ERR_INVALID, "already on")
-                        .await?;
+                    send_error(writer, header.option, proto::REP_ERR_INVALID, "already on").await?;
                 } else {
                     session.structured = true;
                     send_reply(writer, header.option, proto::REP_ACK, &[]).await?;
@@ -177,13 +191,17 @@ where
             }
             proto::OPT_INFO | proto::OPT_GO => {
                 let Ok(request) = proto::decode_info_request(&data) else {
-                    send_error(writer, header.option, proto::REP_ERR_INVALID, "malformed")
-                        .await?;
+                    send_error(writer, header.option, proto::REP_ERR_INVALID, "malformed").await?;
                     continue;
                 };
                 let Some((canonical, export)) = resolve(exports, request.name) else {
-                    send_error(writer, header.option, proto::REP_ERR_UNKNOWN, "no such export")
-                        .await?;
+                    send_error(
+                        writer,
+                        header.option,
+                        proto::REP_ERR_UNKNOWN,
+                        "no such export",
+                    )
+                    .await?;
                     continue;
                 };
                 let negotiated = session.finish(request.name, canonical, export);
@@ -210,13 +228,17 @@ where
                     continue;
                 }
                 let Ok(request) = proto::decode_meta_context_request(&data) else {
-                    send_error(writer, header.option, proto::REP_ERR_INVALID, "malformed")
-                        .await?;
+                    send_error(writer, header.option, proto::REP_ERR_INVALID, "malformed").await?;
                     continue;
                 };
                 if resolve(exports, request.export).is_none() {
-                    send_error(writer, header.option, proto::REP_ERR_UNKNOWN, "no such export")
-                        .await?;
+                    send_error(
+                        writer,
+                        header.option,
+                        proto::REP_ERR_UNKNOWN,
+                        "no such export",
+                    )
+                    .await?;
                     continue;
                 }
                 if selects_base_allocation(&request.queries, set) {
@@ -244,7 +266,12 @@ where
 
 impl Session {
     /// Builds the transmission parameters for `export` as the client would get them now.
-    fn finish<X: Export>(&self, requested: &str, canonical: String, export: Arc<X>) -> Negotiated<X> {
+    fn finish<X: Export>(
+        &self,
+        requested: &str,
+        canonical: String,
+        export: Arc<X>,
+    ) -> Negotiated<X> {
         let read_only = export.read_only();
         let flags = proto::transmission_flags(read_only, export.multi_conn(), self.structured);
         let meta_context = match &self.meta_export {
@@ -393,7 +420,10 @@ mod tests {
         assert!(!selects_base_allocation(&[], true));
         assert!(selects_base_allocation(&["base:"], false));
         assert!(!selects_base_allocation(&["base:"], true));
-        assert!(selects_base_allocation(&["qemu:dirty-bitmap:x", "base:allocation"], true));
+        assert!(selects_base_allocation(
+            &["qemu:dirty-bitmap:x", "base:allocation"],
+            true
+        ));
         assert!(!selects_base_allocation(&["qemu:allocation-depth"], true));
     }
 }

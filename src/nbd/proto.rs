@@ -742,9 +742,7 @@ mod tests {
         let raw = encode_option_reply_header(OPT_LIST, REP_ERR_UNSUP, 5);
         assert_eq!(
             &raw[..],
-            &[
-                0, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 3, 0x80, 0, 0, 1, 0, 0, 0, 5
-            ]
+            &[0, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 3, 0x80, 0, 0, 1, 0, 0, 0, 5]
         );
         assert_eq!(
             decode_option_reply_header(&raw),
@@ -888,7 +886,10 @@ mod tests {
     #[test]
     fn error_payload_both_directions() {
         let p = encode_error_payload(5, "boom", Some(1024));
-        assert_eq!(p, vec![0, 0, 0, 5, 0, 4, b'b', b'o', b'o', b'm', 0, 0, 0, 0, 0, 0, 4, 0]);
+        assert_eq!(
+            p,
+            vec![0, 0, 0, 5, 0, 4, b'b', b'o', b'o', b'm', 0, 0, 0, 0, 0, 0, 4, 0]
+        );
         assert_eq!(
             decode_error_payload(CHUNK_ERROR_OFFSET, &p),
             Some(ErrorPayload {
@@ -924,7 +925,10 @@ mod tests {
         assert_eq!(ro & TFLAG_SEND_DF, TFLAG_SEND_DF);
         assert_eq!(ro & TFLAG_CAN_MULTI_CONN, 0);
         assert_eq!(ro & (TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES), 0);
-        assert_eq!(rw & (TFLAG_SEND_CACHE | TFLAG_SEND_FAST_ZERO | TFLAG_ROTATIONAL), 0);
+        assert_eq!(
+            rw & (TFLAG_SEND_CACHE | TFLAG_SEND_FAST_ZERO | TFLAG_ROTATIONAL),
+            0
+        );
     }
 
     #[test]
@@ -946,10 +950,7 @@ mod tests {
         assert_eq!(NbdErrno::from_io(&io(libc::EFBIG)), NbdErrno::NoSpc);
         assert_eq!(NbdErrno::from_io(&io(libc::EIO)), NbdErrno::Io);
         assert_eq!(NbdErrno::from_io(&io(libc::ENOMEM)), NbdErrno::Io);
-        assert_eq!(
-            NbdErrno::from_io(&std::io::Error::other("x")),
-            NbdErrno::Io
-        );
+        assert_eq!(NbdErrno::from_io(&std::io::Error::other("x")), NbdErrno::Io);
     }
 
     #[test]

@@ -176,8 +176,16 @@ async fn handle_connection<E: Exports, R, W>(
     match negotiated {
         Ok(Ok(HandshakeEnd::Transmission(session))) => {
             tracing::debug!(peer, export = %session.name, "NBD handshake done");
-            transmission::run(reader, writer, session, cfg, Arc::clone(&stats), shutdown, &peer)
-                .await;
+            transmission::run(
+                reader,
+                writer,
+                session,
+                cfg,
+                Arc::clone(&stats),
+                shutdown,
+                &peer,
+            )
+            .await;
         }
         Ok(Ok(HandshakeEnd::Closed)) => tracing::debug!(peer, "NBD session ended in handshake"),
         Ok(Err(HandshakeError::Violation(what))) => {

@@ -132,8 +132,8 @@ pub(crate) async fn run<X, R, W>(
 
     let end = loop {
         let mut raw = [0u8; proto::REQUEST_HEADER_LEN];
-        // Shutdown is only observed between messages; a header or payload in progress is read
-        // to its end (bounded by the client's own pace).
+        // Shutdown is observed while waiting for a header: a header cut short by it is
+        // dropped with the connection. A payload in progress is read to its end.
         tokio::select! {
             biased;
             _ = wait_shutdown(&mut shutdown) => break End::Shutdown,
@@ -319,7 +319,12 @@ async fn execute<X: Export>(
                 return ReplyBody::Data { offset, data };
             }
             Ok(data) => {
-                tracing::error!(offset, len, got = data.len(), "export returned a short read");
+                tracing::error!(
+                    offset,
+                    len,
+                    got = data.len(),
+                    "export returned a short read"
+                );
                 return error_body(NbdErrno::Io, Some(offset), "short read from export".into());
             }
             Err(e) => Err((e, offset)),
@@ -457,7 +462,11 @@ async fn write_reply<W: AsyncWrite + Unpin + Send>(
     let cookie = reply.cookie;
     let done = proto::REPLY_FLAG_DONE;
     match (&reply.body, structured) {
-        (ReplyBody::Done, false) => writer.write_all(&proto::encode_simple_reply(0, cookie)).await,
+        (ReplyBody::Done, false) => {
+            writer
+                .write_all(&proto::encode_simple_reply(0, cookie))
+                .await
+        }
         (ReplyBody::Done, true) => {
             let h = proto::encode_chunk_header(done, proto::CHUNK_NONE, cookie, 0);
             writer.write_all(&h).await

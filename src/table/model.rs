@@ -132,7 +132,7 @@ pub struct ReplogParams {
     /// `open` when the table gives no mode.
     pub mode: ReplogMode,
     /// Size of the replog in sectors, from `dev_start`. Always present for `create` and `auto`;
-    /// for `open` optional, and then the size the existing log must have.
+    /// optional for `open` (the replog's own header is authoritative there).
     pub size_sectors: Option<u64>,
 }
 

@@ -64,7 +64,10 @@ pub async fn run(bin: &str, args: &[&str]) -> (bool, String, String) {
 /// Runs a client binary and fails the test with its output if it fails.
 pub async fn run_ok(bin: &str, args: &[&str]) -> String {
     let (ok, stdout, stderr) = run(bin, args).await;
-    assert!(ok, "{bin} {args:?} failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        ok,
+        "{bin} {args:?} failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
     stdout
 }
 
@@ -169,7 +172,12 @@ impl FileExport {
 fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u32) -> std::io::Result<()> {
     // SAFETY: plain syscall on an open descriptor with integer arguments.
     let rc = unsafe {
-        libc::fallocate(file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t)
+        libc::fallocate(
+            file.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
     };
     if rc == 0 {
         Ok(())
@@ -386,7 +394,9 @@ pub async fn start_unix(exports: TestExports, cfg: ServerConfig, path: &Path) ->
 pub fn pattern(seed: u8, offset: u64, len: usize) -> Vec<u8> {
     (0..len as u64)
         .map(|i| {
-            let x = (offset + i).wrapping_mul(2654435761).wrapping_add(u64::from(seed));
+            let x = (offset + i)
+                .wrapping_mul(2654435761)
+                .wrapping_add(u64::from(seed));
             (x >> 13) as u8
         })
         .collect()
@@ -438,7 +448,10 @@ impl RawClient {
     pub async fn greet(server: &TestServer, client_flags: u32) -> RawClient {
         let mut s = server.connect().await;
         let mut greeting = [0u8; 18];
-        tokio::time::timeout(T, s.read_exact(&mut greeting)).await.unwrap().unwrap();
+        tokio::time::timeout(T, s.read_exact(&mut greeting))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT");
         assert_eq!(u16::from_be_bytes([greeting[16], greeting[17]]), 3);
         s.write_all(&client_flags.to_be_bytes()).await.unwrap();
@@ -456,10 +469,16 @@ impl RawClient {
 
     pub async fn read_opt_reply(&mut self) -> OptReply {
         let mut h = [0u8; 20];
-        tokio::time::timeout(T, self.s.read_exact(&mut h)).await.unwrap().unwrap();
+        tokio::time::timeout(T, self.s.read_exact(&mut h))
+            .await
+            .unwrap()
+            .unwrap();
         let h = proto::decode_option_reply_header(&h).expect("option reply magic");
         let mut data = vec![0u8; h.length as usize];
-        tokio::time::timeout(T, self.s.read_exact(&mut data)).await.unwrap().unwrap();
+        tokio::time::timeout(T, self.s.read_exact(&mut data))
+            .await
+            .unwrap()
+            .unwrap();
         OptReply {
             option: h.option,
             reply_type: h.reply_type,
@@ -484,8 +503,11 @@ impl RawClient {
 
     /// Full handshake: fixed newstyle, optionally structured replies, then GO.
     pub async fn connect_go(server: &TestServer, export: &str, structured: bool) -> RawClient {
-        let mut c = RawClient::greet(server, proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES)
-            .await;
+        let mut c = RawClient::greet(
+            server,
+            proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES,
+        )
+        .await;
         if structured {
             let r = c.option(proto::OPT_STRUCTURED_REPLY, &[]).await;
             assert_eq!(r.last().unwrap().reply_type, proto::REP_ACK);
@@ -501,7 +523,14 @@ impl RawClient {
         c
     }
 
-    pub async fn send_request(&mut self, command: u16, flags: u16, cookie: u64, offset: u64, length: u32) {
+    pub async fn send_request(
+        &mut self,
+        command: u16,
+        flags: u16,
+        cookie: u64,
+        offset: u64,
+        length: u32,
+    ) {
         let req = Request {
             flags,
             command,
@@ -509,7 +538,10 @@ impl RawClient {
             offset,
             length,
         };
-        self.s.write_all(&proto::encode_request(&req)).await.unwrap();
+        self.s
+            .write_all(&proto::encode_request(&req))
+            .await
+            .unwrap();
     }
 
     /// Reads one complete reply. For simple replies to reads, `read_len` says how much data
@@ -541,7 +573,10 @@ impl RawClient {
             };
             match header {
                 ReplyHeader::Simple { error, cookie } => {
-                    assert!(!self.structured || read_len.is_none(), "simple reply to a read");
+                    assert!(
+                        !self.structured || read_len.is_none(),
+                        "simple reply to a read"
+                    );
                     reply.cookie = cookie;
                     reply.error = error;
                     if let (0, Some(len)) = (error, read_len) {

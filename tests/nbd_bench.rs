@@ -288,13 +288,24 @@ async fn bench_front_end_in_memory_against_nbdkit() {
         .spawn()
         .unwrap();
     wait_port(kit_port).await;
-    println!("{:<22} {:>26} {:>26} {:>8}", "job", "replicator(mem)", "nbdkit(memory)", "ratio");
+    println!(
+        "{:<22} {:>26} {:>26} {:>8}",
+        "job", "replicator(mem)", "nbdkit(memory)", "ratio"
+    );
     let only = std::env::var("NBD_BENCH_JOBS").unwrap_or_default();
-    for (name, args) in jobs().into_iter().filter(|(n, _)| n.contains(only.as_str())) {
+    for (name, args) in jobs()
+        .into_iter()
+        .filter(|(n, _)| n.contains(only.as_str()))
+    {
         let ours = fio_job(&format!("nbd://127.0.0.1:{port}/mem"), &args, secs).await;
         let k = fio_job(&format!("nbd://127.0.0.1:{kit_port}/"), &args, secs).await;
         let fmt = |(iops, mib): (f64, f64)| format!("{iops:>9.0} IOPS {mib:>8.1} MiB/s");
-        println!("{name:<22} {:>26} {:>26} {:>7.2}x", fmt(ours), fmt(k), ours.0 / k.0);
+        println!(
+            "{name:<22} {:>26} {:>26} {:>7.2}x",
+            fmt(ours),
+            fmt(k),
+            ours.0 / k.0
+        );
     }
     kit.kill().await.unwrap();
     tx.send(true).unwrap();

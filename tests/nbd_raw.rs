@@ -469,8 +469,11 @@ async fn pipelined_requests_complete_out_of_order_within_bounds() {
     let server = start_tcp(exports, cfg).await;
     let mut c = RawClient::connect_go(&server, "disk", true).await;
 
-    // A write does not pass the gate: it completes while reads are blocked behind it.
+    // A write does not pass the gate: it completes while reads are blocked behind it. The read
+    // arrives alone first (the server starts it in its reader task) and must not hold up the
+    // requests that follow.
     c.send_request(proto::CMD_READ, 0, 1, 0, 4096).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     c.send_request(proto::CMD_WRITE, 0, 2, 4096, 4096).await;
     c.s.write_all(&pattern(9, 4096, 4096)).await.unwrap();
     let r = c.read_reply(None).await;

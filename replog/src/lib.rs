@@ -9,7 +9,6 @@
 //!   one write and one flush.
 //! - I/O goes through io_uring on a dedicated thread, with a pwrite/fdatasync fallback chosen
 //!   automatically when io_uring is unavailable.
-//!
 //! - Batches start on 4096-byte blocks and a block holding an acknowledged entry is never
 //!   rewritten; entries carry uuid, virtual position (lap) and writer generation so that a leftover
 //!   of an earlier lap, another replog or a pre-crash write never validates (FORMAT.md).

@@ -281,9 +281,10 @@ impl<S: EntrySource> Link<S> {
 
     async fn connection(&mut self) -> End {
         let timeout = self.cfg.handshake_timeout;
+        let mut stop = self.stop.clone();
         let connected = tokio::select! {
             r = tokio::time::timeout(timeout, self.connect()) => r,
-            _ = self.stop.changed() => return End::Stopped,
+            _ = stop.changed() => return End::Stopped,
         };
         let (reader, writer) = match connected {
             Ok(Ok(pair)) => pair,
@@ -340,6 +341,7 @@ impl<S: EntrySource> Link<S> {
         let batch = self.cfg.batch_bytes_max;
         let dead = self.cfg.dead_peer_timeout;
         let source = self.source.clone();
+        let mut stop = self.stop.clone();
 
         loop {
             let room = window.saturating_sub(in_flight_bytes);
@@ -347,7 +349,7 @@ impl<S: EntrySource> Link<S> {
             let want = room.min(batch.saturating_mul(PULL_FRAMES_MAX)).max(1);
             tokio::select! {
                 biased;
-                _ = self.stop.changed() => {
+                _ = stop.changed() => {
                     let bye = Frame::Error(ErrorFrame::new(ErrorCode::Closing, "sender stopping"));
                     if let Ok(b) = conn::encode(&bye) {
                         let _ = queue.try_send(b);
@@ -569,14 +571,14 @@ mod tests {
             .iter()
             .map(|(f, p, _)| (f.frame_type(), p.lsn, p.resync_seq))
             .collect();
-        use crate::frame::FrameType::*;
+        use crate::frame::FrameType as T;
         assert_eq!(
             kinds,
             vec![
-                (Entries, 2, 0),
-                (Entries, 3, 0),
-                (ResyncDone, 3, 1),
-                (Entries, 4, 1)
+                (T::Entries, 2, 0),
+                (T::Entries, 3, 0),
+                (T::ResyncDone, 3, 1),
+                (T::Entries, 4, 1)
             ]
         );
         // Payload sizes: count field + entries.

@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{
-    AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
+    BufWriter,
 };
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
@@ -206,14 +207,33 @@ pub(crate) async fn run<X, R, W>(
             _ => Vec::new(),
         };
 
-        let export = Arc::clone(&export);
-        let tx = tx.clone();
-        let stats = Arc::clone(&stats);
-        tokio::spawn(async move {
-            let body = execute(&*export, command, payload, &stats).await;
-            // The writer only goes away when the connection is dead; nothing to do then.
-            let _ = send(&tx, req.cookie, body, permits).await;
-        });
+        let task = request_task(
+            Arc::clone(&export),
+            command,
+            payload,
+            req.cookie,
+            permits,
+            tx.clone(),
+            Arc::clone(&stats),
+        );
+        // A lone request (nothing else in flight, nothing more received) runs right here:
+        // handing it to another task would only add a wake-up to its latency (queue depth 1).
+        // As soon as more input arrives it moves to its own task, so a slow request never holds
+        // up the ones behind it.
+        let alone = requests.available_permits() + 1 == cfg.max_inflight_requests
+            && reader.buffer().is_empty();
+        if alone {
+            let mut task = Box::pin(task);
+            tokio::select! {
+                biased;
+                () = &mut task => {}
+                _ = reader.fill_buf() => {
+                    tokio::spawn(task);
+                }
+            }
+        } else {
+            tokio::spawn(task);
+        }
     };
 
     if matches!(end, End::Shutdown) {
@@ -233,6 +253,23 @@ pub(crate) async fn run<X, R, W>(
         Err(_) => tracing::warn!(peer, "gave up draining replies after shutdown timeout"),
     }
     tracing::debug!(peer, ?end, "transmission ended");
+}
+
+/// Executes one request and queues its reply (with the permits it holds) for the writer.
+fn request_task<X: Export>(
+    export: Arc<X>,
+    command: Command,
+    payload: Vec<u8>,
+    cookie: u64,
+    permits: Permits,
+    tx: mpsc::Sender<Reply>,
+    stats: Arc<ServerStats>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    async move {
+        let body = execute(&*export, command, payload, &stats).await;
+        // The writer only goes away when the connection is dead; nothing to do then.
+        let _ = send(&tx, cookie, body, permits).await;
+    }
 }
 
 /// After shutdown, answers with `ESHUTDOWN` the complete requests the client already sent and

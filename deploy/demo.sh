@@ -11,7 +11,7 @@ root=$(pwd)
 
 command -v qemu-io >/dev/null && command -v jq >/dev/null || bash deploy/install-deps.sh
 cargo build --release --bin replicator
-bin="$root/target/release/replicator"
+bin="${CARGO_TARGET_DIR:-$root/target}/release/replicator"
 
 run="$root/run"
 rm -rf "$run" && mkdir -p "$run"

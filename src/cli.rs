@@ -167,7 +167,7 @@ pub fn run_client(cmd: Command) -> Result<(), String> {
                 .map_err(|e| e.to_string())?
                 .display()
                 .to_string();
-            body(
+            let v = body(
                 &control,
                 &Request::Create {
                     name,
@@ -176,6 +176,9 @@ pub fn run_client(cmd: Command) -> Result<(), String> {
                     cwd,
                 },
             )?;
+            for w in v["warnings"].as_array().into_iter().flatten() {
+                eprintln!("warning: {}", w.as_str().unwrap_or_default());
+            }
             Ok(())
         }
         Command::Remove { control, name } => body(&control, &Request::Remove { name }).map(|_| ()),

@@ -598,3 +598,50 @@ async fn handshake_timeout_and_connection_limit() {
     drop(second);
     f.server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_that_stops_reading_is_bounded_and_cannot_block_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut exports = TestExports::default();
+    exports.add(
+        "disk",
+        FileExport::create(&dir.path().join("d.img"), 8 * MIB),
+    );
+    let cfg = ServerConfig {
+        max_inflight_requests: 32,
+        max_inflight_bytes: 8 << 20,
+        max_payload: 1 << 20,
+        shutdown_drain_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let server = start_tcp(exports, cfg).await;
+    let mut c = RawClient::connect_go(&server, "disk", true).await;
+    // 256 reads of 1 MiB = 256 MiB of replies that the client never reads.
+    let mut batch = Vec::new();
+    for cookie in 0..256u64 {
+        batch.extend_from_slice(&proto::encode_request(&proto::Request {
+            flags: 0,
+            command: proto::CMD_READ,
+            cookie,
+            offset: 0,
+            length: 1 << 20,
+        }));
+    }
+    c.s.write_all(&batch).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // In flight: at most 8 MiB of read data (8 requests holding data, plus the next one whose
+    // header was read and which waits for byte budget), whatever the client asked for.
+    let s = server.stats.snapshot();
+    assert!(s.requests_inflight <= 9, "{s:?}");
+    assert!(
+        s.requests_read_total < 256,
+        "the server stopped reading: {s:?}"
+    );
+    // Another client is unaffected.
+    assert_server_serves(&server).await;
+    // Shutdown completes although this client never reads its replies.
+    let started = std::time::Instant::now();
+    server.stop().await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    drop(c);
+}

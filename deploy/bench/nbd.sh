@@ -12,7 +12,7 @@ RUNTIME=${RUNTIME:-10}
 SIZE_MIB=${SIZE_MIB:-1024}
 command -v fio >/dev/null && command -v qemu-nbd >/dev/null && command -v nbdkit >/dev/null || bash deploy/install-deps.sh
 cargo build --release --bin replicator >/dev/null
-bin="$root/target/release/replicator"
+bin="${CARGO_TARGET_DIR:-$root/target}/release/replicator"
 
 work=$(mktemp -d "$root/bench-nbd.XXXXXX")
 pids=()

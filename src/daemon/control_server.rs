@@ -85,7 +85,12 @@ async fn answer(req: Request, registry: &Arc<Registry>, state: &Arc<StateDir>) -
                             "created {name} but could not record it in the state dir: {e}"
                         ));
                     }
-                    Response::ok(serde_json::json!({ "name": name, "dev_nr": h.dev_nr, "size_bytes": h.size }))
+                    let warnings: Vec<String> = crate::table::parse(&rec.table, &rec.source)
+                        .map(|t| t.warnings.iter().map(|w| w.to_string()).collect())
+                        .unwrap_or_default();
+                    Response::ok(serde_json::json!({
+                        "name": name, "dev_nr": h.dev_nr, "size_bytes": h.size, "warnings": warnings,
+                    }))
                 }
                 Ok(Err(e)) => Response::err(e),
                 Err(e) => Response::err(format!("create failed: {e}")),

@@ -82,6 +82,9 @@ impl Registry {
             return Err(format!("device `{name}` already exists"));
         }
         let parsed = table::parse(table_text, source).map_err(|e| e.to_string())?;
+        for w in &parsed.warnings {
+            tracing::warn!("{w}");
+        }
         let target = match parsed.targets.as_slice() {
             [t] => t,
             [] => return Err(format!("{source}: the table has no target")),

@@ -650,7 +650,7 @@ fn open_replog(spec: &GroupSpec) -> CoreResult<Replog> {
 }
 
 fn open_dirty_log(spec: &DirtyLogSpec, device_size: u64) -> CoreResult<Option<DirtyLog>> {
-    let r = match spec {
+    let mut log = match spec {
         DirtyLogSpec::None => return Ok(None),
         DirtyLogSpec::Core {
             region_size,
@@ -660,10 +660,27 @@ fn open_dirty_log(spec: &DirtyLogSpec, device_size: u64) -> CoreResult<Option<Di
             region_size,
             path,
             initially_dirty,
+            ..
         } => DirtyLog::open_or_create_disk(path, device_size, *region_size, *initially_dirty),
-    };
-    r.map(Some)
-        .map_err(|e| CoreError::Io(format!("dirty log: {e}")))
+    }
+    .map_err(|e| CoreError::Io(format!("dirty log: {e}")))?;
+    if let DirtyLogSpec::Disk {
+        overwrite_existing: Some(all_dirty),
+        ..
+    } = spec
+    {
+        if *all_dirty {
+            log.mark_all();
+        } else {
+            let dirty: Vec<u64> = log.dirty_regions().collect();
+            for r in dirty {
+                log.clear_region(r);
+            }
+        }
+        log.persist()
+            .map_err(|e| CoreError::Io(format!("dirty log: {e}")))?;
+    }
+    Ok(Some(log))
 }
 
 pub fn replog_key(path: &Path) -> PathBuf {

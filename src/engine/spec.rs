@@ -28,6 +28,8 @@ pub enum DirtyLogSpec {
         region_size: u64,
         path: PathBuf,
         initially_dirty: bool,
+        /// For a log that exists already: `Some(true)` all dirty, `Some(false)` all clean.
+        overwrite_existing: Option<bool>,
     },
 }
 
@@ -123,6 +125,13 @@ pub fn from_target(t: &table::Target, base: &Path, reopen: bool) -> (GroupSpec, 
                     region_size: region_sectors * SECTOR,
                     path: resolve(base, path),
                     initially_dirty: sync.new_regions_dirty(),
+                    // `sync`/`nosync` on an existing log act at `create` (a table load), never
+                    // when a daemon restores its groups: a restart must not force a full resync.
+                    overwrite_existing: if reopen {
+                        None
+                    } else {
+                        sync.overwrite_existing()
+                    },
                 },
             };
             SlinkSpec {

@@ -26,6 +26,10 @@ pub struct ServerConfig {
     /// Time a client has from connecting to finishing option negotiation. Default: 10 s.
     /// Minimum: 1 ms.
     pub handshake_timeout: Duration,
+    /// After shutdown is requested, how long a connection may take to finish its in-flight
+    /// requests and write their replies before it is dropped (a client that stops reading
+    /// would otherwise hold the drain forever). Default: 30 s.
+    pub shutdown_drain_timeout: Duration,
 }
 
 /// Size of each buffered reader and writer of a connection.
@@ -44,6 +48,7 @@ impl Default for ServerConfig {
             max_payload: 32 << 20,
             max_connections: 64,
             handshake_timeout: Duration::from_secs(10),
+            shutdown_drain_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -30,7 +30,6 @@ pub use config::{ConfigError, ServerConfig, DISCARD_WRITE_LIMIT, IO_BUFFER_BYTES
 pub use export::{BlockError, Export, Exports};
 pub use server::{serve_tcp, serve_unix};
 pub use stats::{ServerStats, ServerStatsSnapshot};
-pub use transmission::SHUTDOWN_DRAIN_TIMEOUT;
 
 /// Resolves once shutdown is requested (`true` on the channel) or the sender is gone (nobody
 /// can request it any more, which we treat the same way).

@@ -953,6 +953,39 @@ mod tests {
         assert_eq!(NbdErrno::from_io(&std::io::Error::other("x")), NbdErrno::Io);
     }
 
+    proptest::proptest! {
+        /// Decoders take any bytes without panicking.
+        #[test]
+        fn decoders_accept_any_bytes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let _ = decode_info_request(&bytes);
+            let _ = decode_meta_context_request(&bytes);
+            let _ = decode_reply_header(&bytes);
+            let _ = decode_error_payload(CHUNK_ERROR_OFFSET, &bytes);
+            if let Some(raw) = bytes.first_chunk::<REQUEST_HEADER_LEN>() {
+                let _ = decode_request(raw);
+            }
+            if let Some(raw) = bytes.first_chunk::<16>() {
+                let _ = decode_option_header(raw);
+            }
+        }
+
+        /// Requests survive encode then decode unchanged.
+        #[test]
+        fn request_round_trip(flags: u16, command: u16, cookie: u64, offset: u64, length: u32) {
+            let req = Request { flags, command, cookie, offset, length };
+            proptest::prop_assert_eq!(decode_request(&encode_request(&req)), Ok(req));
+        }
+
+        /// INFO/GO data survives encode then decode unchanged.
+        #[test]
+        fn info_request_round_trip(name in "[a-z0-9_.-]{0,64}", infos in proptest::collection::vec(0u16..8, 0..8)) {
+            let raw = encode_info_request(&name, &infos);
+            let got = decode_info_request(&raw).unwrap();
+            proptest::prop_assert_eq!(got.name, name.as_str());
+            proptest::prop_assert_eq!(got.info_requests, infos);
+        }
+    }
+
     #[test]
     fn cursor_never_panics() {
         let mut c = Cursor::new(&[1, 2, 3]);

@@ -14,7 +14,6 @@
 use std::borrow::Cow;
 use std::io::IoSlice;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::io::{
     AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
@@ -29,11 +28,6 @@ use super::handshake::{skip, Negotiated};
 use super::proto::{self, NbdErrno, Request};
 use super::stats::{self, ServerStats};
 use super::wait_shutdown;
-
-/// How long a connection may take, after shutdown was requested, to finish its in-flight
-/// requests and write their replies (a client that stops reading would otherwise hold the
-/// drain forever).
-pub const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why the request loop stopped.
 #[derive(Debug)]
@@ -236,27 +230,38 @@ pub(crate) async fn run<X, R, W>(
         }
     };
 
-    if matches!(end, End::Shutdown) {
-        answer_buffered_with_shutdown(&mut reader, &requests, &tx, &stats).await;
-    }
-    // The writer ends when the last sender is gone: ours now, the request tasks' when they
-    // finish.
-    drop(tx);
-    let drained = if matches!(end, End::Shutdown) {
-        tokio::time::timeout(SHUTDOWN_DRAIN_TIMEOUT, writer_task).await
-    } else {
-        Ok(writer_task.await)
+    let abort_writer = writer_task.abort_handle();
+    let finish = async {
+        if matches!(end, End::Shutdown) {
+            answer_buffered_with_shutdown(&mut reader, &requests, &tx, &stats).await;
+        }
+        // The writer ends when the last sender is gone: ours now, the request tasks' when
+        // they finish.
+        drop(tx);
+        writer_task.await
     };
-    match drained {
-        Ok(Ok(())) => {}
-        Ok(Err(join)) => tracing::error!(peer, error = %join, "reply writer task failed"),
-        Err(_) => tracing::warn!(peer, "gave up draining replies after shutdown timeout"),
+    // Waiting is unbounded while the server runs (a client that stops reading holds only its
+    // own connection slot), and bounded once shutdown is requested.
+    let deadline = async {
+        wait_shutdown(&mut shutdown).await;
+        tokio::time::sleep(cfg.shutdown_drain_timeout).await;
+    };
+    tokio::select! {
+        drained = finish => {
+            if let Err(join) = drained {
+                tracing::error!(peer, error = %join, "reply writer task failed");
+            }
+        }
+        () = deadline => {
+            abort_writer.abort();
+            tracing::warn!(peer, "gave up draining replies {:?} after shutdown", cfg.shutdown_drain_timeout);
+        }
     }
     tracing::debug!(peer, ?end, "transmission ended");
 }
 
 /// Executes one request and queues its reply (with the permits it holds) for the writer.
-fn request_task<X: Export>(
+async fn request_task<X: Export>(
     export: Arc<X>,
     command: Command,
     payload: Vec<u8>,
@@ -264,12 +269,10 @@ fn request_task<X: Export>(
     permits: Permits,
     tx: mpsc::Sender<Reply>,
     stats: Arc<ServerStats>,
-) -> impl std::future::Future<Output = ()> + Send + 'static {
-    async move {
-        let body = execute(&*export, command, payload, &stats).await;
-        // The writer only goes away when the connection is dead; nothing to do then.
-        let _ = send(&tx, cookie, body, permits).await;
-    }
+) {
+    let body = execute(&*export, command, payload, &stats).await;
+    // The writer only goes away when the connection is dead; nothing to do then.
+    let _ = send(&tx, cookie, body, permits).await;
 }
 
 /// After shutdown, answers with `ESHUTDOWN` the complete requests the client already sent and

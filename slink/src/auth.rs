@@ -80,9 +80,9 @@ impl Transcript {
 /// The Accept fields its proof covers (everything before the proof).
 pub fn accept_fields(a: &Accept) -> [u8; 32] {
     let mut out = [0u8; 32];
-    for (chunk, v) in out
-        .chunks_exact_mut(8)
-        .zip([a.epoch, a.durable_lsn, a.durable_resync_seq, a.features])
+    for (chunk, v) in
+        out.chunks_exact_mut(8)
+            .zip([a.epoch, a.durable_lsn, a.durable_resync_seq, a.features])
     {
         chunk.copy_from_slice(&v.to_le_bytes());
     }
@@ -133,7 +133,10 @@ mod tests {
         assert!(!verify(&k, Role::Receiver, &d, &p), "reflected proof");
         assert!(!verify(&other, Role::Sender, &d, &p), "other key");
         t.add(b"");
-        assert!(!verify(&k, Role::Sender, &t.digest(), &p), "other transcript");
+        assert!(
+            !verify(&k, Role::Sender, &t.digest(), &p),
+            "other transcript"
+        );
         assert!(Psk::new(*b"short").is_err());
         assert_eq!(format!("{k:?}"), "Psk(<16 bytes>)");
     }

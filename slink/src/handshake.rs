@@ -206,11 +206,7 @@ where
         );
         return Err(refuse(wr, ErrorCode::NotAllowed, msg, counters).await);
     };
-    let hello_frame = Frame::Hello(hello);
-    add_frame(&mut t, &hello_frame)?;
-    let Frame::Hello(hello) = hello_frame else {
-        return Err(LinkError::Protocol("hello vanished".into()));
-    };
+    add_frame(&mut t, &Frame::Hello(hello.clone()))?;
     let challenge = Frame::Challenge(Challenge {
         features: FEATURES_SUPPORTED,
         nonce: auth::nonce(),

@@ -32,4 +32,6 @@ pub use error::LinkError;
 pub use frame::{ErrorCode, Frame, FrameError};
 pub use receiver::{check_devices, Admission, PeerHello, Refusal, SiteSink, SlinkListener};
 pub use sender::{EntrySource, LinkState, SenderStatus, SlinkSender};
-pub use types::{DeviceInfo, Entry, EntryKind, Item, Lsn, Position, ResyncChunk, ResyncDone, SiteId};
+pub use types::{
+    DeviceInfo, Entry, EntryKind, Item, Lsn, Position, ResyncChunk, ResyncDone, SiteId,
+};

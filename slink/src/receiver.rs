@@ -96,9 +96,9 @@ fn hex(b: &[u8]) -> String {
 fn human_bytes(n: u64) -> String {
     const MIB: u64 = 1 << 20;
     const KIB: u64 = 1 << 10;
-    if n % MIB == 0 {
+    if n.is_multiple_of(MIB) {
         format!("{} MiB", n / MIB)
-    } else if n % KIB == 0 {
+    } else if n.is_multiple_of(KIB) {
         format!("{} KiB", n / KIB)
     } else {
         format!("{n} bytes")
@@ -113,7 +113,10 @@ pub fn check_devices(here: &[DeviceInfo], there: &[DeviceInfo]) -> Result<(), Re
             None => {
                 return Err(Refusal::new(
                     ErrorCode::DeviceMismatch,
-                    format!("device {} exists here but the peer did not list it", d.device),
+                    format!(
+                        "device {} exists here but the peer did not list it",
+                        d.device
+                    ),
                 ))
             }
             Some(t) if t.size_bytes != d.size_bytes => {
@@ -144,7 +147,11 @@ pub fn check_devices(here: &[DeviceInfo], there: &[DeviceInfo]) -> Result<(), Re
 
 /// The receiving core: admits peers and stores what they send.
 pub trait SiteSink: Send + Sync + 'static {
-    /// Decides whether an authenticated, allowed peer may ship here (group uuid, devices, epoch).
+    /// Decides whether an authenticated, allowed peer may ship here (group uuid, devices, epoch;
+    /// [`check_devices`] and [`Refusal::group_mismatch`] make the usual messages). On admission
+    /// it reports its durable position: the sender resends everything after it, so the core must
+    /// drop (or be ready to overwrite) anything it held beyond that position. Called only after
+    /// any older session of the same site and group has finished storing.
     fn admit(&self, peer: &PeerHello) -> impl Future<Output = Result<Admission, Refusal>> + Send;
 
     /// Stores `items` (in order, strictly after the last position) durably and returns the
@@ -172,11 +179,14 @@ struct Slot {
     store_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
+/// Sessions are keyed by sender site and group uuid.
+type SessionKey = (SiteId, [u8; 16]);
+
 struct Shared<S> {
     cfg: SiteConfig,
     sink: Arc<S>,
     counters: Arc<Counters>,
-    slots: Mutex<HashMap<(SiteId, [u8; 16]), Arc<Slot>>>,
+    slots: Mutex<HashMap<SessionKey, Arc<Slot>>>,
 }
 
 impl SlinkListener {
@@ -304,7 +314,9 @@ async fn session<S: SiteSink>(
     let result = run(&shared, rd, wr, &peer, admission, generation, stop).await;
     drop(guard);
     match result {
-        Ok(()) => tracing::info!(peer = %peer_addr, site = %peer.sender_site, "slink session closed"),
+        Ok(()) => {
+            tracing::info!(peer = %peer_addr, site = %peer.sender_site, "slink session closed")
+        }
         Err(e) => tracing::warn!(peer = %peer_addr, site = %peer.sender_site, error = %e,
             "slink session failed"),
     }
@@ -408,7 +420,9 @@ async fn store_loop<S: SiteSink>(
                     format!("store failed: {message}"),
                 ));
                 let _ = out.send(frame).await;
-                return Err(LinkError::Protocol(format!("core failed to store: {message}")));
+                return Err(LinkError::Protocol(format!(
+                    "core failed to store: {message}"
+                )));
             }
         }
         drop(permits);
@@ -609,18 +623,30 @@ mod tests {
         assert!(check_devices(&here, &here).is_ok());
         let r = check_devices(&here, &[d(0, 64 << 20), d(1, 32 << 20)]).unwrap_err();
         assert_eq!(r.code, ErrorCode::DeviceMismatch);
-        assert_eq!(r.message, "device 1 size differs: 64 MiB here, 32 MiB there");
+        assert_eq!(
+            r.message,
+            "device 1 size differs: 64 MiB here, 32 MiB there"
+        );
         let r = check_devices(&here, &[d(0, 64 << 20)]).unwrap_err();
         assert!(r.message.contains("device 1 exists here"), "{}", r.message);
         let r = check_devices(&here, &[d(0, 64 << 20), d(1, 64 << 20), d(2, 4096)]).unwrap_err();
-        assert!(r.message.contains("device 2 listed by the peer"), "{}", r.message);
+        assert!(
+            r.message.contains("device 2 listed by the peer"),
+            "{}",
+            r.message
+        );
         let r = check_devices(&[d(0, 1000)], &[d(0, 4096)]).unwrap_err();
-        assert_eq!(r.message, "device 0 size differs: 1000 bytes here, 4 KiB there");
+        assert_eq!(
+            r.message,
+            "device 0 size differs: 1000 bytes here, 4 KiB there"
+        );
     }
 
     #[test]
     fn group_mismatch_message() {
         let r = Refusal::group_mismatch(&[1; 16], &[2; 16]);
-        assert!(r.message.starts_with("group uuid mismatch: this site has 0101"));
+        assert!(r
+            .message
+            .starts_with("group uuid mismatch: this site has 0101"));
     }
 }

@@ -24,8 +24,8 @@ use crate::config::{LinkIdentity, SiteConfig};
 use crate::conn::{self, FrameReader};
 use crate::counters::{Counters, CountersSnapshot};
 use crate::error::LinkError;
-use crate::frame::{Ack, ErrorCode, ErrorFrame, Frame, MAX_FRAME_PAYLOAD_BYTES};
 use crate::frame::MAX_HANDSHAKE_PAYLOAD_BYTES;
+use crate::frame::{Ack, ErrorCode, ErrorFrame, Frame, MAX_FRAME_PAYLOAD_BYTES};
 use crate::handshake;
 use crate::types::{Entry, Item, Position};
 

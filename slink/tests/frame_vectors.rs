@@ -1,7 +1,12 @@
 //! Golden vectors for every frame type, checked in both directions (encode gives exactly these
 //! bytes; decoding these bytes gives exactly this frame), plus properties of the decoder: it never
 //! panics, round-trips what the encoder makes, and detects any single corrupted byte.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
@@ -36,14 +41,23 @@ fn samples() -> Vec<(&'static str, Frame)> {
                 sender_site: SiteId::new("paris").unwrap(),
                 receiver_site: SiteId::new("lyon").unwrap(),
                 devices: vec![
-                    DeviceInfo { device: 0, size_bytes: 64 << 20 },
-                    DeviceInfo { device: 1, size_bytes: 32 << 20 },
+                    DeviceInfo {
+                        device: 0,
+                        size_bytes: 64 << 20,
+                    },
+                    DeviceInfo {
+                        device: 1,
+                        size_bytes: 32 << 20,
+                    },
                 ],
             }),
         ),
         (
             "challenge",
-            Frame::Challenge(Challenge { features: 1, nonce: [0xBB; 32] }),
+            Frame::Challenge(Challenge {
+                features: 1,
+                nonce: [0xBB; 32],
+            }),
         ),
         ("auth", Frame::Auth(Auth { proof: [0xCC; 32] })),
         (
@@ -88,7 +102,13 @@ fn samples() -> Vec<(&'static str, Frame)> {
                 },
             ]),
         ),
-        ("ack", Frame::Ack(Ack { durable_lsn: 44, resync_seq: 9 })),
+        (
+            "ack",
+            Frame::Ack(Ack {
+                durable_lsn: 44,
+                resync_seq: 9,
+            }),
+        ),
         ("ping", Frame::Ping(0x0102030405060708)),
         ("pong", Frame::Pong(0x0102030405060708)),
         (
@@ -100,7 +120,10 @@ fn samples() -> Vec<(&'static str, Frame)> {
                 data: Bytes::from_static(b"xyz"),
             }),
         ),
-        ("resync_done", Frame::ResyncDone(ResyncDone { seq: 11, device: 1 })),
+        (
+            "resync_done",
+            Frame::ResyncDone(ResyncDone { seq: 11, device: 1 }),
+        ),
         (
             "error",
             Frame::Error(ErrorFrame::new(
@@ -191,7 +214,9 @@ fn golden_vectors_both_directions() {
             continue;
         }
         let mut buf = BytesMut::from(&unhex(want)[..]);
-        let decoded = frame::decode(&mut buf, MAX_FRAME_PAYLOAD_BYTES).unwrap().unwrap();
+        let decoded = frame::decode(&mut buf, MAX_FRAME_PAYLOAD_BYTES)
+            .unwrap()
+            .unwrap();
         assert_eq!(decoded, frame, "{name}");
         assert!(buf.is_empty());
     }
@@ -211,7 +236,10 @@ fn ping_vector_from_the_spec() {
     let head_crc = crc32c::crc32c(&head);
     head.extend_from_slice(&head_crc.to_le_bytes());
     head.extend_from_slice(&payload);
-    assert_eq!(head, Frame::Ping(0x0102030405060708).to_bytes().unwrap().to_vec());
+    assert_eq!(
+        head,
+        Frame::Ping(0x0102030405060708).to_bytes().unwrap().to_vec()
+    );
     // crc32c itself: the standard check value.
     assert_eq!(crc32c::crc32c(b"123456789"), 0xE306_9283);
 }
@@ -256,7 +284,10 @@ fn limits_and_garbage() {
         frame::check(b"GET / HTTP/1.1\r\n", MAX_FRAME_PAYLOAD_BYTES),
         Err(FrameError::BadMagic(_))
     ));
-    assert!(matches!(frame::check(b"X", 100), Err(FrameError::BadMagic(_))));
+    assert!(matches!(
+        frame::check(b"X", 100),
+        Err(FrameError::BadMagic(_))
+    ));
     // A payload over the caller's limit is refused from the header alone.
     let big = Frame::ResyncData(ResyncChunk {
         seq: 1,

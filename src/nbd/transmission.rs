@@ -42,6 +42,8 @@ enum End {
     Violation,
     /// Socket error.
     Io,
+    /// Shutdown was requested and the connection did not finish within the drain timeout.
+    DrainTimeout,
 }
 
 /// A reply ready to be written, with the permits it holds until then.
@@ -125,136 +127,161 @@ pub(crate) async fn run<X, R, W>(
     ));
     tracing::debug!(peer, export = %session.name, "transmission started");
 
-    let end = loop {
-        let mut raw = [0u8; proto::REQUEST_HEADER_LEN];
-        // Shutdown is observed while waiting for a header: a header cut short by it is
-        // dropped with the connection. A payload in progress is read to its end.
-        tokio::select! {
-            biased;
-            _ = wait_shutdown(&mut shutdown) => break End::Shutdown,
-            read = reader.read_exact(&mut raw) => match read {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break End::Eof,
-                Err(e) => {
-                    tracing::debug!(peer, error = %e, "read failed");
-                    break End::Io;
-                }
-            },
-        }
-        let req = match proto::decode_request(&raw) {
-            Ok(req) => req,
-            Err(magic) => {
-                violation(&stats, peer, &format!("bad request magic {magic:#010x}"));
-                break End::Violation;
-            }
-        };
-        stats::inc(stats.request_counter(req.command));
-        let Ok(request_permit) = Arc::clone(&requests).acquire_owned().await else {
-            break End::Io;
-        };
-        let mut permits = Permits::new(request_permit, &stats);
+    // Once shutdown is requested, the connection has `shutdown_drain_timeout` to finish; a
+    // client that stops reading replies or sending its payload cannot hold the drain longer.
+    let mut shutdown_for_deadline = shutdown.clone();
+    let drain_deadline = async move {
+        wait_shutdown(&mut shutdown_for_deadline).await;
+        tokio::time::sleep(cfg.shutdown_drain_timeout).await;
+    };
+    tokio::pin!(drain_deadline);
 
-        let command = match check_request(&req, &limits) {
-            Ok(command) => command,
-            Err(errno) => {
-                if req.command == proto::CMD_WRITE && req.length > 0 {
-                    // The payload follows the header whatever we think of the request; read
-                    // and drop it so the stream stays in sync, unless it is so large that the
-                    // spec lets us call it an attack.
-                    if req.length > DISCARD_WRITE_LIMIT.max(limits.sizes.max) {
-                        violation(&stats, peer, &format!("write of {} bytes", req.length));
-                        break End::Violation;
-                    }
-                    if skip(&mut reader, u64::from(req.length)).await.is_err() {
-                        break End::Eof;
-                    }
-                }
-                let body = error_body(errno, None, Cow::Borrowed(rejection_message(errno, &req)));
-                if send(&tx, req.cookie, body, permits).await.is_err() {
-                    break End::Io;
-                }
-                continue;
-            }
-        };
-
-        let payload_len = match command {
-            Command::Read { len, .. } | Command::Write { len, .. } => len,
-            _ => 0,
-        };
-        if payload_len > 0 {
-            match Arc::clone(&bytes).acquire_many_owned(payload_len).await {
-                Ok(p) => permits.bytes = Some(p),
-                Err(_) => break End::Io,
-            }
-        }
-
-        let payload = match command {
-            Command::Disc => break End::Disconnect,
-            Command::Write { len, .. } if len > 0 => match read_payload(&mut reader, len).await {
-                Ok(data) => data,
-                Err(e) => {
-                    tracing::warn!(peer, error = %e, len, "connection lost in the middle of a write payload");
-                    stats::inc(&stats.protocol_violations_total);
-                    break End::Eof;
-                }
-            },
-            _ => Vec::new(),
-        };
-
-        let task = request_task(
-            Arc::clone(&export),
-            command,
-            payload,
-            req.cookie,
-            permits,
-            tx.clone(),
-            Arc::clone(&stats),
-        );
-        // A lone request (nothing else in flight, nothing more received) runs right here:
-        // handing it to another task would only add a wake-up to its latency (queue depth 1).
-        // As soon as more input arrives it moves to its own task, so a slow request never holds
-        // up the ones behind it.
-        let alone = requests.available_permits() + 1 == cfg.max_inflight_requests
-            && reader.buffer().is_empty();
-        if alone {
-            let mut task = Box::pin(task);
+    let request_loop = async {
+        loop {
+            let mut raw = [0u8; proto::REQUEST_HEADER_LEN];
+            // Shutdown is observed while waiting for a header: a header cut short by it is
+            // dropped with the connection. A payload in progress is read to its end.
             tokio::select! {
                 biased;
-                () = &mut task => {}
-                _ = reader.fill_buf() => {
-                    tokio::spawn(task);
+                _ = wait_shutdown(&mut shutdown) => break End::Shutdown,
+                read = reader.read_exact(&mut raw) => match read {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break End::Eof,
+                    Err(e) => {
+                        tracing::debug!(peer, error = %e, "read failed");
+                        break End::Io;
+                    }
+                },
+            }
+            let req = match proto::decode_request(&raw) {
+                Ok(req) => req,
+                Err(magic) => {
+                    violation(&stats, peer, &format!("bad request magic {magic:#010x}"));
+                    break End::Violation;
+                }
+            };
+            stats::inc(stats.request_counter(req.command));
+            // A request whose header was read is served even during shutdown (the drain deadline
+            // bounds the wait for a slot when the client does not read its replies).
+            let Ok(request_permit) = Arc::clone(&requests).acquire_owned().await else {
+                break End::Io;
+            };
+            let mut permits = Permits::new(request_permit, &stats);
+
+            let command = match check_request(&req, &limits) {
+                Ok(command) => command,
+                Err(errno) => {
+                    if req.command == proto::CMD_WRITE && req.length > 0 {
+                        // The payload follows the header whatever we think of the request; read
+                        // and drop it so the stream stays in sync, unless it is so large that the
+                        // spec lets us call it an attack.
+                        if req.length > DISCARD_WRITE_LIMIT.max(limits.sizes.max) {
+                            violation(&stats, peer, &format!("write of {} bytes", req.length));
+                            break End::Violation;
+                        }
+                        if skip(&mut reader, u64::from(req.length)).await.is_err() {
+                            break End::Eof;
+                        }
+                    }
+                    let body =
+                        error_body(errno, None, Cow::Borrowed(rejection_message(errno, &req)));
+                    if send(&tx, req.cookie, body, permits).await.is_err() {
+                        break End::Io;
+                    }
+                    continue;
+                }
+            };
+
+            let payload_len = match command {
+                Command::Read { len, .. } | Command::Write { len, .. } => len,
+                _ => 0,
+            };
+            if payload_len > 0 {
+                match Arc::clone(&bytes).acquire_many_owned(payload_len).await {
+                    Ok(p) => permits.bytes = Some(p),
+                    Err(_) => break End::Io,
                 }
             }
-        } else {
-            tokio::spawn(task);
+
+            let payload = match command {
+                Command::Disc => break End::Disconnect,
+                Command::Write { len, .. } if len > 0 => match read_payload(&mut reader, len).await
+                {
+                    Ok(data) => data,
+                    Err(e) => {
+                        tracing::warn!(peer, error = %e, len, "connection lost in the middle of a write payload");
+                        stats::inc(&stats.protocol_violations_total);
+                        break End::Eof;
+                    }
+                },
+                _ => Vec::new(),
+            };
+
+            let task = request_task(
+                Arc::clone(&export),
+                command,
+                payload,
+                req.cookie,
+                permits,
+                tx.clone(),
+                Arc::clone(&stats),
+            );
+            // A lone request (nothing else in flight, nothing more received) runs right here:
+            // handing it to another task would only add a wake-up to its latency (queue depth 1).
+            // As soon as more input arrives it moves to its own task, so a slow request never holds
+            // up the ones behind it.
+            let alone = requests.available_permits() + 1 == cfg.max_inflight_requests
+                && reader.buffer().is_empty();
+            if alone {
+                let mut task = Box::pin(task);
+                tokio::select! {
+                    biased;
+                    () = &mut task => {}
+                    _ = reader.fill_buf() => {
+                        tokio::spawn(task);
+                    }
+                }
+            } else {
+                tokio::spawn(task);
+            }
         }
+    };
+    let end = tokio::select! {
+        end = request_loop => end,
+        () = &mut drain_deadline => End::DrainTimeout,
     };
 
     let abort_writer = writer_task.abort_handle();
-    let finish = async {
-        if matches!(end, End::Shutdown) {
-            answer_buffered_with_shutdown(&mut reader, &requests, &tx, &stats).await;
-        }
-        // The writer ends when the last sender is gone: ours now, the request tasks' when
-        // they finish.
-        drop(tx);
-        writer_task.await
+    let gave_up = || {
+        abort_writer.abort();
+        tracing::warn!(
+            peer,
+            timeout = ?cfg.shutdown_drain_timeout,
+            "gave up draining replies after shutdown"
+        );
     };
-    // Waiting is unbounded while the server runs (a client that stops reading holds only its
-    // own connection slot), and bounded once shutdown is requested.
-    let deadline = async {
-        wait_shutdown(&mut shutdown).await;
-        tokio::time::sleep(cfg.shutdown_drain_timeout).await;
-    };
-    tokio::select! {
-        drained = finish => {
-            if let Err(join) = drained {
-                tracing::error!(peer, error = %join, "reply writer task failed");
+    if matches!(end, End::DrainTimeout) {
+        // The deadline future has completed; it must not be polled again.
+        gave_up();
+    } else {
+        let finish = async {
+            if matches!(end, End::Shutdown) {
+                answer_buffered_with_shutdown(&mut reader, &requests, &tx, &stats).await;
             }
-        }
-        () = deadline => {
-            abort_writer.abort();
-            tracing::warn!(peer, "gave up draining replies {:?} after shutdown", cfg.shutdown_drain_timeout);
+            // The writer ends when the last sender is gone: ours now, the request tasks'
+            // when they finish.
+            drop(tx);
+            writer_task.await
+        };
+        // Unbounded while the server runs (a client that stops reading holds only its own
+        // connection slot), bounded once shutdown is requested.
+        tokio::select! {
+            drained = finish => {
+                if let Err(join) = drained {
+                    tracing::error!(peer, error = %join, "reply writer task failed");
+                }
+            }
+            () = &mut drain_deadline => gave_up(),
         }
     }
     tracing::debug!(peer, ?end, "transmission ended");

@@ -33,8 +33,8 @@ struct Args {
     #[arg(long, default_value = "0", value_parser = parse_duration)]
     jitter: Duration,
     /// Rate limit per direction: <n>[k|m|g]bit, bytes/s, or off.
-    #[arg(long, default_value = "off", value_parser = parse_rate)]
-    rate: Option<u64>,
+    #[arg(long, default_value = "off")]
+    rate: String,
     /// Flip one byte every N bytes client -> upstream (tests only).
     #[arg(long)]
     corrupt_every: Option<u64>,
@@ -54,10 +54,17 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let rate = match parse_rate(&args.rate) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("replicator-linkemu: --rate: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let params = LinkParams {
         delay: args.delay,
         jitter: args.jitter,
-        rate_bytes_per_sec: args.rate,
+        rate_bytes_per_sec: rate,
         corrupt_every_bytes: args.corrupt_every.filter(|n| *n > 0),
         corrupt_both: false,
     };
@@ -90,6 +97,22 @@ async fn main() -> ExitCode {
             .map_or("off".to_string(), |r| format!("{} bytes/s", r)),
         args.control.map_or("none".to_string(), |a| a.to_string()),
     );
-    let _ = tokio::signal::ctrl_c().await;
+    wait_for_signal().await;
     ExitCode::SUCCESS
+}
+
+/// SIGINT or SIGTERM (tests and scripts stop the emulator with either).
+async fn wait_for_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
 }

@@ -28,7 +28,10 @@ pub enum Command {
     Partition(Option<Duration>),
     Reset,
     Heal,
-    Corrupt { every_bytes: Option<u64>, both: bool },
+    Corrupt {
+        every_bytes: Option<u64>,
+        both: bool,
+    },
     Status,
     Help,
 }
@@ -81,7 +84,7 @@ pub fn parse_rate(s: &str) -> Result<Option<u64>, String> {
         .parse()
         .map_err(|_| format!("bad rate {s:?}: <n>[k|m|g]bit or bytes/s or off"))?;
     let bytes = v * mult_bits / 8.0;
-    if !bytes.is_finite() || bytes < 1000.0 || bytes > 1e12 {
+    if !bytes.is_finite() || !(1000.0..=1e12).contains(&bytes) {
         return Err(format!("rate {s:?} out of range (1 kB/s to 1 TB/s)"));
     }
     Ok(Some(bytes as u64))
@@ -200,8 +203,14 @@ mod tests {
 
     #[test]
     fn commands() {
-        assert_eq!(parse("partition 5s"), Ok(Command::Partition(Some(Duration::from_secs(5)))));
-        assert_eq!(parse("delay 50ms"), Ok(Command::Delay(Duration::from_millis(50))));
+        assert_eq!(
+            parse("partition 5s"),
+            Ok(Command::Partition(Some(Duration::from_secs(5))))
+        );
+        assert_eq!(
+            parse("delay 50ms"),
+            Ok(Command::Delay(Duration::from_millis(50)))
+        );
         assert_eq!(parse("rate 100mbit"), Ok(Command::Rate(Some(12_500_000))));
         assert_eq!(parse("  reset "), Ok(Command::Reset));
         assert_eq!(parse("heal"), Ok(Command::Heal));
@@ -209,9 +218,18 @@ mod tests {
         assert_eq!(parse("stall off"), Ok(Command::StallOff));
         assert_eq!(
             parse("corrupt 1000 both"),
-            Ok(Command::Corrupt { every_bytes: Some(1000), both: true })
+            Ok(Command::Corrupt {
+                every_bytes: Some(1000),
+                both: true
+            })
         );
-        assert_eq!(parse("corrupt off"), Ok(Command::Corrupt { every_bytes: None, both: false }));
+        assert_eq!(
+            parse("corrupt off"),
+            Ok(Command::Corrupt {
+                every_bytes: None,
+                both: false
+            })
+        );
         assert!(parse("corrupt 0").is_err());
         assert!(parse("reset now").is_err());
         assert!(parse("").is_err());

@@ -492,6 +492,14 @@ async fn connection(shared: Arc<Shared>, client: TcpStream, mut stop: watch::Rec
     shared.stats.active.fetch_sub(1, Ordering::Relaxed);
 }
 
+/// Sleeps until `t` only if it is still ahead: tokio rounds deadlines up to the next 1 ms tick,
+/// so sleeping until "now" would cost up to a millisecond per chunk and cap the rate.
+async fn sleep_if_future(t: Instant) {
+    if t > Instant::now() {
+        tokio::time::sleep_until(t).await;
+    }
+}
+
 /// Waits while the link is stalled; false if the emulator is gone.
 async fn wait_unstalled(control: &mut watch::Receiver<Control>) -> bool {
     loop {
@@ -549,7 +557,7 @@ async fn pump(shared: &Shared, dir: Dir, rd: &mut OwnedReadHalf, wr: &mut OwnedW
     let writer = async {
         let mut control = shared.control.subscribe();
         while let Some((release, mut buf, permit)) = rx.recv().await {
-            tokio::time::sleep_until(release).await;
+            sleep_if_future(release).await;
             // Stall: hold the chunk until the stall ends or is lifted.
             if !wait_unstalled(&mut control).await {
                 return;
@@ -564,7 +572,7 @@ async fn pump(shared: &Shared, dir: Dir, rd: &mut OwnedReadHalf, wr: &mut OwnedW
                     Ok(mut pacer) => pacer.reserve(Instant::now(), buf.len(), rate),
                     Err(_) => Instant::now(),
                 };
-                tokio::time::sleep_until(send_at).await;
+                sleep_if_future(send_at).await;
             }
             shared.corrupt(dir, &mut buf);
             if wr.write_all(&buf).await.is_err() {

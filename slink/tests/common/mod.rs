@@ -21,8 +21,14 @@ pub fn site(name: &str) -> SiteId {
 
 pub fn devices() -> Vec<DeviceInfo> {
     vec![
-        DeviceInfo { device: 0, size_bytes: 64 << 20 },
-        DeviceInfo { device: 1, size_bytes: 64 << 20 },
+        DeviceInfo {
+            device: 0,
+            size_bytes: 64 << 20,
+        },
+        DeviceInfo {
+            device: 1,
+            size_bytes: 64 << 20,
+        },
     ]
 }
 
@@ -83,7 +89,9 @@ pub struct MemSource {
 
 impl MemSource {
     pub fn new() -> Arc<MemSource> {
-        Arc::new(MemSource { published: watch::Sender::new(0) })
+        Arc::new(MemSource {
+            published: watch::Sender::new(0),
+        })
     }
     pub fn publish_to(&self, lsn: u64) {
         self.published.send_modify(|p| *p = (*p).max(lsn));
@@ -93,7 +101,10 @@ impl MemSource {
 impl EntrySource for MemSource {
     async fn next_items(&self, after: Position, max_bytes: usize) -> Result<Vec<Item>, String> {
         let mut rx = self.published.subscribe();
-        let upto = *rx.wait_for(|p| *p > after.lsn).await.map_err(|e| e.to_string())?;
+        let upto = *rx
+            .wait_for(|p| *p > after.lsn)
+            .await
+            .map_err(|e| e.to_string())?;
         let mut out = Vec::new();
         let mut bytes = 0usize;
         for lsn in after.lsn + 1..=upto {
@@ -169,7 +180,11 @@ impl MemSink {
     /// Checks the stored stream is exactly entries 1..=n.
     pub fn assert_exactly(&self, n: u64) {
         let s = self.state.lock().unwrap();
-        assert!(s.violations.is_empty(), "order violations: {:?}", s.violations);
+        assert!(
+            s.violations.is_empty(),
+            "order violations: {:?}",
+            s.violations
+        );
         assert_eq!(s.stored.len() as u64, n, "stored entries");
         for (i, e) in s.stored.iter().enumerate() {
             assert_eq!(*e, entry(i as u64 + 1), "entry {}", i + 1);
@@ -189,7 +204,10 @@ impl SiteSink for MemSink {
         let keep = s.durable_len;
         s.stored.truncate(keep);
         let lsn = keep.checked_sub(1).map_or(0, |i| s.stored[i].lsn);
-        Ok(Admission { epoch: 9, durable: Position { lsn, resync_seq: 0 } })
+        Ok(Admission {
+            epoch: 9,
+            durable: Position { lsn, resync_seq: 0 },
+        })
     }
 
     async fn store(&self, _peer: &PeerHello, items: Vec<Item>) -> Result<Position, String> {
@@ -230,7 +248,10 @@ pub async fn wait_status(
     .await;
     match r {
         Ok(Ok(s)) => s,
-        _ => panic!("timed out waiting for {what}; last status {:?}", *rx.borrow()),
+        _ => panic!(
+            "timed out waiting for {what}; last status {:?}",
+            *rx.borrow()
+        ),
     }
 }
 

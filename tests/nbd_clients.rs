@@ -403,3 +403,39 @@ async fn nbdcopy_multi_conn_round_trip_and_concurrent_clients() {
     assert_eq!(f.server.stats.snapshot().errors_total, 0);
     f.server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbdfuse_mkfs_ext4_and_fsck() {
+    require_bins!("nbdfuse", "fusermount3", "mkfs.ext4", "e2fsck");
+    if !Path::new("/dev/fuse").exists() {
+        println!("SKIP: /dev/fuse missing, nbdfuse cannot mount");
+        return;
+    }
+    let f = fixture().await;
+    let mnt = f.dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mut fuse = tokio::process::Command::new("nbdfuse")
+        .args([mnt.to_str().unwrap(), &f.server.uri("disk0")])
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let image = mnt.join("nbd");
+    for _ in 0..100 {
+        if image.exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(image.exists(), "nbdfuse did not expose {}", image.display());
+    let img = image.to_str().unwrap();
+    run_ok("mkfs.ext4", &["-q", "-F", img]).await;
+    let out = run_ok("e2fsck", &["-f", "-n", img]).await;
+    println!("{out}");
+    run_ok("fusermount3", &["-u", mnt.to_str().unwrap()]).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), fuse.wait()).await;
+    // The file system's superblock magic (0xEF53 at byte 1080) is in the backing file.
+    assert_eq!(read_file_at(&f.disk_path, 1080, 2), vec![0x53, 0xef]);
+    let s = f.server.stats.snapshot();
+    assert_eq!(s.errors_total, 0, "{s:?}");
+    f.server.stop().await;
+}

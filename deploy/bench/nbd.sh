@@ -32,7 +32,7 @@ run_fio() {
   local uri=$1; shift
   fio --name=b --ioengine=nbd --uri="$uri" --size="${SIZE_MIB}M" --time_based --runtime="$RUNTIME" \
       --ramp_time=2 --output-format=json "$@" 2>/dev/null |
-    python3 -c 'import json,sys; d=json.load(sys.stdin)["jobs"][0]; io=d["write"] if d["write"]["io_bytes"] else d["read"]; print(io["bw"]/1024, io["iops"])'
+    python3 -c 'import json,sys; t=sys.stdin.read(); d=json.loads(t[t.index("{"):])["jobs"][0]; io=d["write"] if d["write"]["io_bytes"] else d["read"]; print(io["bw"]/1024, io["iops"])'
 }
 
 prefill() { # the read job needs data on the device

@@ -318,7 +318,7 @@ impl Group {
         offset: u64,
         kind: EntryKind,
         len: u64,
-        data: Vec<u8>,
+        mut data: Vec<u8>,
         fua: bool,
     ) -> CoreResult<()> {
         let started = Instant::now();
@@ -329,7 +329,7 @@ impl Group {
         };
         let give_up = Instant::now() + RING_FULL_WAIT_MAX;
         let (pending, entry) = loop {
-            match self.append_and_feed(device, offset, kind, len, data.as_slice(), durability) {
+            match self.append_and_feed(device, offset, kind, len, &mut data, durability) {
                 Ok(v) => break v,
                 Err(CoreError::Full { needed }) => {
                     if Instant::now() > give_up {
@@ -344,7 +344,6 @@ impl Group {
                 Err(e) => return Err(e),
             }
         };
-        drop(data);
         let lsn = pending
             .await
             .map_err(|e| CoreError::replog(&self.replog_path, e))?;
@@ -378,7 +377,7 @@ impl Group {
         offset: u64,
         kind: EntryKind,
         len: u64,
-        data: &[u8],
+        data: &mut Vec<u8>,
         durability: Durability,
     ) -> CoreResult<(replog::Appending, Arc<MemEntry>)> {
         let _order = self
@@ -390,7 +389,7 @@ impl Group {
             offset,
             kind,
             len,
-            data,
+            data: data.as_slice(),
         };
         let pending = match self.replog.append(rec, durability) {
             Ok(p) => p,
@@ -407,7 +406,8 @@ impl Group {
             offset,
             kind,
             len,
-            data: data.to_vec(),
+            // Moved, not copied: the request's buffer becomes the slinks' entry.
+            data: std::mem::take(data),
             appended_at: Instant::now(),
         });
         for s in &self.slinks {

@@ -96,9 +96,31 @@ impl EntryFeed {
         batch
     }
 
-    /// Wake a waiting consumer (shutdown, checkpoint request).
+    /// Wake a waiting consumer (new written lsn, shutdown, checkpoint request). The lock is
+    /// taken first so a consumer that checked its condition under the lock cannot miss the wake.
     pub fn kick(&self) {
+        drop(self.inner.lock());
         self.ready.notify_all();
+    }
+
+    /// Wait until `done()` holds (checked under the feed's lock, so a `kick` after the condition
+    /// became true is never missed), or `timeout` passes. Returns `done()`.
+    pub fn wait_until(&self, done: impl Fn() -> bool, timeout: Duration) -> bool {
+        let Ok(mut g) = self.inner.lock() else {
+            return done();
+        };
+        let deadline = Instant::now() + timeout;
+        while !done() && !g.closed {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            match self.ready.wait_timeout(g, deadline - now) {
+                Ok((ng, _)) => g = ng,
+                Err(_) => return done(),
+            }
+        }
+        done()
     }
 
     pub fn close(&self) {

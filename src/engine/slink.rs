@@ -346,13 +346,13 @@ pub fn run_local_applier(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
             }
             if e.lsn != next && next <= e.lsn {
                 // The replog could not give the gap yet (not written): wait for it.
-                wait_written(&*source, e.lsn);
+                wait_written(&*source, &slink, e.lsn);
                 replay_range(&*source, &slink, &mut next, e.lsn - 1);
             }
             if e.lsn < next {
                 continue;
             }
-            wait_written(&*source, e.lsn);
+            wait_written(&*source, &slink, e.lsn);
             apply_mem_entry(&*source, &slink, &e);
             next = e.lsn + 1;
             progressed = true;
@@ -396,16 +396,12 @@ pub fn run_local_applier(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
     }
 }
 
-fn wait_written(source: &dyn ApplySource, lsn: Lsn) {
-    let mut spins = 0u32;
-    while source.written_lsn() < lsn {
-        spins += 1;
-        if spins > 50_000 {
-            // 50k x 20us = 1 s: the writer is stuck; the caller retries on the next round.
-            return;
-        }
-        std::thread::sleep(Duration::from_micros(20));
-    }
+/// Wait until the replog write of `lsn` completed (the writer kicks the feed when it does).
+fn wait_written(source: &dyn ApplySource, slink: &Slink, lsn: Lsn) {
+    // The bound only lets the caller re-check stop and checkpoint requests now and then.
+    slink
+        .feed
+        .wait_until(|| source.written_lsn() >= lsn, Duration::from_secs(1));
 }
 
 fn apply_mem_entry(source: &dyn ApplySource, slink: &Slink, e: &MemEntry) {

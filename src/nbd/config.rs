@@ -11,7 +11,7 @@ use std::time::Duration;
 pub struct ServerConfig {
     /// Requests of one connection being processed or waiting for their reply to be written.
     /// When the bound is reached the server stops reading from that connection (backpressure).
-    /// Default: 128. Minimum: 1.
+    /// Default: 128. Minimum: 1. Maximum: 65536.
     pub max_inflight_requests: usize,
     /// Payload bytes (write data received, read data to send) of one connection in flight.
     /// Default: 64 MiB. Minimum: `max_payload`.
@@ -61,8 +61,10 @@ pub struct ConfigError(pub String);
 impl ServerConfig {
     /// Checks the documented minimums and maximums.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.max_inflight_requests == 0 {
-            return Err(ConfigError("max_inflight_requests must be >= 1".into()));
+        if self.max_inflight_requests == 0 || self.max_inflight_requests > 65536 {
+            return Err(ConfigError(
+                "max_inflight_requests must be in [1, 65536]".into(),
+            ));
         }
         if self.max_connections == 0 {
             return Err(ConfigError("max_connections must be >= 1".into()));
@@ -104,6 +106,10 @@ mod tests {
         let bad = [
             ServerConfig {
                 max_inflight_requests: 0,
+                ..Default::default()
+            },
+            ServerConfig {
+                max_inflight_requests: 1 << 20,
                 ..Default::default()
             },
             ServerConfig {

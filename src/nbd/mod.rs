@@ -3,24 +3,27 @@
 //! Key decisions (the protocol subset and byte layouts are in `src/nbd/PROTOCOL.md`):
 //! - Fixed newstyle handshake only, no TLS; structured replies and `base:allocation` are
 //!   offered, extended headers are not (and not advertised).
-//! - Requests of one connection run concurrently, each in its own task; replies are written by
-//!   one writer task in completion order (NBD matches them by cookie). In-flight requests and
-//!   payload bytes per connection are bounded (`ServerConfig`), and the reader stops reading when
-//!   a bound is reached, so memory never depends on what a client claims.
+//! - Requests of one connection run concurrently, each in its own task (a lone request runs in
+//!   the connection task, saving a hand-off at queue depth 1); replies are written in completion
+//!   order (NBD matches them by cookie) by whichever task has one ready, batched into one
+//!   buffered write, with no dedicated writer task to wake. In-flight requests and payload bytes
+//!   per connection are bounded (`ServerConfig`), and the reader stops reading when a bound is
+//!   reached, so memory never depends on what a client claims.
 //! - Invalid requests get the error value the spec prescribes and the connection goes on;
 //!   garbage (bad magic, truncated messages) drops only that connection.
 //! - Shutdown drains: stop accepting, answer in-flight requests, then close.
 //!
 //! Code map: `proto` (wire constants, pure encode/decode), `check` (pure request validation and
-//! block-size negotiation), `handshake` (option haggling), `transmission` (request loop and
-//! reply writer), `server` (accept loop, drain), `export` (the traits the core implements),
-//! `config`, `stats`.
+//! block-size negotiation), `handshake` (option haggling), `transmission` (request loop),
+//! `reply` (reply encoding and the shared socket writer), `server` (accept loop, drain),
+//! `export` (the traits the core implements), `config`, `stats`.
 
 mod check;
 mod config;
 mod export;
 mod handshake;
 pub mod proto;
+mod reply;
 mod server;
 mod stats;
 mod transmission;

@@ -1,10 +1,10 @@
 //! The transmission phase of one connection.
 //!
 //! Shape: the connection task reads and checks request headers (and write payloads) in order;
-//! each valid request runs in its own task against the export; replies go through a bounded
-//! channel to one writer task that batches them into the buffered socket writer and flushes when
-//! the channel is momentarily empty. Replies therefore complete out of order (NBD matches them
-//! by cookie).
+//! each valid request runs in its own task against the export (a lone request runs in the
+//! connection task itself, see below); replies are queued on the connection's [`ReplySink`],
+//! which writes them in completion order. Replies therefore complete out of order (NBD matches
+//! them by cookie).
 //!
 //! Bounds: a request permit (`max_inflight_requests`) is taken before a request is processed and
 //! a byte permit (`max_inflight_bytes`, the payload length) before a write payload is read or a
@@ -12,20 +12,19 @@
 //! When either runs out, the reader stops reading the socket, which is the backpressure.
 
 use std::borrow::Cow;
-use std::io::IoSlice;
 use std::sync::Arc;
 
 use tokio::io::{
-    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
-    BufWriter,
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, BufReader, BufWriter,
 };
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Semaphore};
 
 use super::check::{check_request, Command};
-use super::config::{ServerConfig, DISCARD_WRITE_LIMIT, IO_BUFFER_BYTES};
+use super::config::{ServerConfig, DISCARD_WRITE_LIMIT};
 use super::export::{BlockError, Export};
 use super::handshake::{skip, Negotiated};
 use super::proto::{self, NbdErrno, Request};
+use super::reply::{error_body, Permits, Reply, ReplyBody, ReplySink};
 use super::stats::{self, ServerStats};
 use super::wait_shutdown;
 
@@ -44,57 +43,6 @@ enum End {
     Io,
     /// Shutdown was requested and the connection did not finish within the drain timeout.
     DrainTimeout,
-}
-
-/// A reply ready to be written, with the permits it holds until then.
-struct Reply {
-    cookie: u64,
-    body: ReplyBody,
-    _permits: Permits,
-}
-
-/// The bounds a request holds from the moment its header is read until its reply is handed to
-/// the socket writer (or dropped because the connection died). Keeps the in-flight gauge.
-struct Permits {
-    _request: OwnedSemaphorePermit,
-    bytes: Option<OwnedSemaphorePermit>,
-    stats: Arc<ServerStats>,
-}
-
-impl Permits {
-    fn new(request: OwnedSemaphorePermit, stats: &Arc<ServerStats>) -> Self {
-        stats::inc(&stats.requests_inflight);
-        Permits {
-            _request: request,
-            bytes: None,
-            stats: Arc::clone(stats),
-        }
-    }
-}
-
-impl Drop for Permits {
-    fn drop(&mut self) {
-        stats::dec(&self.stats.requests_inflight);
-    }
-}
-
-enum ReplyBody {
-    /// Success without data.
-    Done,
-    /// A successful read.
-    Data { offset: u64, data: Vec<u8> },
-    /// One `base:allocation` extent.
-    BlockStatus {
-        context_id: u32,
-        len: u32,
-        status: u32,
-    },
-    /// A failed request. `offset` selects `NBD_REPLY_TYPE_ERROR_OFFSET` (structured replies).
-    Error {
-        errno: NbdErrno,
-        message: Cow<'static, str>,
-        offset: Option<u64>,
-    },
 }
 
 /// Runs transmission until the client disconnects, breaks the protocol, or the server shuts
@@ -116,14 +64,11 @@ pub(crate) async fn run<X, R, W>(
     let export = session.export;
     let requests = Arc::new(Semaphore::new(cfg.max_inflight_requests));
     let bytes = Arc::new(Semaphore::new(cfg.max_inflight_bytes));
-    // Every queued reply holds a request permit, so the channel never holds more than
-    // `max_inflight_requests` replies and sends never wait for long.
-    let (tx, rx) = mpsc::channel::<Reply>(cfg.max_inflight_requests);
-    let writer_task = tokio::spawn(write_replies(
+    let sink = Arc::new(ReplySink::new(
         writer,
-        rx,
         limits.structured,
         Arc::clone(&stats),
+        cfg.max_inflight_requests,
     ));
     tracing::debug!(peer, export = %session.name, "transmission started");
 
@@ -185,9 +130,12 @@ pub(crate) async fn run<X, R, W>(
                     }
                     let body =
                         error_body(errno, None, Cow::Borrowed(rejection_message(errno, &req)));
-                    if send(&tx, req.cookie, body, permits).await.is_err() {
-                        break End::Io;
-                    }
+                    sink.submit(Reply {
+                        cookie: req.cookie,
+                        body,
+                        _permits: permits,
+                    })
+                    .await;
                     continue;
                 }
             };
@@ -223,7 +171,7 @@ pub(crate) async fn run<X, R, W>(
                 payload,
                 req.cookie,
                 permits,
-                tx.clone(),
+                Arc::clone(&sink),
                 Arc::clone(&stats),
             );
             // A lone request (nothing else in flight, nothing more received) runs right here:
@@ -251,9 +199,8 @@ pub(crate) async fn run<X, R, W>(
         () = &mut drain_deadline => End::DrainTimeout,
     };
 
-    let abort_writer = writer_task.abort_handle();
     let gave_up = || {
-        abort_writer.abort();
+        sink.abandon();
         tracing::warn!(
             peer,
             timeout = ?cfg.shutdown_drain_timeout,
@@ -266,21 +213,18 @@ pub(crate) async fn run<X, R, W>(
     } else {
         let finish = async {
             if matches!(end, End::Shutdown) {
-                answer_buffered_with_shutdown(&mut reader, &requests, &tx, &stats).await;
+                answer_buffered_with_shutdown(&mut reader, &requests, &sink, &stats).await;
             }
-            // The writer ends when the last sender is gone: ours now, the request tasks'
-            // when they finish.
-            drop(tx);
-            writer_task.await
+            // Every request holds a slot until its reply is written: all slots back means
+            // everything is answered.
+            let all = u32::try_from(cfg.max_inflight_requests).unwrap_or(u32::MAX);
+            let _all_done = requests.acquire_many(all).await;
+            sink.close().await;
         };
         // Unbounded while the server runs (a client that stops reading holds only its own
         // connection slot), bounded once shutdown is requested.
         tokio::select! {
-            drained = finish => {
-                if let Err(join) = drained {
-                    tracing::error!(peer, error = %join, "reply writer task failed");
-                }
-            }
+            () = finish => {}
             () = &mut drain_deadline => gave_up(),
         }
     }
@@ -288,27 +232,31 @@ pub(crate) async fn run<X, R, W>(
 }
 
 /// Executes one request and queues its reply (with the permits it holds) for the writer.
-async fn request_task<X: Export>(
+async fn request_task<X: Export, W: AsyncWrite + Unpin + Send>(
     export: Arc<X>,
     command: Command,
     payload: Vec<u8>,
     cookie: u64,
     permits: Permits,
-    tx: mpsc::Sender<Reply>,
+    sink: Arc<ReplySink<W>>,
     stats: Arc<ServerStats>,
 ) {
     let body = execute(&*export, command, payload, &stats).await;
-    // The writer only goes away when the connection is dead; nothing to do then.
-    let _ = send(&tx, cookie, body, permits).await;
+    sink.submit(Reply {
+        cookie,
+        body,
+        _permits: permits,
+    })
+    .await;
 }
 
 /// After shutdown, answers with `ESHUTDOWN` the complete requests the client already sent and
 /// we have buffered (the spec: requests received during shutdown should get `ESHUTDOWN`, after
 /// which the client must disconnect). Never reads the socket again.
-async fn answer_buffered_with_shutdown<R: AsyncRead + Unpin>(
+async fn answer_buffered_with_shutdown<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send>(
     reader: &mut BufReader<R>,
     requests: &Arc<Semaphore>,
-    tx: &mpsc::Sender<Reply>,
+    sink: &ReplySink<W>,
     stats: &Arc<ServerStats>,
 ) {
     loop {
@@ -339,7 +287,13 @@ async fn answer_buffered_with_shutdown<R: AsyncRead + Unpin>(
             None,
             Cow::Borrowed("server is shutting down"),
         );
-        if send(tx, req.cookie, body, permits).await.is_err() || !complete {
+        sink.submit(Reply {
+            cookie: req.cookie,
+            body,
+            _permits: permits,
+        })
+        .await;
+        if !complete {
             return;
         }
     }
@@ -444,14 +398,6 @@ async fn execute<X: Export>(
     }
 }
 
-fn error_body(errno: NbdErrno, offset: Option<u64>, message: Cow<'static, str>) -> ReplyBody {
-    ReplyBody::Error {
-        errno,
-        message,
-        offset,
-    }
-}
-
 /// The message sent with a request the checks refused.
 fn rejection_message(errno: NbdErrno, req: &Request) -> &'static str {
     match errno {
@@ -471,167 +417,7 @@ fn rejection_message(errno: NbdErrno, req: &Request) -> &'static str {
     }
 }
 
-async fn send(
-    tx: &mpsc::Sender<Reply>,
-    cookie: u64,
-    body: ReplyBody,
-    permits: Permits,
-) -> Result<(), ()> {
-    tx.send(Reply {
-        cookie,
-        body,
-        _permits: permits,
-    })
-    .await
-    .map_err(|_| ())
-}
-
 fn violation(stats: &ServerStats, peer: &str, what: &str) {
     stats::inc(&stats.protocol_violations_total);
     tracing::warn!(peer, "NBD protocol violation: {what}; closing connection");
-}
-
-/// The writer task: encodes replies into the buffered writer, flushing when no more replies are
-/// immediately available, and shuts the socket down at the end.
-async fn write_replies<W: AsyncWrite + Unpin + Send>(
-    mut writer: BufWriter<W>,
-    mut rx: mpsc::Receiver<Reply>,
-    structured: bool,
-    stats: Arc<ServerStats>,
-) {
-    let result: std::io::Result<()> = async {
-        while let Some(reply) = rx.recv().await {
-            write_reply(&mut writer, reply, structured, &stats).await?;
-            while let Ok(reply) = rx.try_recv() {
-                write_reply(&mut writer, reply, structured, &stats).await?;
-            }
-            writer.flush().await?;
-        }
-        writer.shutdown().await
-    }
-    .await;
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "writing replies failed");
-        // Drain so that request tasks can finish and permits are released.
-        rx.close();
-        while let Some(reply) = rx.recv().await {
-            drop(reply);
-        }
-    }
-}
-
-async fn write_reply<W: AsyncWrite + Unpin + Send>(
-    writer: &mut BufWriter<W>,
-    reply: Reply,
-    structured: bool,
-    stats: &ServerStats,
-) -> std::io::Result<()> {
-    let cookie = reply.cookie;
-    let done = proto::REPLY_FLAG_DONE;
-    match (&reply.body, structured) {
-        (ReplyBody::Done, false) => {
-            writer
-                .write_all(&proto::encode_simple_reply(0, cookie))
-                .await
-        }
-        (ReplyBody::Done, true) => {
-            let h = proto::encode_chunk_header(done, proto::CHUNK_NONE, cookie, 0);
-            writer.write_all(&h).await
-        }
-        (ReplyBody::Data { data, .. }, false) => {
-            let h = proto::encode_simple_reply(0, cookie);
-            write_with_data(writer, &h, data).await
-        }
-        (ReplyBody::Data { data, .. }, true) if data.is_empty() => {
-            let h = proto::encode_chunk_header(done, proto::CHUNK_NONE, cookie, 0);
-            writer.write_all(&h).await
-        }
-        (ReplyBody::Data { offset, data }, true) => {
-            // One OFFSET_DATA chunk, final: all data is in hand, no error can follow.
-            // Lengths are bounded by the maximum block size (<= 2^31), so they fit.
-            let len = (data.len() + 8) as u32;
-            let mut h = [0u8; proto::CHUNK_HEADER_LEN + 8];
-            let (head, off) = h.split_at_mut(proto::CHUNK_HEADER_LEN);
-            head.copy_from_slice(&proto::encode_chunk_header(
-                done,
-                proto::CHUNK_OFFSET_DATA,
-                cookie,
-                len,
-            ));
-            off.copy_from_slice(&offset.to_be_bytes());
-            write_with_data(writer, &h, data).await
-        }
-        (
-            ReplyBody::BlockStatus {
-                context_id,
-                len,
-                status,
-            },
-            true,
-        ) => {
-            let payload = proto::encode_block_status_payload(*context_id, *len, *status);
-            let h = proto::encode_chunk_header(done, proto::CHUNK_BLOCK_STATUS, cookie, 12);
-            writer.write_all(&h).await?;
-            writer.write_all(&payload).await
-        }
-        // Block status needs a meta context, which needs structured replies; the checks make
-        // this unreachable, and a simple EINVAL is the honest answer if it ever happens.
-        (ReplyBody::BlockStatus { .. }, false) => {
-            stats::inc(&stats.errors_total);
-            let h = proto::encode_simple_reply(NbdErrno::Inval.code(), cookie);
-            writer.write_all(&h).await
-        }
-        (ReplyBody::Error { errno, .. }, false) => {
-            stats::inc(&stats.errors_total);
-            writer
-                .write_all(&proto::encode_simple_reply(errno.code(), cookie))
-                .await
-        }
-        (
-            ReplyBody::Error {
-                errno,
-                message,
-                offset,
-            },
-            true,
-        ) => {
-            stats::inc(&stats.errors_total);
-            let payload = proto::encode_error_payload(errno.code(), message, *offset);
-            let kind = if offset.is_some() {
-                proto::CHUNK_ERROR_OFFSET
-            } else {
-                proto::CHUNK_ERROR
-            };
-            let h = proto::encode_chunk_header(done, kind, cookie, payload.len() as u32);
-            writer.write_all(&h).await?;
-            writer.write_all(&payload).await
-        }
-    }
-}
-
-/// Writes a reply header followed by its data. Small replies are batched in the buffer; large
-/// ones go to the socket as one vectored write (header and data together, no copy).
-async fn write_with_data<W: AsyncWrite + Unpin + Send>(
-    writer: &mut BufWriter<W>,
-    header: &[u8],
-    data: &[u8],
-) -> std::io::Result<()> {
-    if header.len() + data.len() <= IO_BUFFER_BYTES.saturating_sub(writer.buffer().len()) {
-        writer.write_all(header).await?;
-        return writer.write_all(data).await;
-    }
-    writer.flush().await?;
-    let inner = writer.get_mut();
-    let (mut header, mut data) = (header, data);
-    while !header.is_empty() || !data.is_empty() {
-        let slices = [IoSlice::new(header), IoSlice::new(data)];
-        let n = inner.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        let from_header = n.min(header.len());
-        header = header.get(from_header..).unwrap_or_default();
-        data = data.get(n - from_header..).unwrap_or_default();
-    }
-    Ok(())
 }

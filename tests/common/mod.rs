@@ -222,8 +222,7 @@ pub fn two_site_table(dev_mib: u64, replog_mib: u64, policy: &str, dev_nr: u32, 
 }
 
 pub fn run(cmd: &mut Command) -> Output {
-    let o = cmd.output().unwrap();
-    o
+    cmd.output().unwrap()
 }
 
 pub fn must(cmd: &mut Command) -> String {

@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use crate::control::{DeviceStatus, Request, Response, CONTROL_DEFAULT, CONTROL_ENV};
 
 #[derive(Parser, Debug)]
-#[command(name = "replicator", version, about = "Asynchronous remote replication of block device groups")]
+#[command(
+    name = "replicator",
+    version,
+    about = "Asynchronous remote replication of block device groups"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Command,
@@ -202,7 +206,10 @@ pub fn run_client(cmd: Command) -> Result<(), String> {
         } => {
             let v = body(&control, &Request::Status { name })?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+                );
             } else {
                 let st: DeviceStatus = serde_json::from_value(v).map_err(|e| e.to_string())?;
                 println!("{}", st.line);
@@ -249,7 +256,10 @@ pub fn run_client(cmd: Command) -> Result<(), String> {
             let ins = replog::Replog::inspect(&path, offset, max_entries)
                 .map_err(|e| format!("{}: {e}", path.display()))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&ins).map_err(|e| e.to_string())?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&ins).map_err(|e| e.to_string())?
+                );
             } else {
                 let v = serde_json::to_value(&ins).map_err(|e| e.to_string())?;
                 print!("{}", render_inspection(&v));
@@ -282,11 +292,21 @@ fn render_inspection(v: &serde_json::Value) -> String {
         out.push_str(&format!("{:<16} {m}\n", "metadata"));
     }
     out.push_str("slinks:\n");
-    for s in v.get("slinks").and_then(|s| s.as_array()).into_iter().flatten() {
+    for s in v
+        .get("slinks")
+        .and_then(|s| s.as_array())
+        .into_iter()
+        .flatten()
+    {
         out.push_str(&format!("  {s}\n"));
     }
     out.push_str("entries:\n");
-    for e in v.get("entries").and_then(|s| s.as_array()).into_iter().flatten() {
+    for e in v
+        .get("entries")
+        .and_then(|s| s.as_array())
+        .into_iter()
+        .flatten()
+    {
         out.push_str(&format!("  {e}\n"));
     }
     out

@@ -29,7 +29,10 @@ fn main() {
                 state_dir,
                 event_hook,
             };
-            match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt.block_on(daemon::run(cfg)),
                 Err(e) => Err(format!("tokio runtime: {e}")),
             }

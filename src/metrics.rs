@@ -58,9 +58,16 @@ pub fn write_latency() -> &'static HistogramVec {
     })
 }
 
-#[allow(clippy::unwrap_used, reason = "constant, valid options; checked by a unit test")]
+#[allow(
+    clippy::unwrap_used,
+    reason = "constant, valid options; checked by a unit test"
+)]
 fn unreachable_histogram() -> HistogramVec {
-    HistogramVec::new(HistogramOpts::new("replicator_write_latency_fallback_seconds", "x"), &["group"]).unwrap()
+    HistogramVec::new(
+        HistogramOpts::new("replicator_write_latency_fallback_seconds", "x"),
+        &["group"],
+    )
+    .unwrap()
 }
 
 fn igv(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
@@ -73,15 +80,38 @@ impl Metrics {
         let g = &["group"];
         let m = Metrics {
             registry: Registry::new(),
-            slink_lag_ios: igv("replicator_slink_lag_ios", "Entries the site has not applied", sl)?,
-            slink_lag_bytes: igv("replicator_slink_lag_bytes", "Bytes the site has not applied", sl)?,
-            slink_lag_seconds: GaugeVec::new(
-                Opts::new("replicator_slink_lag_seconds", "Age of the oldest entry the site has not applied"),
+            slink_lag_ios: igv(
+                "replicator_slink_lag_ios",
+                "Entries the site has not applied",
                 sl,
             )?,
-            slink_sync: igv("replicator_slink_sync", "1 when the slink is in sync mode", sl)?,
-            slink_dirty_bytes: igv("replicator_slink_dirty_bytes", "Bytes in dirty regions the site is missing", sl)?,
-            slink_applied_lsn: igv("replicator_slink_applied_lsn", "Highest lsn the site has applied", sl)?,
+            slink_lag_bytes: igv(
+                "replicator_slink_lag_bytes",
+                "Bytes the site has not applied",
+                sl,
+            )?,
+            slink_lag_seconds: GaugeVec::new(
+                Opts::new(
+                    "replicator_slink_lag_seconds",
+                    "Age of the oldest entry the site has not applied",
+                ),
+                sl,
+            )?,
+            slink_sync: igv(
+                "replicator_slink_sync",
+                "1 when the slink is in sync mode",
+                sl,
+            )?,
+            slink_dirty_bytes: igv(
+                "replicator_slink_dirty_bytes",
+                "Bytes in dirty regions the site is missing",
+                sl,
+            )?,
+            slink_applied_lsn: igv(
+                "replicator_slink_applied_lsn",
+                "Highest lsn the site has applied",
+                sl,
+            )?,
             slink_resync_regions_copied: igv(
                 "replicator_slink_resync_regions_copied",
                 "Dirty regions copied to the site since start",
@@ -89,12 +119,27 @@ impl Metrics {
             )?,
             replog_capacity_bytes: igv("replicator_replog_capacity_bytes", "Ring capacity", g)?,
             replog_used_bytes: igv("replicator_replog_used_bytes", "Ring bytes in use", g)?,
-            replog_entries: igv("replicator_replog_entries", "Entries retained in the ring", g)?,
+            replog_entries: igv(
+                "replicator_replog_entries",
+                "Entries retained in the ring",
+                g,
+            )?,
             replog_last_lsn: igv("replicator_replog_last_lsn", "Newest lsn in the ring", g)?,
-            group_writes: igv("replicator_group_writes", "Writes acknowledged since start", g)?,
-            group_overflows: igv("replicator_group_overflows", "Ring overflows (entries dropped for a site)", g)?,
+            group_writes: igv(
+                "replicator_group_writes",
+                "Writes acknowledged since start",
+                g,
+            )?,
+            group_overflows: igv(
+                "replicator_group_overflows",
+                "Ring overflows (entries dropped for a site)",
+                g,
+            )?,
             group_events: igv("replicator_group_events", "Event counter of the group", g)?,
-            nbd: IntCounterVec::new(Opts::new("replicator_nbd_total", "NBD server counters"), &["counter"])?,
+            nbd: IntCounterVec::new(
+                Opts::new("replicator_nbd_total", "NBD server counters"),
+                &["counter"],
+            )?,
         };
         m.registry.register(Box::new(m.slink_lag_ios.clone()))?;
         m.registry.register(Box::new(m.slink_lag_bytes.clone()))?;
@@ -102,8 +147,10 @@ impl Metrics {
         m.registry.register(Box::new(m.slink_sync.clone()))?;
         m.registry.register(Box::new(m.slink_dirty_bytes.clone()))?;
         m.registry.register(Box::new(m.slink_applied_lsn.clone()))?;
-        m.registry.register(Box::new(m.slink_resync_regions_copied.clone()))?;
-        m.registry.register(Box::new(m.replog_capacity_bytes.clone()))?;
+        m.registry
+            .register(Box::new(m.slink_resync_regions_copied.clone()))?;
+        m.registry
+            .register(Box::new(m.replog_capacity_bytes.clone()))?;
         m.registry.register(Box::new(m.replog_used_bytes.clone()))?;
         m.registry.register(Box::new(m.replog_entries.clone()))?;
         m.registry.register(Box::new(m.replog_last_lsn.clone()))?;
@@ -125,23 +172,36 @@ impl Metrics {
         self.slink_applied_lsn.reset();
         self.slink_resync_regions_copied.reset();
         for name in devices.names() {
-            let Some(h) = devices.get(&name) else { continue };
+            let Some(h) = devices.get(&name) else {
+                continue;
+            };
             let st = registry::device_status(&h);
             for s in &st.slinks {
                 let nr = s.slink.to_string();
                 let l = [name.as_str(), nr.as_str()];
-                self.slink_lag_ios.with_label_values(&l).set(s.lag_ios as i64);
-                self.slink_lag_bytes.with_label_values(&l).set(s.lag_bytes as i64);
-                self.slink_lag_seconds.with_label_values(&l).set(s.lag_seconds);
+                self.slink_lag_ios
+                    .with_label_values(&l)
+                    .set(s.lag_ios as i64);
+                self.slink_lag_bytes
+                    .with_label_values(&l)
+                    .set(s.lag_bytes as i64);
+                self.slink_lag_seconds
+                    .with_label_values(&l)
+                    .set(s.lag_seconds);
                 self.slink_sync
                     .with_label_values(&l)
                     .set(i64::from(s.mode == "sync"));
-                self.slink_dirty_bytes.with_label_values(&l).set(s.dirty_bytes as i64);
-                self.slink_applied_lsn.with_label_values(&l).set(s.applied_lsn as i64);
+                self.slink_dirty_bytes
+                    .with_label_values(&l)
+                    .set(s.dirty_bytes as i64);
+                self.slink_applied_lsn
+                    .with_label_values(&l)
+                    .set(s.applied_lsn as i64);
                 if let Some(sl) = h.group.slink(s.slink) {
                     self.slink_resync_regions_copied.with_label_values(&l).set(
                         sl.resync_regions_copied_total
-                            .load(std::sync::atomic::Ordering::Relaxed) as i64,
+                            .load(std::sync::atomic::Ordering::Relaxed)
+                            as i64,
                     );
                 }
             }
@@ -150,17 +210,27 @@ impl Metrics {
             let key = g.replog_path.display().to_string();
             let l = [key.as_str()];
             let space = g.replog.space();
-            self.replog_capacity_bytes.with_label_values(&l).set(space.capacity_bytes as i64);
-            self.replog_used_bytes.with_label_values(&l).set(space.used_bytes as i64);
-            self.replog_entries.with_label_values(&l).set(space.entries as i64);
-            self.replog_last_lsn.with_label_values(&l).set(g.written_lsn() as i64);
-            self.group_writes.with_label_values(&l).set(
-                g.writes_total.load(std::sync::atomic::Ordering::Relaxed) as i64,
-            );
-            self.group_overflows.with_label_values(&l).set(
-                g.overflows_total.load(std::sync::atomic::Ordering::Relaxed) as i64,
-            );
-            self.group_events.with_label_values(&l).set(g.events.current() as i64);
+            self.replog_capacity_bytes
+                .with_label_values(&l)
+                .set(space.capacity_bytes as i64);
+            self.replog_used_bytes
+                .with_label_values(&l)
+                .set(space.used_bytes as i64);
+            self.replog_entries
+                .with_label_values(&l)
+                .set(space.entries as i64);
+            self.replog_last_lsn
+                .with_label_values(&l)
+                .set(g.written_lsn() as i64);
+            self.group_writes
+                .with_label_values(&l)
+                .set(g.writes_total.load(std::sync::atomic::Ordering::Relaxed) as i64);
+            self.group_overflows
+                .with_label_values(&l)
+                .set(g.overflows_total.load(std::sync::atomic::Ordering::Relaxed) as i64);
+            self.group_events
+                .with_label_values(&l)
+                .set(g.events.current() as i64);
         }
         let snap = nbd.snapshot();
         for (k, n) in [
@@ -200,7 +270,9 @@ pub async fn serve(
             a = listener.accept() => a,
             _ = shutdown.wait_for(|s| *s) => return,
         };
-        let Ok((mut sock, _)) = accepted else { continue };
+        let Ok((mut sock, _)) = accepted else {
+            continue;
+        };
         let metrics = metrics.clone();
         let devices = devices.clone();
         let nbd = nbd.clone();
@@ -208,12 +280,18 @@ pub async fn serve(
             let mut head = vec![0u8; HTTP_REQUEST_BYTES_MAX];
             let mut n = 0;
             loop {
-                let Some(rest) = head.get_mut(n..) else { return };
-                match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(rest)).await {
+                let Some(rest) = head.get_mut(n..) else {
+                    return;
+                };
+                match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(rest)).await
+                {
                     Ok(Ok(0)) | Err(_) | Ok(Err(_)) => return,
                     Ok(Ok(k)) => n += k,
                 }
-                if head.get(..n).is_some_and(|h| h.windows(4).any(|w| w == b"\r\n\r\n")) {
+                if head
+                    .get(..n)
+                    .is_some_and(|h| h.windows(4).any(|w| w == b"\r\n\r\n"))
+                {
                     break;
                 }
                 if n >= head.len() {
@@ -222,9 +300,17 @@ pub async fn serve(
             }
             let req = String::from_utf8_lossy(head.get(..n).unwrap_or_default());
             let (status, ctype, body) = if req.starts_with("GET /metrics") {
-                ("200 OK", "text/plain; version=0.0.4", metrics.render(&devices, &nbd))
+                (
+                    "200 OK",
+                    "text/plain; version=0.0.4",
+                    metrics.render(&devices, &nbd),
+                )
             } else if req.starts_with("GET / ") {
-                ("200 OK", "text/plain", "replicator: see /metrics\n".to_string())
+                (
+                    "200 OK",
+                    "text/plain",
+                    "replicator: see /metrics\n".to_string(),
+                )
             } else {
                 ("404 Not Found", "text/plain", "not found\n".to_string())
             };

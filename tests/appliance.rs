@@ -1,7 +1,12 @@
 //! The appliance as a user drives it: a real daemon, the real CLI, real NBD clients (nbdinfo,
 //! qemu-io, fio's nbd engine, nbdfuse + loop device + mkfs.ext4 + mount + e2fsck), file-backed
 //! devices, and byte comparisons of the sites.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 
 mod common;
 
@@ -29,7 +34,11 @@ fn nbdinfo_shows_size_and_flags() {
     assert_eq!(e["can_trim"].as_bool(), Some(true), "{v:#}");
     assert_eq!(e["can_zero"].as_bool(), Some(true), "{v:#}");
     assert_eq!(e["can_multi_conn"].as_bool(), Some(true), "{v:#}");
-    let list = must(Command::new("nbdinfo").arg("--list").arg(format!("nbd://127.0.0.1:{}", d.nbd_port)));
+    let list = must(
+        Command::new("nbdinfo")
+            .arg("--list")
+            .arg(format!("nbd://127.0.0.1:{}", d.nbd_port)),
+    );
     assert!(list.contains("r1"), "{list}");
 }
 
@@ -41,19 +50,59 @@ fn qemu_io_patterns_reach_the_second_site() {
     let d = Daemon::start();
     d.create("r1", &two_site_table(16, 16, "async ios=100", 0, "create"));
     let uri = d.uri("r1");
-    let writes: &[(u8, u64, u64)] = &[(0x11, 0, 65536), (0x22, 1 << 20, 4096), (0x33, 7 << 20, 1 << 20), (0x44, (16 << 20) - 512, 512), (0x55, (5 << 20) + 512, 1536)];
+    let writes: &[(u8, u64, u64)] = &[
+        (0x11, 0, 65536),
+        (0x22, 1 << 20, 4096),
+        (0x33, 7 << 20, 1 << 20),
+        (0x44, (16 << 20) - 512, 512),
+        (0x55, (5 << 20) + 512, 1536),
+    ];
     for (pat, off, len) in writes {
-        must(Command::new("qemu-io").args(["-f", "raw", &uri, "-c", &format!("write -P {pat} {off} {len}")]));
+        must(Command::new("qemu-io").args([
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            &format!("write -P {pat} {off} {len}"),
+        ]));
     }
-    must(Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "write -z 2M 64k", "-c", "discard 3M 128k", "-c", "flush"]));
+    must(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &uri,
+        "-c",
+        "write -z 2M 64k",
+        "-c",
+        "discard 3M 128k",
+        "-c",
+        "flush",
+    ]));
     for (pat, off, len) in writes {
-        let out = must(Command::new("qemu-io").args(["-f", "raw", &uri, "-c", &format!("read -P {pat} {off} {len}")]));
+        let out = must(Command::new("qemu-io").args([
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            &format!("read -P {pat} {off} {len}"),
+        ]));
         assert!(!out.contains("Pattern verification failed"), "{out}");
     }
-    let out = must(Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "read -P 0 2M 64k", "-c", "read -P 0 3M 128k"]));
+    let out = must(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &uri,
+        "-c",
+        "read -P 0 2M 64k",
+        "-c",
+        "read -P 0 3M 128k",
+    ]));
     assert!(!out.contains("Pattern verification failed"), "{out}");
     d.wait_lag_zero("r1", LAG_TIMEOUT);
-    assert!(same_bytes(&d.path("primary0.img"), &d.path("secondary0.img"), 16 << 20));
+    assert!(same_bytes(
+        &d.path("primary0.img"),
+        &d.path("secondary0.img"),
+        16 << 20
+    ));
 }
 
 #[test]
@@ -85,7 +134,11 @@ fn fio_verify_through_the_nbd_engine() {
     let v: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
     assert_eq!(v["jobs"][0]["error"].as_i64(), Some(0), "{out}");
     d.wait_lag_zero("r1", LAG_TIMEOUT);
-    assert!(same_bytes(&d.path("primary0.img"), &d.path("secondary0.img"), 64 << 20));
+    assert!(same_bytes(
+        &d.path("primary0.img"),
+        &d.path("secondary0.img"),
+        64 << 20
+    ));
 }
 
 /// The seed's workflow (create, mount, some fs io, umount, fsck) through nbdfuse and a loop device.
@@ -94,36 +147,67 @@ fn ext4_on_nbdfuse_loop_device_is_clean_and_replicated() {
     if !(have("nbdfuse") && have("losetup") && have("mkfs.ext4") && have("e2fsck")) {
         return;
     }
-    if !Command::new("sh").args(["-c", "test -e /dev/fuse && test -e /dev/loop-control"]).status().unwrap().success() {
+    if !Command::new("sh")
+        .args(["-c", "test -e /dev/fuse && test -e /dev/loop-control"])
+        .status()
+        .unwrap()
+        .success()
+    {
         eprintln!("SKIP: no /dev/fuse or /dev/loop-control");
         return;
     }
     let d = Daemon::start();
-    d.create("r1", &two_site_table(128, 64, "async ios=1000", 0, "create"));
+    d.create(
+        "r1",
+        &two_site_table(128, 64, "async ios=1000", 0, "create"),
+    );
     let mnt = d.path("fuse");
     std::fs::create_dir_all(&mnt).unwrap();
-    let mut fuse = Command::new("nbdfuse").arg(&mnt).arg(d.uri("r1")).spawn().unwrap();
+    let mut fuse = Command::new("nbdfuse")
+        .arg(&mnt)
+        .arg(d.uri("r1"))
+        .spawn()
+        .unwrap();
     let img = mnt.join("nbd");
     for _ in 0..200 {
-        if std::fs::metadata(&img).map(|m| m.len() > 0).unwrap_or(false) {
+        if std::fs::metadata(&img)
+            .map(|m| m.len() > 0)
+            .unwrap_or(false)
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let loopdev = must(Command::new("losetup").args(["-f", "--show", "--direct-io=off"]).arg(&img)).trim().to_string();
+    let loopdev = must(
+        Command::new("losetup")
+            .args(["-f", "--show", "--direct-io=off"])
+            .arg(&img),
+    )
+    .trim()
+    .to_string();
     let fsdir = d.path("fs");
     std::fs::create_dir_all(&fsdir).unwrap();
     let result = std::panic::catch_unwind(|| {
         must(Command::new("mkfs.ext4").args(["-q", "-F", &loopdev]));
         must(Command::new("mount").arg(&loopdev).arg(&fsdir));
         for i in 0..20 {
-            let data: Vec<u8> = (0..(37 * 1024 + i * 1000)).map(|b| (b * 7 + i) as u8).collect();
+            let data: Vec<u8> = (0..(37 * 1024 + i * 1000))
+                .map(|b| (b * 7 + i) as u8)
+                .collect();
             std::fs::write(fsdir.join(format!("file{i}")), &data).unwrap();
         }
         must(&mut Command::new("sync"));
         must(Command::new("umount").arg(&fsdir));
-        let fsck = Command::new("e2fsck").args(["-fn", &loopdev]).output().unwrap();
-        assert!(fsck.status.success(), "e2fsck: {}{}", String::from_utf8_lossy(&fsck.stdout), String::from_utf8_lossy(&fsck.stderr));
+        let fsck = Command::new("e2fsck")
+            .args(["-fn", &loopdev])
+            .output()
+            .unwrap();
+        assert!(
+            fsck.status.success(),
+            "e2fsck: {}{}",
+            String::from_utf8_lossy(&fsck.stdout),
+            String::from_utf8_lossy(&fsck.stderr)
+        );
     });
     let _ = Command::new("umount").arg(&fsdir).output();
     let _ = Command::new("losetup").args(["-d", &loopdev]).output();
@@ -133,10 +217,22 @@ fn ext4_on_nbdfuse_loop_device_is_clean_and_replicated() {
         std::panic::resume_unwind(e);
     }
     d.wait_lag_zero("r1", LAG_TIMEOUT);
-    assert!(same_bytes(&d.path("primary0.img"), &d.path("secondary0.img"), 128 << 20));
+    assert!(same_bytes(
+        &d.path("primary0.img"),
+        &d.path("secondary0.img"),
+        128 << 20
+    ));
     // The second site holds a clean file system too.
-    let fsck = Command::new("e2fsck").args(["-fn"]).arg(d.path("secondary0.img")).output().unwrap();
-    assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
+    let fsck = Command::new("e2fsck")
+        .args(["-fn"])
+        .arg(d.path("secondary0.img"))
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
 }
 
 #[test]
@@ -154,13 +250,35 @@ fn devices_come_back_after_restart_and_survive_kill_9() {
     let out = must(Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "read -P 0xa1 0 1M"]));
     assert!(!out.contains("verification failed"), "{out}");
     // Acknowledged writes survive kill -9; the second site catches up after restart.
-    must(Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "write -P 0xb2 1M 2M", "-c", "write -P 0xc3 5M 64k"]));
+    must(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &uri,
+        "-c",
+        "write -P 0xb2 1M 2M",
+        "-c",
+        "write -P 0xc3 5M 64k",
+    ]));
     d.kill9();
     d.spawn();
-    let out = must(Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "read -P 0xb2 1M 2M", "-c", "read -P 0xc3 5M 64k", "-c", "read -P 0xa1 0 1M"]));
+    let out = must(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &uri,
+        "-c",
+        "read -P 0xb2 1M 2M",
+        "-c",
+        "read -P 0xc3 5M 64k",
+        "-c",
+        "read -P 0xa1 0 1M",
+    ]));
     assert!(!out.contains("verification failed"), "{out}");
     d.wait_lag_zero("r1", LAG_TIMEOUT);
-    assert!(same_bytes(&d.path("primary0.img"), &d.path("secondary0.img"), 16 << 20));
+    assert!(same_bytes(
+        &d.path("primary0.img"),
+        &d.path("secondary0.img"),
+        16 << 20
+    ));
     // remove forgets it, across a restart too.
     d.ok(&["remove", "r1"]);
     assert!(!d.ok(&["ls"]).contains("r1"));
@@ -180,29 +298,52 @@ fn two_tables_on_one_replog_form_one_group() {
     let st0 = d.status("lv0");
     let st1 = d.status("lv1");
     assert_eq!(st0["replog"]["path"], st1["replog"]["path"]);
-    assert_eq!(st0["replog"]["devices"].as_array().unwrap().len(), 2, "{st0:#}");
+    assert_eq!(
+        st0["replog"]["devices"].as_array().unwrap().len(),
+        2,
+        "{st0:#}"
+    );
     must(Command::new("qemu-io").args(["-f", "raw", &d.uri("lv0"), "-c", "write -P 1 0 1M"]));
     let before = d.status("lv1")["replog"]["last_lsn"].as_u64().unwrap();
     must(Command::new("qemu-io").args(["-f", "raw", &d.uri("lv1"), "-c", "write -P 2 0 1M"]));
     let after = d.status("lv0")["replog"]["last_lsn"].as_u64().unwrap();
-    assert!(after > before, "one lsn counter across both devices: {before} -> {after}");
+    assert!(
+        after > before,
+        "one lsn counter across both devices: {before} -> {after}"
+    );
     d.wait_lag_zero("lv0", LAG_TIMEOUT);
     d.wait_lag_zero("lv1", LAG_TIMEOUT);
-    assert!(same_bytes(&d.path("primary0.img"), &d.path("secondary0.img"), 8 << 20));
-    assert!(same_bytes(&d.path("primary1.img"), &d.path("secondary1.img"), 8 << 20));
+    assert!(same_bytes(
+        &d.path("primary0.img"),
+        &d.path("secondary0.img"),
+        8 << 20
+    ));
+    assert!(same_bytes(
+        &d.path("primary1.img"),
+        &d.path("secondary1.img"),
+        8 << 20
+    ));
     // A `create` on a replog in use is refused.
     let p = d.path("bad.table");
     std::fs::write(&p, two_site_table(8, 16, "async", 2, "create")).unwrap();
     let o = d.cli(&["create", "lv2", p.to_str().unwrap()]);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("in use"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("in use"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 #[test]
 fn a_malformed_table_is_refused_with_its_position_and_creates_nothing() {
     let d = Daemon::start();
     let p = d.path("broken.table");
-    std::fs::write(&p, "0 2048 replicator default 4 replog.img 0 create 4096 local 2 0 asink 2 0 p.img - 0\n").unwrap();
+    std::fs::write(
+        &p,
+        "0 2048 replicator default 4 replog.img 0 create 4096 local 2 0 asink 2 0 p.img - 0\n",
+    )
+    .unwrap();
     let o = d.cli(&["create", "bad", p.to_str().unwrap()]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
@@ -215,17 +356,31 @@ fn a_malformed_table_is_refused_with_its_position_and_creates_nothing() {
 #[test]
 fn status_line_and_json_fields() {
     let d = Daemon::start();
-    d.create("r1", &two_site_table(8, 16, "async ios=100 size=1m timeout=5s", 0, "create"));
+    d.create(
+        "r1",
+        &two_site_table(8, 16, "async ios=100 size=1m timeout=5s", 0, "create"),
+    );
     let line = d.ok(&["status", "r1"]);
     assert!(line.starts_with("0 16384 replicator "), "{line}");
     let st = d.status("r1");
     for s in st["slinks"].as_array().unwrap() {
-        for f in ["lag_ios", "lag_bytes", "lag_seconds", "mode", "policy", "state", "dirty_bytes"] {
+        for f in [
+            "lag_ios",
+            "lag_bytes",
+            "lag_seconds",
+            "mode",
+            "policy",
+            "state",
+            "dirty_bytes",
+        ] {
             assert!(!s[f].is_null(), "missing {f}: {st:#}");
         }
     }
     assert_eq!(st["slinks"][1]["mode"], "async");
-    assert_eq!(st["slinks"][1]["policy"], "async ios=100 size=1048576 timeout=5000ms");
+    assert_eq!(
+        st["slinks"][1]["policy"],
+        "async ios=100 size=1048576 timeout=5000ms"
+    );
     let table = d.ok(&["table", "r1"]);
     assert!(table.contains("replicator"), "{table}");
 }
@@ -244,12 +399,25 @@ fn overflow_marks_dirty_and_resync_repairs() {
     let ev0: u64 = d.status("r1")["event_nr"].as_u64().unwrap();
     let uri = d.uri("r1");
     for i in 0..24u64 {
-        must(Command::new("qemu-io").args(["-f", "raw", &uri, "-c", &format!("write -P {} {}M 1M", i + 1, i)]));
+        must(Command::new("qemu-io").args([
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            &format!("write -P {} {}M 1M", i + 1, i),
+        ]));
     }
     let st = d.status("r1");
-    assert!(st["slinks"][1]["dirty_bytes"].as_u64().unwrap() > 0, "overflow left no dirty regions: {st:#}");
+    assert!(
+        st["slinks"][1]["dirty_bytes"].as_u64().unwrap() > 0,
+        "overflow left no dirty regions: {st:#}"
+    );
     assert!(st["event_nr"].as_u64().unwrap() > ev0);
     d.ok(&["message", "r1", "0", "resume", "1"]);
     d.wait_lag_zero("r1", LAG_TIMEOUT);
-    assert!(same_bytes(&d.path("primary0.img"), &d.path("secondary0.img"), 32 << 20));
+    assert!(same_bytes(
+        &d.path("primary0.img"),
+        &d.path("secondary0.img"),
+        32 << 20
+    ));
 }

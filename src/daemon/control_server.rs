@@ -67,10 +67,9 @@ async fn answer(req: Request, registry: &Arc<Registry>, state: &Arc<StateDir>) -
         } => {
             let reg = registry.clone();
             let (n, t, s, c) = (name.clone(), table.clone(), source.clone(), cwd.clone());
-            let created = tokio::task::spawn_blocking(move || {
-                reg.create(&n, &t, &s, Path::new(&c), false)
-            })
-            .await;
+            let created =
+                tokio::task::spawn_blocking(move || reg.create(&n, &t, &s, Path::new(&c), false))
+                    .await;
             match created {
                 Ok(Ok(h)) => {
                     let rec = DeviceRecord {
@@ -135,7 +134,9 @@ async fn answer(req: Request, registry: &Arc<Registry>, state: &Arc<StateDir>) -
             Some(h) => {
                 let after = event_nr.unwrap_or_else(|| h.group.events.current());
                 let nr = h.group.events.wait_after(after).await;
-                Response::ok(serde_json::json!({ "event_nr": nr, "events": h.group.events.history().into_iter().filter(|e| e.nr > after).collect::<Vec<_>>() }))
+                Response::ok(
+                    serde_json::json!({ "event_nr": nr, "events": h.group.events.history().into_iter().filter(|e| e.nr > after).collect::<Vec<_>>() }),
+                )
             }
             None => Response::err(format!("no device `{name}`")),
         },

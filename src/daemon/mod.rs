@@ -69,6 +69,13 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), String> {
         }
     }
 
+    {
+        let reg = registry.clone();
+        tokio::task::spawn_blocking(move || reg.start_all())
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let nbd_stats = Arc::new(ServerStats::default());
     let exports = Arc::new(RegistryExports(registry.clone()));
@@ -78,7 +85,10 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), String> {
         let l = TcpListener::bind(addr)
             .await
             .map_err(|e| format!("NBD listen on {addr}: {e}"))?;
-        tracing::info!("NBD on {}", l.local_addr().map(|a| a.to_string()).unwrap_or_default());
+        tracing::info!(
+            "NBD on {}",
+            l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+        );
         tasks.push(tokio::spawn(nbd::serve_tcp(
             l,
             exports.clone(),

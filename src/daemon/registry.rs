@@ -96,7 +96,9 @@ impl Registry {
             }
         };
         if target.start_sectors != 0 {
-            return Err(format!("{source}: a replicator target must start at sector 0"));
+            return Err(format!(
+                "{source}: a replicator target must start at sector 0"
+            ));
         }
         let (gspec, dspec) = spec::from_target(target, cwd, reopen);
         let key = replog_key(&gspec.replog_path);
@@ -122,6 +124,10 @@ impl Registry {
                 g
             }
         };
+        if !reopen {
+            // A daemon restoring its groups starts them once every device is back (start_all).
+            group.start().map_err(|e| e.to_string())?;
+        }
         let handle = DeviceHandle {
             name: name.to_string(),
             group,
@@ -160,6 +166,15 @@ impl Registry {
     pub fn status(&self, name: &str) -> Option<DeviceStatus> {
         let h = self.get(name)?;
         Some(device_status(&h))
+    }
+
+    /// Start every group that is not running (after a restore).
+    pub fn start_all(&self) {
+        for g in self.groups() {
+            if let Err(e) = g.start() {
+                tracing::error!(replog = %g.replog_path.display(), "group did not start: {e}");
+            }
+        }
     }
 
     /// Stop every group (SIGTERM): appliers drain what is written, cursors are saved.

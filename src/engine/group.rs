@@ -39,6 +39,34 @@ pub const RING_FULL_WAIT_MAX: Duration = Duration::from_secs(30);
 /// overflow handling does not run on every write.
 const OVERFLOW_FREE_FRACTION: u64 = 8;
 
+/// Where an entry writes.
+#[derive(Clone, Copy, Debug)]
+struct Extent {
+    device: u32,
+    offset: u64,
+    len: u64,
+}
+
+impl Extent {
+    fn overlaps(&self, o: &Extent) -> bool {
+        self.device == o.device
+            && self.offset < o.offset.saturating_add(o.len.max(1))
+            && o.offset < self.offset.saturating_add(self.len.max(1))
+    }
+}
+
+/// Removes an entry from the primary's pending set however the write ends.
+struct PendingGuard<'a> {
+    group: &'a Group,
+    lsn: Lsn,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.group.finish_primary(self.lsn);
+    }
+}
+
 /// The core's view of one device of the group (an NBD export).
 #[derive(Clone, Debug)]
 pub struct DeviceInfo {
@@ -57,6 +85,12 @@ pub struct Group {
     pub devices: RwLock<BTreeMap<u32, DeviceInfo>>,
     index: LsnIndex,
     written: AtomicU64,
+    /// Entries appended and not yet applied to the primary's devices, by lsn. A write is applied
+    /// once no lower lsn that overlaps it is still pending (lsn order where it matters, parallel
+    /// where it does not). Bounded by the requests in flight.
+    pending_primary: Mutex<BTreeMap<Lsn, Extent>>,
+    pending_primary_changed: tokio::sync::Notify,
+    started: std::sync::atomic::AtomicBool,
     pub events: Arc<Events>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     pub writes_total: AtomicU64,
@@ -119,8 +153,11 @@ impl Group {
                 cursor,
             )));
         }
-        let write_latency = crate::metrics::write_latency()
-            .with_label_values(&[spec.replog_path.display().to_string().as_str()]);
+        let write_latency = crate::metrics::write_latency().with_label_values(&[spec
+            .replog_path
+            .display()
+            .to_string()
+            .as_str()]);
         let group = Arc::new(Group {
             replog_path: spec.replog_path.clone(),
             replog,
@@ -129,6 +166,9 @@ impl Group {
             devices: RwLock::new(BTreeMap::new()),
             index,
             written: AtomicU64::new(last),
+            pending_primary: Mutex::new(BTreeMap::new()),
+            pending_primary_changed: tokio::sync::Notify::new(),
+            started: std::sync::atomic::AtomicBool::new(false),
             events,
             threads: Mutex::new(Vec::new()),
             writes_total: AtomicU64::new(0),
@@ -136,28 +176,85 @@ impl Group {
             write_latency,
         });
         group.add_device(spec, device, name, table)?;
-        for s in &group.slinks {
-            let src: Arc<dyn ApplySource> = group.clone();
+        Ok(group)
+    }
+
+    /// Bring the group up once all its devices are present: replay onto the primary's devices
+    /// what they may lack (entries above slink 0's cursor), then start the site appliers.
+    ///
+    /// Restoring a daemon opens every table of a group before it starts the group: an entry for
+    /// a device not yet joined must never be skipped by a replay.
+    pub fn start(self: &Arc<Self>) -> CoreResult<()> {
+        if self.started.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let replayed = self.replay_primary()?;
+        for s in &self.slinks {
+            let src: Arc<dyn ApplySource> = self.clone();
             let slink = s.clone();
             let h = std::thread::Builder::new()
                 .name(format!("slink{}-apply", s.nr))
                 .spawn(move || run_local_applier(src, slink))
                 .map_err(|e| CoreError::Invalid(format!("spawning applier: {e}")))?;
-            if let Ok(mut t) = group.threads.lock() {
+            if let Ok(mut t) = self.threads.lock() {
                 t.push(h);
             }
         }
-        group.events.raise(
+        self.events.raise(
             "group-up",
             format!(
-                "replog {} open, lsn {}..{}, {} slinks",
-                group.replog_path.display(),
-                group.replog.first_lsn(),
-                last,
-                group.slinks.len()
+                "replog {} open, lsn {}..{}, {} slinks, {replayed} entries replayed on the primary",
+                self.replog_path.display(),
+                self.replog.first_lsn(),
+                self.written_lsn(),
+                self.slinks.len()
             ),
         );
-        Ok(group)
+        Ok(())
+    }
+
+    /// Apply entries above slink 0's cursor to the primary's devices, in lsn order.
+    fn replay_primary(&self) -> CoreResult<u64> {
+        let Some(primary) = self.primary_slink() else {
+            return Ok(0);
+        };
+        let mut next = self.replog.cursor(0).unwrap_or(0) + 1;
+        let last = self.written_lsn();
+        let mut replayed = 0u64;
+        while next <= last {
+            let batch = self
+                .replog
+                .read_from(
+                    next,
+                    super::slink::REPLAY_BATCH_ENTRIES_MAX,
+                    super::slink::REPLAY_BATCH_BYTES_MAX,
+                )
+                .map_err(|e| CoreError::replog(&self.replog_path, e))?;
+            let Some(end) = batch.last().map(|e| e.lsn) else {
+                break;
+            };
+            for e in batch {
+                if let Some(dev) = primary.device(e.device) {
+                    super::slink::apply_entry(&dev.file, e.kind, e.offset, e.len, &e.data)
+                        .map_err(|err| {
+                            CoreError::Io(format!(
+                                "replaying lsn {} onto device {}: {err}",
+                                e.lsn, e.device
+                            ))
+                        })?;
+                } else {
+                    tracing::warn!(
+                        lsn = e.lsn,
+                        device = e.device,
+                        "replay: device not in group"
+                    );
+                }
+                replayed += 1;
+            }
+            next = end + 1;
+        }
+        primary.publish_applied_pub(last);
+        Ok(replayed)
     }
 
     /// Join a device to this group (a table that names this group's replog with `open`).
@@ -288,7 +385,11 @@ impl Group {
         let m = next_mode(s.policy, &s.fallbehind, s.mode(), &lag);
         if s.set_mode(m) {
             self.events.raise(
-                if m == Mode::Sync { "slink-sync" } else { "slink-async" },
+                if m == Mode::Sync {
+                    "slink-sync"
+                } else {
+                    "slink-async"
+                },
                 format!(
                     "slink {} now {:?} (lag {} ios, {} bytes, {:.3}s)",
                     s.nr,
@@ -312,8 +413,26 @@ impl Group {
     }
 
     /// The write path: returns once the write may be acknowledged under every slink's policy.
+    ///
+    /// Runs as its own task: once an entry has an lsn it must reach the primary's devices even
+    /// if the client that sent it goes away.
     pub async fn submit(
         self: &Arc<Self>,
+        device: u32,
+        offset: u64,
+        kind: EntryKind,
+        len: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> CoreResult<()> {
+        let me = self.clone();
+        tokio::spawn(async move { me.submit_task(device, offset, kind, len, data, fua).await })
+            .await
+            .map_err(|e| CoreError::Invalid(format!("write task: {e}")))?
+    }
+
+    async fn submit_task(
+        self: Arc<Self>,
         device: u32,
         offset: u64,
         kind: EntryKind,
@@ -344,17 +463,22 @@ impl Group {
                 Err(e) => return Err(e),
             }
         };
+        let guard = PendingGuard {
+            group: &self,
+            lsn: entry.lsn,
+        };
         let lsn = pending
             .await
             .map_err(|e| CoreError::replog(&self.replog_path, e))?;
         self.mark_written(lsn);
         for s in &self.slinks {
-            s.feed.kick();
+            if s.nr != 0 {
+                s.feed.kick();
+            }
         }
+        self.apply_primary(&entry).await?;
+        drop(guard);
         drop(entry);
-        if let Some(p) = self.primary_slink() {
-            p.wait_applied(lsn).await;
-        }
         for s in &self.slinks {
             if s.nr != 0 {
                 self.update_mode(s);
@@ -366,9 +490,65 @@ impl Group {
             }
         }
         self.writes_total.fetch_add(1, Ordering::Relaxed);
-        self.write_latency
-            .observe(started.elapsed().as_secs_f64());
+        self.write_latency.observe(started.elapsed().as_secs_f64());
         Ok(())
+    }
+
+    /// Apply a written entry to the primary's devices (slink 0), after every lower pending lsn
+    /// that overlaps it.
+    async fn apply_primary(&self, e: &MemEntry) -> CoreResult<()> {
+        let me = Extent {
+            device: e.device,
+            offset: e.offset,
+            len: e.len,
+        };
+        loop {
+            let changed = self.pending_primary_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let blocked = match self.pending_primary.lock() {
+                Ok(p) => p.range(..e.lsn).any(|(_, x)| x.overlaps(&me)),
+                Err(_) => false,
+            };
+            if !blocked {
+                break;
+            }
+            changed.await;
+        }
+        let Some(dev) = self.primary_slink().and_then(|p| p.device(e.device)) else {
+            return Err(CoreError::Invalid(format!("no device {}", e.device)));
+        };
+        super::slink::apply_entry(&dev.file, e.kind, e.offset, e.len, &e.data).map_err(|err| {
+            dev.health
+                .store(super::slink::Health::Dead as u8, Ordering::Relaxed);
+            self.events.raise(
+                "device-fault",
+                format!(
+                    "primary device {} write failed at lsn {}: {err}",
+                    e.device, e.lsn
+                ),
+            );
+            CoreError::Io(format!("device {}: {err}", e.device))
+        })
+    }
+
+    /// An entry is done with the primary (applied, or failed): unblock overlapping successors
+    /// and move slink 0's applied lsn to the end of the contiguous applied prefix.
+    fn finish_primary(&self, lsn: Lsn) {
+        let prefix = match self.pending_primary.lock() {
+            Ok(mut p) => {
+                p.remove(&lsn);
+                match p.keys().next() {
+                    Some(first) => first.saturating_sub(1),
+                    None => self.replog.next_lsn().saturating_sub(1),
+                }
+            }
+            Err(_) => return,
+        };
+        if let Some(p) = self.primary_slink() {
+            p.publish_applied_pub(prefix);
+        }
+        self.pending_primary_changed.notify_waiters();
     }
 
     fn append_and_feed(
@@ -400,6 +580,16 @@ impl Group {
         };
         let lsn = pending.lsn();
         self.index.push(lsn, len, now_ns());
+        if let Ok(mut p) = self.pending_primary.lock() {
+            p.insert(
+                lsn,
+                Extent {
+                    device,
+                    offset,
+                    len,
+                },
+            );
+        }
         let entry = Arc::new(MemEntry {
             lsn,
             device,
@@ -410,8 +600,11 @@ impl Group {
             data: std::mem::take(data),
             appended_at: Instant::now(),
         });
+        // Slink 0 is applied by the write's own task (`apply_primary`); the others get a feed.
         for s in &self.slinks {
-            s.feed.push(entry.clone());
+            if s.nr != 0 {
+                s.feed.push(entry.clone());
+            }
         }
         Ok((pending, entry))
     }
@@ -554,10 +747,8 @@ impl Group {
             .and_then(|p| p.device(device))
             .ok_or_else(|| CoreError::Invalid(format!("no device {device}")))?;
         dev.file.read_at(offset, buf).map_err(|e| {
-            dev.health.store(
-                super::slink::Health::ReadFailed as u8,
-                Ordering::Relaxed,
-            );
+            dev.health
+                .store(super::slink::Health::ReadFailed as u8, Ordering::Relaxed);
             CoreError::Io(e.to_string())
         })
     }
@@ -596,7 +787,13 @@ impl ApplySource for Group {
     fn primary(&self) -> Arc<Slink> {
         match self.primary_slink() {
             Some(p) => p.clone(),
-            None => Arc::new(Slink::new(0, "local", PolicyKind::Sync, Fallbehind::default(), 0)),
+            None => Arc::new(Slink::new(
+                0,
+                "local",
+                PolicyKind::Sync,
+                Fallbehind::default(),
+                0,
+            )),
         }
     }
 
@@ -606,7 +803,10 @@ impl ApplySource for Group {
 }
 
 fn open_replog(spec: &GroupSpec) -> CoreResult<Replog> {
-    let io = replog::io::IoOptions::default();
+    let mut io = replog::io::IoOptions::default();
+    if std::env::var_os("REPLICATOR_REPLOG_BUFFERED").is_some() {
+        io.direct = false;
+    }
     let path = &spec.replog_path;
     let create = |size: u64| {
         Replog::create(

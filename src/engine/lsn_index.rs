@@ -67,10 +67,7 @@ impl LsnIndex {
             Some(prev) => prev.cumulative_bytes,
             None => front.cumulative_bytes - front.bytes,
         };
-        (
-            last.cumulative_bytes - base,
-            Some(first_above.timestamp_ns),
-        )
+        (last.cumulative_bytes - base, Some(first_above.timestamp_ns))
     }
 
     pub fn len(&self) -> usize {

@@ -133,7 +133,12 @@ mod tests {
         };
         assert!(fb.is_unbounded());
         assert_eq!(
-            next_mode(PolicyKind::Async, &fb, Mode::Async, &lag(u64::MAX, u64::MAX, 1 << 40)),
+            next_mode(
+                PolicyKind::Async,
+                &fb,
+                Mode::Async,
+                &lag(u64::MAX, u64::MAX, 1 << 40)
+            ),
             Mode::Async
         );
     }
@@ -162,10 +167,19 @@ mod tests {
         };
         let p = PolicyKind::Stall;
         assert_eq!(next_mode(p, &fb, Mode::Async, &lag(1, 1, 2001)), Mode::Sync);
-        assert_eq!(next_mode(p, &fb, Mode::Async, &lag(1, (1 << 20) + 1, 0)), Mode::Sync);
+        assert_eq!(
+            next_mode(p, &fb, Mode::Async, &lag(1, (1 << 20) + 1, 0)),
+            Mode::Sync
+        );
         // Only ios is low; bytes still between the marks: stays sync.
-        assert_eq!(next_mode(p, &fb, Mode::Sync, &lag(1, 600_000, 0)), Mode::Sync);
-        assert_eq!(next_mode(p, &fb, Mode::Sync, &lag(1, 500_000, 900)), Mode::Async);
+        assert_eq!(
+            next_mode(p, &fb, Mode::Sync, &lag(1, 600_000, 0)),
+            Mode::Sync
+        );
+        assert_eq!(
+            next_mode(p, &fb, Mode::Sync, &lag(1, 500_000, 900)),
+            Mode::Async
+        );
     }
 
     proptest::proptest! {

@@ -186,6 +186,11 @@ impl Slink {
         });
     }
 
+    /// Move the applied lsn forward (the primary's write path and replay use this).
+    pub fn publish_applied_pub(&self, lsn: Lsn) {
+        self.publish_applied(lsn);
+    }
+
     /// Wait until this site has applied `lsn` (or the slink stops).
     pub async fn wait_applied(&self, lsn: Lsn) {
         let mut rx = self.applied.subscribe();
@@ -298,24 +303,50 @@ enum Applied {
     Failed,
 }
 
-fn apply_to_device(
-    slink: &Slink,
-    dev: &SiteDevice,
+/// Apply one entry to a device.
+pub fn apply_entry(
+    file: &BlockFile,
     kind: EntryKind,
     offset: u64,
     len: u64,
     data: &[u8],
 ) -> std::io::Result<()> {
-    let _ = slink;
     match kind {
-        EntryKind::Write => dev.file.write_at(offset, data),
-        EntryKind::Zeroes => dev.file.zero_range(offset, len),
-        EntryKind::Discard => dev.file.discard(offset, len),
+        EntryKind::Write => file.write_at(offset, data),
+        EntryKind::Zeroes => file.zero_range(offset, len),
+        EntryKind::Discard => file.discard(offset, len),
+    }
+}
+
+/// Slink 0's thread: the primary's devices are written by the write path itself; this thread only
+/// makes them durable and saves slink 0's cursor (the applied prefix) every checkpoint interval.
+fn run_primary_checkpointer(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
+    let mut saved = slink.applied();
+    loop {
+        let requested = slink.feed.wait_until(
+            || slink.checkpoint_requested.load(Ordering::Acquire) || slink.stopping(),
+            CHECKPOINT_INTERVAL,
+        );
+        slink.checkpoint_requested.store(false, Ordering::Release);
+        let applied = slink.applied();
+        if applied > saved || requested {
+            checkpoint(&*source, &slink, applied);
+            saved = applied;
+        }
+        if slink.stopping() {
+            checkpoint(&*source, &slink, slink.applied());
+            slink.set_state(SlinkState::Stopped);
+            return;
+        }
     }
 }
 
 /// The applier of a `local` slink: runs on its own thread until the slink stops and is drained.
 pub fn run_local_applier(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
+    if slink.nr == 0 {
+        run_primary_checkpointer(source, slink);
+        return;
+    }
     let mut next = slink.applied() + 1;
     let mut last_checkpoint = Instant::now();
     let mut dirty_since_checkpoint = false;
@@ -334,7 +365,9 @@ pub fn run_local_applier(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
             std::thread::sleep(Duration::from_millis(10));
             continue;
         }
-        let batch = slink.feed.pop_batch(APPLY_BATCH_MAX, Duration::from_millis(10));
+        let batch = slink
+            .feed
+            .pop_batch(APPLY_BATCH_MAX, Duration::from_millis(10));
         let mut progressed = false;
         for e in batch {
             if e.lsn < next {
@@ -405,7 +438,9 @@ fn wait_written(source: &dyn ApplySource, slink: &Slink, lsn: Lsn) {
 }
 
 fn apply_mem_entry(source: &dyn ApplySource, slink: &Slink, e: &MemEntry) {
-    apply_one(source, slink, e.lsn, e.device, e.kind, e.offset, e.len, &e.data);
+    apply_one(
+        source, slink, e.lsn, e.device, e.kind, e.offset, e.len, &e.data,
+    );
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -423,7 +458,7 @@ fn apply_one(
         // A device of the group this site does not hold (yet): nothing to apply.
         return Applied::Ok;
     };
-    match apply_to_device(slink, &dev, kind, offset, len, data) {
+    match apply_entry(&dev.file, kind, offset, len, data) {
         Ok(()) => {
             slink.applied_entries_total.fetch_add(1, Ordering::Relaxed);
             Applied::Ok

@@ -135,9 +135,10 @@ impl Daemon {
         let deadline = Instant::now() + timeout;
         loop {
             let st = self.status(name);
-            let done = st["slinks"].as_array().unwrap().iter().all(|s| {
-                s["lag_ios"].as_u64() == Some(0) && s["dirty_bytes"].as_u64() == Some(0)
-            });
+            let done =
+                st["slinks"].as_array().unwrap().iter().all(|s| {
+                    s["lag_ios"].as_u64() == Some(0) && s["dirty_bytes"].as_u64() == Some(0)
+                });
             if done {
                 return st;
             }
@@ -200,7 +201,13 @@ impl Drop for Daemon {
 
 /// A table for one device with a local primary (slink 0) and a second local site (slink 1), all
 /// files inside the daemon's directory.
-pub fn two_site_table(dev_mib: u64, replog_mib: u64, policy: &str, dev_nr: u32, replog_mode: &str) -> String {
+pub fn two_site_table(
+    dev_mib: u64,
+    replog_mib: u64,
+    policy: &str,
+    dev_nr: u32,
+    replog_mode: &str,
+) -> String {
     let sectors = dev_mib * 2048;
     let replog_sectors = replog_mib * 2048;
     let size = if replog_mode == "open" {

@@ -47,11 +47,32 @@ pub enum Command {
         /// Shell command run on every event (REPLICATOR_GROUP, REPLICATOR_EVENT, ... in its env).
         #[arg(long)]
         event_hook: Option<String>,
+        /// This site's id (1-64 of [A-Za-z0-9._-]); needed for tcp slinks either way.
+        #[arg(long)]
+        site_id: Option<String>,
+        /// File holding the pre-shared key of the sites' links (at least 16 bytes; never sent).
+        #[arg(long)]
+        psk_file: Option<PathBuf>,
+        /// Accept tcp slinks from primaries on this address (this site holds secondary groups).
+        #[arg(long)]
+        slink_listen: Option<String>,
+        /// A site allowed to connect: SITE (ships writes) or SITE:ro (may not ship). Repeatable;
+        /// no entry, no connection.
+        #[arg(long = "allow")]
+        allow: Vec<String>,
+        /// The site id that answers at an address named by a tcp slink: SITE@HOST:PORT.
+        /// Repeatable.
+        #[arg(long = "peer")]
+        peers: Vec<String>,
     },
     /// Create a device from a mapping table file ("-" reads standard input).
     Create {
         #[command(flatten)]
         control: ControlArg,
+        /// Create the device in the secondary role: a primary's tcp slink ships to it; its NBD
+        /// export is read-only.
+        #[arg(long)]
+        secondary: bool,
         name: String,
         table: PathBuf,
     },
@@ -152,6 +173,7 @@ pub fn run_client(cmd: Command) -> Result<(), String> {
         Command::Daemon { .. } => Err("internal: daemon is not a client command".into()),
         Command::Create {
             control,
+            secondary,
             name,
             table,
         } => {
@@ -178,6 +200,7 @@ pub fn run_client(cmd: Command) -> Result<(), String> {
                     table: text,
                     source,
                     cwd,
+                    secondary,
                 },
             )?;
             for w in v["warnings"].as_array().into_iter().flatten() {
@@ -311,3 +334,56 @@ fn render_inspection(v: &serde_json::Value) -> String {
     }
     out
 }
+
+/// Build the daemon's link identity from its flags (None when no tcp link is configured).
+pub fn link_settings(
+    site_id: Option<String>,
+    psk_file: Option<PathBuf>,
+    allow: &[String],
+    peers: &[String],
+) -> Result<Option<replicator_link::LinkSettings>, String> {
+    let (site_id, psk_file) = match (site_id, psk_file) {
+        (None, None) if allow.is_empty() && peers.is_empty() => return Ok(None),
+        (Some(s), Some(p)) => (s, p),
+        _ => {
+            return Err(
+                "tcp slinks need both --site-id and --psk-file (and --allow / --peer)".into(),
+            )
+        }
+    };
+    let site = slink::SiteId::new(&site_id).map_err(|e| format!("--site-id: {e:?}"))?;
+    let key = std::fs::read(&psk_file).map_err(|e| format!("{}: {e}", psk_file.display()))?;
+    let key: Vec<u8> = {
+        // A key file usually ends with a newline; it is not part of the key.
+        let mut k = key;
+        while k.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            k.pop();
+        }
+        k
+    };
+    let psk = slink::Psk::new(key).map_err(|e| format!("{}: {e}", psk_file.display()))?;
+    let mut cfg = slink::SiteConfig::new(site, psk);
+    for a in allow {
+        let (name, perm) = match a.strip_suffix(":ro") {
+            Some(n) => (n, slink::Permission::ReadOnly),
+            None => (a.as_str(), slink::Permission::ReadWrite),
+        };
+        let id = slink::SiteId::new(name).map_err(|e| format!("--allow {a}: {e:?}"))?;
+        cfg = cfg.allow(id, perm);
+    }
+    cfg.validate().map_err(|e| format!("link settings: {e}"))?;
+    let mut map = std::collections::HashMap::new();
+    for p in peers {
+        let (name, addr) = p
+            .split_once('@')
+            .ok_or_else(|| format!("--peer {p}: expected SITE@HOST:PORT"))?;
+        let id = slink::SiteId::new(name).map_err(|e| format!("--peer {p}: {e:?}"))?;
+        map.insert(addr.to_string(), id);
+    }
+    Ok(Some(replicator_link::LinkSettings {
+        site: cfg,
+        peers: map,
+    }))
+}
+
+use crate::engine::tcp as replicator_link;

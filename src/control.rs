@@ -23,6 +23,9 @@ pub enum Request {
         table: String,
         source: String,
         cwd: String,
+        /// "primary" (default) or "secondary".
+        #[serde(default)]
+        secondary: bool,
     },
     Remove {
         name: String,
@@ -76,6 +79,8 @@ impl Response {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DeviceStatus {
     pub name: String,
+    /// "primary" or "secondary".
+    pub role: String,
     pub dev_nr: u32,
     pub size_bytes: u64,
     pub replog: ReplogStatus,

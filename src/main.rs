@@ -20,7 +20,27 @@ fn main() {
             metrics,
             state_dir,
             event_hook,
+            site_id,
+            psk_file,
+            slink_listen,
+            allow,
+            peers,
         } => {
+            let links = match replicator::cli::link_settings(site_id, psk_file, &allow, &peers) {
+                Ok(l) => l.map(std::sync::Arc::new),
+                Err(e) => {
+                    eprintln!("replicator: {e}");
+                    std::process::exit(2);
+                }
+            };
+            let slink_listen = match slink_listen.map(|a| a.parse::<std::net::SocketAddr>()) {
+                None => None,
+                Some(Ok(a)) => Some(a),
+                Some(Err(e)) => {
+                    eprintln!("replicator: --slink-listen: {e}");
+                    std::process::exit(2);
+                }
+            };
             let cfg = DaemonConfig {
                 control: control.control,
                 nbd,
@@ -28,6 +48,8 @@ fn main() {
                 metrics,
                 state_dir,
                 event_hook,
+                links,
+                slink_listen,
             };
             match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -1,11 +1,12 @@
 //! The replog itself: create, open with recovery, append with group commit, read, cursors,
 //! reclaim, space and lag accounting.
 //!
-//! Concurrency: one mutex (`State`) covers layout, lsn assignment and the in-memory index; a
-//! second one (`MetaState`) serialises metadata writes (cursor moves, reclaim). Appenders copy
-//! their record into the open batch buffer under the state lock; the writer thread (see
-//! `writer.rs`) closes the open batch, pads it to a block and submits it; the completer thread
-//! resolves the appenders' handles in submit order.
+//! Concurrency: one mutex (`State`) covers layout, lsn assignment, the in-memory index and the
+//! batch pipeline; a second one (`MetaState`) serialises metadata writes (cursor moves, reclaim).
+//! Appenders copy their record into the open batch buffer under the state lock; whoever finds the
+//! pipeline with room closes the open batch, pads it to a block and submits it, and the I/O
+//! thread finishes batches in submit order and resolves the appenders' handles (`writer.rs`).
+//! Lock order: meta before state. Nothing blocks on I/O while holding the state lock.
 //!
 //! Invariants (asserted where cheap):
 //! - lsn order == ring position order; `State::index` is sorted by both.
@@ -15,9 +16,10 @@
 //! - The tail only moves after the metadata naming it is durable, and never past an entry that is
 //!   not yet written or whose lsn exceeds the lowest registered cursor.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::thread::JoinHandle;
+use std::task::Waker;
 
 use serde::Serialize;
 
@@ -32,6 +34,7 @@ use crate::io::{self, AlignedBuf};
 use crate::meta;
 use crate::recovery::{self, Finding, RingReader, ScanStart};
 use crate::storage::Storage;
+use crate::writer::{self, CompletionWaker, InFlight};
 use crate::{Lsn, MAX_SLINKS};
 
 /// Batches submitted and not yet completed (pipelining depth). With the open batch this bounds
@@ -198,7 +201,10 @@ pub(crate) struct State {
     pub cursors: [Option<Lsn>; MAX_SLINKS],
     /// Flushes requested while the open batch was empty.
     pub flush_waiters: Vec<Waiter>,
-    pub in_flight: usize,
+    /// Submitted batches, oldest first (at most BATCHES_IN_FLIGHT_MAX).
+    pub pipeline: VecDeque<InFlight>,
+    /// Threads waiting on `Inner::room` (so that nobody pays a wake-up syscall for nobody).
+    pub room_waiters: usize,
     pub pool: Vec<AlignedBuf>,
     /// Set at the first failed write: the log refuses further appends.
     pub failed: Option<String>,
@@ -225,10 +231,11 @@ pub(crate) struct Inner {
     /// Capacity of batch buffers for this ring.
     pub batch_buffer_bytes: u64,
     pub state: Mutex<State>,
-    /// Appenders wait here for room in the open batch.
+    /// Appenders wait here for room in the open batch; `Drop` waits here for the pipeline to
+    /// drain.
     pub room: Condvar,
-    /// The writer waits here for work or a free pipeline slot.
-    pub work: Condvar,
+    /// Batch tickets are polled with this: it finishes batches on the I/O thread.
+    pub completion_waker: Waker,
     pub meta: Mutex<MetaState>,
 }
 
@@ -285,11 +292,10 @@ impl Inner {
     }
 }
 
-/// The replication log. `Send + Sync`; share it with `Arc`. Dropping it drains the open batch
-/// and stops the writer threads.
+/// The replication log. `Send + Sync`; share it with `Arc`. Dropping it submits the open batch
+/// and waits until every submitted batch completed.
 pub struct Replog {
     inner: Arc<Inner>,
-    threads: Vec<JoinHandle<()>>,
 }
 
 fn check_base(offset: u64) -> Result<()> {
@@ -417,7 +423,8 @@ impl Replog {
         };
         let ring_bytes = m.ring_bytes;
         let batch_buffer_bytes = BATCH_BUFFER_BYTES_MAX.min(ring_bytes);
-        let inner = Arc::new(Inner {
+        let inner = Arc::new_cyclic(|weak| Inner {
+            completion_waker: Waker::from(Arc::new(CompletionWaker::new(weak.clone()))),
             path: storage.describe(),
             storage,
             base: offset,
@@ -444,13 +451,13 @@ impl Replog {
                 tail_generation: m.tail_generation,
                 cursors,
                 flush_waiters: Vec::new(),
-                in_flight: 0,
+                pipeline: VecDeque::new(),
+                room_waiters: 0,
                 pool: Vec::new(),
                 failed: None,
                 shutdown: false,
             }),
             room: Condvar::new(),
-            work: Condvar::new(),
             meta: Mutex::new(MetaState {
                 sequence,
                 registered: m.registered,
@@ -482,8 +489,7 @@ impl Replog {
                 jumps: scanned.jumps,
             }
         };
-        let threads = crate::writer::start(&inner)?;
-        Ok((Replog { inner, threads }, report))
+        Ok((Replog { inner }, report))
     }
 
     /// This replog's uuid.
@@ -499,6 +505,18 @@ impl Replog {
     /// What the io layer actually uses.
     pub fn io_backend(&self) -> io::Backend {
         self.inner.storage.backend()
+    }
+
+    /// True when the log device is written with O_DIRECT (false for buffered I/O and for
+    /// in-memory storage).
+    pub fn is_direct(&self) -> bool {
+        self.inner.storage.is_direct()
+    }
+
+    /// Highest lsn such that it and every lower lsn completed its write (survives a process
+    /// crash); 0 when nothing was written. Moves in batch completion order.
+    pub fn written_lsn(&self) -> Lsn {
+        lock(&self.inner.state).written_lsn
     }
 
     /// Assigns the next lsn synchronously, in call order, and queues the entry for the writer.
@@ -586,9 +604,11 @@ impl Replog {
                 });
             }
             if st.open.fill + pad_before + rsize > inner.batch_buffer_bytes {
-                // Bounded queue: wait until the writer takes the open batch.
-                inner.work.notify_one();
+                // Bounded queue: wait until a completion takes the open batch (the pipeline is
+                // full, or `pump` would have submitted it).
+                st.room_waiters += 1;
                 st = inner.room.wait(st).unwrap_or_else(PoisonError::into_inner);
+                st.room_waiters -= 1;
                 continue;
             }
             break (v0, pad_before);
@@ -603,7 +623,8 @@ impl Replog {
             Some(lsn) => lsn,
             None => st.last_lsn + 1,
         };
-        let st = &mut *st;
+        let mut guard = st;
+        let st = &mut *guard;
         let prev_lsn = st.last_lsn;
         if st.open.fill == 0 {
             debug_assert_eq!(v0 % BLOCK_BYTES, 0, "a batch starts on a block boundary");
@@ -669,7 +690,9 @@ impl Replog {
         st.open.waiters.push(waiter);
         st.open.sync |= durability == Durability::Durable;
         st.open.last_lsn = lsn;
-        inner.work.notify_one();
+        let finished = writer::pump(inner, st);
+        drop(guard);
+        finished.resolve();
         Ok(appending)
     }
 
@@ -688,7 +711,9 @@ impl Replog {
         } else {
             st.flush_waiters.push(waiter);
         }
-        inner.work.notify_one();
+        let finished = writer::pump(inner, &mut st);
+        drop(st);
+        finished.resolve();
         appending
     }
 
@@ -1002,15 +1027,22 @@ pub(crate) fn scan_start(m: &MetaSlot) -> ScanStart {
 
 impl Drop for Replog {
     fn drop(&mut self) {
-        {
-            let mut st = lock(&self.inner.state);
-            st.shutdown = true;
-        }
-        self.inner.work.notify_all();
-        self.inner.room.notify_all();
-        for t in self.threads.drain(..) {
-            // A panicked writer thread already failed its waiters (their handles resolve Closed).
-            let _ = t.join();
+        let inner = &*self.inner;
+        let mut st = lock(&inner.state);
+        st.shutdown = true;
+        // Appenders blocked for room see `shutdown` and return Closed.
+        inner.room.notify_all();
+        loop {
+            writer::pump(inner, &mut st).resolve();
+            let has_work = st.open.fill > 0 || !st.flush_waiters.is_empty();
+            if st.pipeline.is_empty() && !has_work {
+                break;
+            }
+            // Each completion pumps (on the I/O thread) and wakes us; a storage whose thread
+            // died fails the ticket instead of dropping it, so this ends.
+            st.room_waiters += 1;
+            st = inner.room.wait(st).unwrap_or_else(PoisonError::into_inner);
+            st.room_waiters -= 1;
         }
     }
 }

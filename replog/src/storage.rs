@@ -34,9 +34,17 @@ pub trait Storage: Send + Sync {
     fn sync_data(&self) -> io::Result<()>;
     /// Submits writes and an optional sync; completes in submit order. The sync is issued only
     /// after the writes of this batch and of every earlier batch completed.
+    ///
+    /// Must not block waiting for I/O (the log submits under its state lock, and completes
+    /// batches from the waker the ticket was polled with, which takes that lock): queue the
+    /// batch, or do it synchronously and return a ready ticket. The log bounds its own batches.
     fn submit(&self, writes: Vec<(u64, AlignedBuf)>, sync_after: bool) -> IoTicket;
     /// Which I/O path is in use (for status output).
     fn backend(&self) -> crate::io::Backend;
+    /// True when writes bypass the page cache (O_DIRECT). Default: false.
+    fn is_direct(&self) -> bool {
+        false
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -327,9 +335,12 @@ impl Storage for crate::io::IoFile {
         crate::io::IoFile::sync_data(self)
     }
     fn submit(&self, writes: Vec<(u64, AlignedBuf)>, sync_after: bool) -> IoTicket {
-        crate::io::IoFile::submit(self, crate::io::IoBatch { writes, sync_after })
+        crate::io::IoFile::submit_self_bounded(self, crate::io::IoBatch { writes, sync_after })
     }
     fn backend(&self) -> crate::io::Backend {
         crate::io::IoFile::backend(self)
+    }
+    fn is_direct(&self) -> bool {
+        crate::io::IoFile::is_direct(self)
     }
 }

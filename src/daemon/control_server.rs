@@ -64,12 +64,19 @@ async fn answer(req: Request, registry: &Arc<Registry>, state: &Arc<StateDir>) -
             table,
             source,
             cwd,
+            secondary,
         } => {
             let reg = registry.clone();
             let (n, t, s, c) = (name.clone(), table.clone(), source.clone(), cwd.clone());
-            let created =
-                tokio::task::spawn_blocking(move || reg.create(&n, &t, &s, Path::new(&c), false))
-                    .await;
+            let role = if secondary {
+                crate::engine::group::Role::Secondary
+            } else {
+                crate::engine::group::Role::Primary
+            };
+            let created = tokio::task::spawn_blocking(move || {
+                reg.create(&n, &t, &s, Path::new(&c), false, role)
+            })
+            .await;
             match created {
                 Ok(Ok(h)) => {
                     let rec = DeviceRecord {
@@ -78,6 +85,7 @@ async fn answer(req: Request, registry: &Arc<Registry>, state: &Arc<StateDir>) -
                         table,
                         source,
                         cwd,
+                        secondary,
                     };
                     if let Err(e) = state.save(&rec) {
                         return Response::err(format!(

@@ -36,8 +36,9 @@ impl Export for DeviceExport {
         self.handle.size
     }
 
+    /// A secondary's devices are read-only: writes get EPERM (they come from the primary only).
     fn read_only(&self) -> bool {
-        false
+        self.handle.group.role() == crate::engine::group::Role::Secondary
     }
 
     fn description(&self) -> String {

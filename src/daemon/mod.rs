@@ -6,6 +6,7 @@
 
 pub mod control_server;
 pub mod export;
+pub mod link;
 pub mod registry;
 pub mod state;
 
@@ -35,6 +36,10 @@ pub struct DaemonConfig {
     pub metrics: Option<String>,
     pub state_dir: PathBuf,
     pub event_hook: Option<String>,
+    /// This site's link identity (tcp slinks out, and in with `slink_listen`).
+    pub links: Option<Arc<crate::engine::tcp::LinkSettings>>,
+    /// Accept primaries' links here (this daemon holds secondary groups).
+    pub slink_listen: Option<std::net::SocketAddr>,
 }
 
 pub async fn run(cfg: DaemonConfig) -> Result<(), String> {
@@ -42,7 +47,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), String> {
         StateDir::open(&cfg.state_dir)
             .map_err(|e| format!("state dir {}: {e}", cfg.state_dir.display()))?,
     );
-    let registry = Arc::new(Registry::new(cfg.event_hook.clone()));
+    let registry = Arc::new(Registry::new(cfg.event_hook.clone(), cfg.links.clone()));
 
     // Restore groups: replogs are opened (never re-created) and recovered; appliers catch up
     // from their cursors.
@@ -53,12 +58,18 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), String> {
         let reg = registry.clone();
         let rec = r.clone();
         let res = tokio::task::spawn_blocking(move || {
+            let role = if rec.secondary {
+                crate::engine::group::Role::Secondary
+            } else {
+                crate::engine::group::Role::Primary
+            };
             reg.create(
                 &rec.name,
                 &rec.table,
                 &rec.source,
                 std::path::Path::new(&rec.cwd),
                 true,
+                role,
             )
         })
         .await
@@ -154,12 +165,29 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), String> {
         });
     }
 
+    let mut listener = None;
+    if let Some(addr) = cfg.slink_listen {
+        let links = cfg.links.as_ref().ok_or(
+            "--slink-listen needs the site's identity: --site-id and --psk-file (and --allow)",
+        )?;
+        let sink = Arc::new(link::SecondarySink {
+            registry: registry.clone(),
+        });
+        let l = slink::SlinkListener::bind(addr, links.site.clone(), sink)
+            .map_err(|e| format!("slink listen on {addr}: {e}"))?;
+        tracing::info!("accepting slinks on {}", l.local_addr());
+        listener = Some(l);
+    }
+
     tracing::info!(control = %cfg.control.display(), "replicator daemon ready");
     wait_for_signal().await;
     tracing::info!("stopping: draining NBD requests");
     let _ = shutdown_tx.send(true);
     for t in tasks {
         let _ = t.await;
+    }
+    if let Some(l) = listener {
+        l.shutdown().await;
     }
     let reg = registry.clone();
     let _ = tokio::task::spawn_blocking(move || reg.shutdown_all()).await;

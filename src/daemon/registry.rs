@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use crate::control::{DeviceStatus, ReplogStatus, SlinkStatus};
-use crate::engine::group::{replog_key, Group};
+use crate::engine::group::{replog_key, Group, Role};
 use crate::engine::slink::Health;
 use crate::engine::spec::{self, ReplogOpen};
+use crate::engine::tcp::LinkSettings;
 use crate::table;
 
 #[derive(Clone)]
@@ -27,6 +28,7 @@ pub struct Registry {
     devices: RwLock<BTreeMap<String, DeviceHandle>>,
     groups: RwLock<BTreeMap<PathBuf, Arc<Group>>>,
     pub event_hook: Option<String>,
+    pub links: Option<Arc<LinkSettings>>,
 }
 
 pub fn valid_name(name: &str) -> bool {
@@ -39,9 +41,10 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 impl Registry {
-    pub fn new(event_hook: Option<String>) -> Self {
+    pub fn new(event_hook: Option<String>, links: Option<Arc<LinkSettings>>) -> Self {
         Registry {
             event_hook,
+            links,
             ..Default::default()
         }
     }
@@ -72,6 +75,7 @@ impl Registry {
         source: &str,
         cwd: &Path,
         reopen: bool,
+        role: Role,
     ) -> Result<DeviceHandle, String> {
         if !valid_name(name) {
             return Err(format!(
@@ -111,13 +115,30 @@ impl Registry {
                         gspec.replog_path.display()
                     ));
                 }
+                if g.role() != role {
+                    return Err(format!(
+                        "{source}: replog {} belongs to a {:?} group; this device was created as {:?}",
+                        gspec.replog_path.display(),
+                        g.role(),
+                        role
+                    ));
+                }
                 g.add_device(&gspec, &dspec, name, table_text)
                     .map_err(|e| e.to_string())?;
+                g.device_joined().map_err(|e| e.to_string())?;
                 g
             }
             None => {
-                let g = Group::open(&gspec, &dspec, name, table_text, self.event_hook.clone())
-                    .map_err(|e| e.to_string())?;
+                let g = Group::open(
+                    &gspec,
+                    &dspec,
+                    name,
+                    table_text,
+                    self.event_hook.clone(),
+                    role,
+                    self.links.clone(),
+                )
+                .map_err(|e| e.to_string())?;
                 if let Ok(mut groups) = self.groups.write() {
                     groups.insert(replog_key(&gspec.replog_path), g.clone());
                 }
@@ -188,6 +209,7 @@ impl Registry {
 fn state_letter(s: crate::engine::slink::SlinkState) -> char {
     use crate::engine::slink::SlinkState::*;
     match s {
+        Down => 'D',
         Up => 'U',
         Resync => 'R',
         Faulty => 'F',
@@ -246,10 +268,7 @@ pub fn device_status(h: &DeviceHandle) -> DeviceStatus {
             lag_seconds: lag.age.as_secs_f64(),
             dirty_bytes,
             health: health.to_string(),
-            device_path: dev
-                .as_ref()
-                .map(|d| d.file.path().display().to_string())
-                .unwrap_or_default(),
+            device_path: dev.as_ref().map(|d| d.location.clone()).unwrap_or_default(),
         });
     }
     let sectors = h.size / 512;
@@ -262,6 +281,10 @@ pub fn device_status(h: &DeviceHandle) -> DeviceStatus {
     );
     DeviceStatus {
         name: h.name.clone(),
+        role: match g.role() {
+            Role::Primary => "primary".into(),
+            Role::Secondary => "secondary".into(),
+        },
         dev_nr: h.dev_nr,
         size_bytes: h.size,
         replog: ReplogStatus {

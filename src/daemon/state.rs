@@ -18,6 +18,8 @@ pub struct DeviceRecord {
     pub table: String,
     pub source: String,
     pub cwd: String,
+    #[serde(default)]
+    pub secondary: bool,
 }
 
 pub struct StateDir {

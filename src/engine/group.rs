@@ -31,6 +31,18 @@ use super::policy::{next_mode, Fallbehind, Lag, Mode, PolicyKind};
 use super::queue::MemEntry;
 use super::slink::{run_local_applier, ApplySource, SiteDevice, Slink};
 use super::spec::{DeviceSpec, DirtyLogSpec, GroupSpec, ReplogOpen, SlinkSpec};
+use super::tcp::LinkSettings;
+
+/// A group's role at this site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[repr(u8)]
+pub enum Role {
+    /// Clients write here; slinks ship to the other sites.
+    Primary = 0,
+    /// Receives a primary's entries; its devices are read-only.
+    Secondary = 1,
+}
 use super::{CoreError, CoreResult};
 
 /// How long a write waits for ring space before it fails with ENOSPC.
@@ -90,7 +102,14 @@ pub struct Group {
     /// where it does not). Bounded by the requests in flight.
     pending_primary: Mutex<BTreeMap<Lsn, Extent>>,
     pending_primary_changed: tokio::sync::Notify,
+    /// Woken whenever `written` moves (tcp links wait on it for new entries).
+    pub written_changed: tokio::sync::Notify,
     started: std::sync::atomic::AtomicBool,
+    links: Option<Arc<LinkSettings>>,
+    senders: Mutex<Vec<slink::SlinkSender>>,
+    role: std::sync::atomic::AtomicU8,
+    /// Secondary: the highest resync seq stored in this session.
+    resync_seq: AtomicU64,
     pub events: Arc<Events>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     pub writes_total: AtomicU64,
@@ -114,7 +133,15 @@ impl Group {
         name: &str,
         table: &str,
         hook: Option<String>,
+        role: Role,
+        links: Option<Arc<LinkSettings>>,
     ) -> CoreResult<Arc<Group>> {
+        if role == Role::Secondary && spec.slinks.iter().any(|s| s.nr != 0) {
+            return Err(CoreError::Invalid(
+                "a secondary group has only slink 0 (its own devices); the primary ships to it"
+                    .into(),
+            ));
+        }
         let replog = open_replog(spec)?;
         let events = Arc::new(Events::new(&spec.replog_path.display().to_string(), hook));
 
@@ -145,13 +172,10 @@ impl Group {
                     last
                 }
             };
-            slinks.push(Arc::new(Slink::new(
-                s.nr,
-                s.transport,
-                s.policy,
-                s.fallbehind,
-                cursor,
-            )));
+            slinks.push(Arc::new(
+                Slink::new(s.nr, s.transport, s.policy, s.fallbehind, cursor)
+                    .with_remote(s.remote_addr.clone()),
+            ));
         }
         let write_latency = crate::metrics::write_latency().with_label_values(&[spec
             .replog_path
@@ -168,7 +192,12 @@ impl Group {
             written: AtomicU64::new(last),
             pending_primary: Mutex::new(BTreeMap::new()),
             pending_primary_changed: tokio::sync::Notify::new(),
+            written_changed: tokio::sync::Notify::new(),
             started: std::sync::atomic::AtomicBool::new(false),
+            links,
+            senders: Mutex::new(Vec::new()),
+            role: std::sync::atomic::AtomicU8::new(role as u8),
+            resync_seq: AtomicU64::new(0),
             events,
             threads: Mutex::new(Vec::new()),
             writes_total: AtomicU64::new(0),
@@ -192,14 +221,22 @@ impl Group {
         for s in &self.slinks {
             let src: Arc<dyn ApplySource> = self.clone();
             let slink = s.clone();
+            let tcp = s.transport == "tcp";
             let h = std::thread::Builder::new()
                 .name(format!("slink{}-apply", s.nr))
-                .spawn(move || run_local_applier(src, slink))
+                .spawn(move || {
+                    if tcp {
+                        super::slink::run_checkpointer(src, slink)
+                    } else {
+                        run_local_applier(src, slink)
+                    }
+                })
                 .map_err(|e| CoreError::Invalid(format!("spawning applier: {e}")))?;
             if let Ok(mut t) = self.threads.lock() {
                 t.push(h);
             }
         }
+        self.spawn_links()?;
         self.events.raise(
             "group-up",
             format!(
@@ -211,6 +248,37 @@ impl Group {
             ),
         );
         Ok(())
+    }
+
+    /// Start (or restart, when a device joined) the links of the `tcp` slinks.
+    fn spawn_links(self: &Arc<Self>) -> CoreResult<()> {
+        let mut senders = self
+            .senders
+            .lock()
+            .map_err(|_| CoreError::Invalid("senders lock poisoned".into()))?;
+        senders.clear();
+        for s in &self.slinks {
+            let Some(addr) = &s.remote_addr else { continue };
+            let settings = self.links.as_ref().ok_or_else(|| {
+                CoreError::Invalid(format!(
+                    "slink {} is tcp but the daemon has no link identity (--site-id, --psk-file)",
+                    s.nr
+                ))
+            })?;
+            s.set_link_state(super::slink::SlinkState::Down);
+            let sender =
+                super::tcp::spawn_link(self, s, addr, settings).map_err(CoreError::Invalid)?;
+            senders.push(sender);
+        }
+        Ok(())
+    }
+
+    pub fn role(&self) -> Role {
+        if self.role.load(Ordering::Acquire) == Role::Secondary as u8 {
+            Role::Secondary
+        } else {
+            Role::Primary
+        }
     }
 
     /// Apply entries above slink 0's cursor to the primary's devices, in lsn order.
@@ -235,7 +303,10 @@ impl Group {
             };
             for e in batch {
                 if let Some(dev) = primary.device(e.device) {
-                    super::slink::apply_entry(&dev.file, e.kind, e.offset, e.len, &e.data)
+                    dev.file()
+                        .and_then(|f| {
+                            super::slink::apply_entry(f, e.kind, e.offset, e.len, &e.data)
+                        })
                         .map_err(|err| {
                             CoreError::Io(format!(
                                 "replaying lsn {} onto device {}: {err}",
@@ -305,10 +376,21 @@ impl Group {
                 .ok_or_else(|| {
                     CoreError::Invalid(format!("slink {} has no device {}", s.nr, device.dev_nr))
                 })?;
-            let file = BlockFile::open(&site.path, device.size, true)
-                .map_err(|e| CoreError::Io(format!("slink {}: {e}", s.nr)))?;
             let dirty = open_dirty_log(&site.dirty_log, device.size)?;
-            opened.push((s.nr, SiteDevice::new(device.dev_nr, file, dirty)));
+            let dev = match &s.remote_addr {
+                Some(addr) => SiteDevice::remote(
+                    device.dev_nr,
+                    device.size,
+                    format!("tcp://{addr}/{}", site.path.display()),
+                    dirty,
+                ),
+                None => {
+                    let file = BlockFile::open(&site.path, device.size, true)
+                        .map_err(|e| CoreError::Io(format!("slink {}: {e}", s.nr)))?;
+                    SiteDevice::local(device.dev_nr, file, dirty)
+                }
+            };
+            opened.push((s.nr, dev));
         }
         for (nr, dev) in opened {
             if let Some(sl) = self.slink(nr) {
@@ -330,6 +412,14 @@ impl Group {
             "device-added",
             format!("device {} ({name}) joined", device.dev_nr),
         );
+        Ok(())
+    }
+
+    /// After a device joined a running group: the links handshake again with the new device list.
+    pub fn device_joined(self: &Arc<Self>) -> CoreResult<()> {
+        if self.started.load(Ordering::Acquire) {
+            self.spawn_links()?;
+        }
         Ok(())
     }
 
@@ -362,6 +452,7 @@ impl Group {
 
     fn mark_written(&self, lsn: Lsn) {
         self.written.fetch_max(lsn, Ordering::AcqRel);
+        self.written_changed.notify_waiters();
     }
 
     /// Lag of a slink behind the newest written entry.
@@ -518,7 +609,10 @@ impl Group {
         let Some(dev) = self.primary_slink().and_then(|p| p.device(e.device)) else {
             return Err(CoreError::Invalid(format!("no device {}", e.device)));
         };
-        super::slink::apply_entry(&dev.file, e.kind, e.offset, e.len, &e.data).map_err(|err| {
+        let applied = dev
+            .file()
+            .and_then(|f| super::slink::apply_entry(f, e.kind, e.offset, e.len, &e.data));
+        applied.map_err(|err| {
             dev.health
                 .store(super::slink::Health::Dead as u8, Ordering::Relaxed);
             self.events.raise(
@@ -599,6 +693,7 @@ impl Group {
             // Moved, not copied: the request's buffer becomes the slinks' entry.
             data: std::mem::take(data),
             appended_at: Instant::now(),
+            timestamp_ns: now_ns(),
         });
         // Slink 0 is applied by the write's own task (`apply_primary`); the others get a feed.
         for s in &self.slinks {
@@ -704,6 +799,10 @@ impl Group {
                 d.persist()
                     .map_err(|e| CoreError::Io(format!("dirty log of slink {}: {e}", s.nr)))?;
             }
+            // Chunks already on their way may predate these marks: their acks must not clear them.
+            if let Ok(mut m) = s.resync_in_flight.lock() {
+                m.clear();
+            }
             // 2. The site skips them.
             s.skip_to.fetch_max(target, Ordering::AcqRel);
             s.feed.kick();
@@ -728,6 +827,9 @@ impl Group {
 
     /// Stop the appliers after they drained what is written; save cursors.
     pub fn shutdown(&self) {
+        if let Ok(mut s) = self.senders.lock() {
+            s.clear();
+        }
         for s in &self.slinks {
             s.request_stop();
         }
@@ -740,17 +842,183 @@ impl Group {
         self.events.raise("group-down", "group stopped");
     }
 
+    /// Secondary: store entries and resync chunks received from the primary, in stream order.
+    /// Entries go into this site's replog with the primary's lsns and are flushed (durable)
+    /// before the position is returned (and acknowledged); they are applied to this site's
+    /// devices in lsn order. A resync chunk is written to the device after every entry before it
+    /// was applied, and made durable before it is acknowledged.
+    pub async fn store_replicated(
+        self: &Arc<Self>,
+        items: Vec<slink::Item>,
+    ) -> CoreResult<slink::Position> {
+        let mut appended: Vec<(replog::Appending, Arc<MemEntry>, PendingGuard<'_>)> = Vec::new();
+        for item in items {
+            match item {
+                slink::Item::Entry(e) => {
+                    if e.lsn <= self.written_lsn()
+                        || appended.last().is_some_and(|(_, m, _)| m.lsn >= e.lsn)
+                    {
+                        continue; // resent after a reconnect: already here
+                    }
+                    let kind = super::tcp::kind_from_wire(e.kind);
+                    let mut data = e.data.to_vec();
+                    let (pending, entry) = loop {
+                        match self.append_replicated(
+                            e.lsn,
+                            e.device,
+                            e.offset,
+                            kind,
+                            e.len,
+                            &mut data,
+                            e.timestamp_ns,
+                        ) {
+                            Ok(v) => break v,
+                            Err(CoreError::Full { needed }) => {
+                                // Make what is appended so far durable and applied, then room.
+                                self.complete_replicated(std::mem::take(&mut appended))
+                                    .await?;
+                                self.make_room(needed).await?;
+                            }
+                            Err(other) => return Err(other),
+                        }
+                    };
+                    let guard = PendingGuard {
+                        group: self,
+                        lsn: entry.lsn,
+                    };
+                    appended.push((pending, entry, guard));
+                }
+                slink::Item::ResyncData(c) => {
+                    self.complete_replicated(std::mem::take(&mut appended))
+                        .await?;
+                    let dev = self
+                        .primary_slink()
+                        .and_then(|p| p.device(c.device))
+                        .ok_or_else(|| CoreError::Invalid(format!("no device {}", c.device)))?;
+                    let data = c.data;
+                    let offset = c.offset;
+                    tokio::task::spawn_blocking(move || {
+                        let f = dev.file()?;
+                        f.write_at(offset, &data)?;
+                        f.sync_data()
+                    })
+                    .await
+                    .map_err(|e| CoreError::Io(e.to_string()))?
+                    .map_err(|e| CoreError::Io(format!("resync write at {offset}: {e}")))?;
+                    self.resync_seq.fetch_max(c.seq, Ordering::AcqRel);
+                }
+                slink::Item::ResyncDone(d) => {
+                    self.complete_replicated(std::mem::take(&mut appended))
+                        .await?;
+                    self.resync_seq.fetch_max(d.seq, Ordering::AcqRel);
+                    self.events.raise(
+                        "resync-received",
+                        format!("device {} resync from the primary complete", d.device),
+                    );
+                }
+            }
+        }
+        self.complete_replicated(appended).await?;
+        Ok(slink::Position {
+            lsn: self.written_lsn(),
+            resync_seq: self.resync_seq.load(Ordering::Acquire),
+        })
+    }
+
+    /// Wait for the appended entries' writes, make them durable with one flush, apply them.
+    async fn complete_replicated(
+        &self,
+        appended: Vec<(replog::Appending, Arc<MemEntry>, PendingGuard<'_>)>,
+    ) -> CoreResult<()> {
+        let Some((_, last, _)) = appended.last() else {
+            return Ok(());
+        };
+        let last_lsn = last.lsn;
+        let mut entries = Vec::with_capacity(appended.len());
+        for (pending, entry, guard) in appended {
+            pending
+                .await
+                .map_err(|e| CoreError::replog(&self.replog_path, e))?;
+            entries.push((entry, guard));
+        }
+        self.replog
+            .flush()
+            .await
+            .map_err(|e| CoreError::replog(&self.replog_path, e))?;
+        self.mark_written(last_lsn);
+        for (entry, guard) in entries {
+            self.apply_primary(&entry).await?;
+            drop(guard);
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn append_replicated(
+        &self,
+        lsn: Lsn,
+        device: u32,
+        offset: u64,
+        kind: EntryKind,
+        len: u64,
+        data: &mut Vec<u8>,
+        timestamp_ns: u64,
+    ) -> CoreResult<(replog::Appending, Arc<MemEntry>)> {
+        let _order = self
+            .order
+            .lock()
+            .map_err(|_| CoreError::Invalid("order lock poisoned".into()))?;
+        let rec = Record {
+            device,
+            offset,
+            kind,
+            len,
+            data: data.as_slice(),
+        };
+        let pending = match self.replog.append_with_lsn(lsn, rec, Durability::Written) {
+            Ok(p) => p,
+            Err(replog::Error::Full { needed, .. }) => return Err(CoreError::Full { needed }),
+            Err(e) => return Err(CoreError::replog(&self.replog_path, e)),
+        };
+        self.index.push(lsn, len, timestamp_ns);
+        if let Ok(mut p) = self.pending_primary.lock() {
+            p.insert(
+                lsn,
+                Extent {
+                    device,
+                    offset,
+                    len,
+                },
+            );
+        }
+        Ok((
+            pending,
+            Arc::new(MemEntry {
+                lsn,
+                device,
+                offset,
+                kind,
+                len,
+                data: std::mem::take(data),
+                appended_at: Instant::now(),
+                timestamp_ns,
+            }),
+        ))
+    }
+
     /// Read from the primary's devices (slink 0).
     pub fn read(&self, device: u32, offset: u64, buf: &mut [u8]) -> CoreResult<()> {
         let dev = self
             .primary_slink()
             .and_then(|p| p.device(device))
             .ok_or_else(|| CoreError::Invalid(format!("no device {device}")))?;
-        dev.file.read_at(offset, buf).map_err(|e| {
-            dev.health
-                .store(super::slink::Health::ReadFailed as u8, Ordering::Relaxed);
-            CoreError::Io(e.to_string())
-        })
+        dev.file()
+            .and_then(|f| f.read_at(offset, buf))
+            .map_err(|e| {
+                dev.health
+                    .store(super::slink::Health::ReadFailed as u8, Ordering::Relaxed);
+                CoreError::Io(e.to_string())
+            })
     }
 }
 

@@ -10,6 +10,7 @@ pub mod policy;
 pub mod queue;
 pub mod slink;
 pub mod spec;
+pub mod tcp;
 
 use std::path::Path;
 

@@ -20,6 +20,8 @@ pub struct MemEntry {
     pub len: u64,
     pub data: Vec<u8>,
     pub appended_at: Instant,
+    /// When the write entered the group (ns since the Unix epoch), as stored in the replog.
+    pub timestamp_ns: u64,
 }
 
 impl MemEntry {
@@ -152,6 +154,7 @@ mod tests {
             len: len as u64,
             data: vec![0; len],
             appended_at: Instant::now(),
+            timestamp_ns: 0,
         })
     }
 

@@ -62,19 +62,46 @@ impl Health {
 /// A device of the group as held by one site.
 pub struct SiteDevice {
     pub dev_nr: u32,
-    pub file: BlockFile,
+    /// The device on this host (`local` slinks); `None` for a device at a remote site (`tcp`).
+    pub file: Option<BlockFile>,
+    pub size: u64,
+    /// Where the device is, for status: a path, or the remote site's address and device name.
+    pub location: String,
     pub dirty: Option<Mutex<DirtyLog>>,
     pub health: AtomicU8,
 }
 
 impl SiteDevice {
-    pub fn new(dev_nr: u32, file: BlockFile, dirty: Option<DirtyLog>) -> Self {
+    pub fn local(dev_nr: u32, file: BlockFile, dirty: Option<DirtyLog>) -> Self {
         SiteDevice {
             dev_nr,
-            file,
+            size: file.size(),
+            location: file.path().display().to_string(),
+            file: Some(file),
             dirty: dirty.map(Mutex::new),
             health: AtomicU8::new(Health::Alive as u8),
         }
+    }
+
+    pub fn remote(dev_nr: u32, size: u64, location: String, dirty: Option<DirtyLog>) -> Self {
+        SiteDevice {
+            dev_nr,
+            file: None,
+            size,
+            location,
+            dirty: dirty.map(Mutex::new),
+            health: AtomicU8::new(Health::Alive as u8),
+        }
+    }
+
+    /// The local file, or an error naming the device.
+    pub fn file(&self) -> std::io::Result<&BlockFile> {
+        self.file.as_ref().ok_or_else(|| {
+            std::io::Error::other(format!(
+                "device {} is at a remote site ({})",
+                self.dev_nr, self.location
+            ))
+        })
     }
 
     pub fn dirty_bytes(&self) -> u64 {
@@ -84,7 +111,7 @@ impl SiteDevice {
             .unwrap_or(0)
     }
 
-    fn set_health(&self, h: Health) {
+    pub fn set_health(&self, h: Health) {
         self.health.store(h as u8, Ordering::Relaxed);
     }
 }
@@ -101,11 +128,15 @@ pub enum SlinkState {
     Faulty,
     /// Stopped (group removed or daemon stopping).
     Stopped,
+    /// The link to the site is down (connecting, or waiting to reconnect).
+    Down,
 }
 
 pub struct Slink {
     pub nr: u8,
     pub transport: &'static str,
+    /// `tcp` slinks: the remote daemon's address.
+    pub remote_addr: Option<String>,
     pub policy: PolicyKind,
     pub fallbehind: Fallbehind,
     mode: AtomicU8,
@@ -123,6 +154,8 @@ pub struct Slink {
     paused: AtomicBool,
     pub applied_entries_total: AtomicU64,
     pub resync_regions_copied_total: AtomicU64,
+    /// `tcp` slinks: resync chunks sent and not yet acknowledged, by seq: (device, region).
+    pub resync_in_flight: Mutex<BTreeMap<u64, (u32, u64)>>,
 }
 
 impl Slink {
@@ -141,6 +174,7 @@ impl Slink {
         Slink {
             nr,
             transport,
+            remote_addr: None,
             policy,
             fallbehind,
             mode: AtomicU8::new(initial_mode as u8),
@@ -155,7 +189,13 @@ impl Slink {
             paused: AtomicBool::new(false),
             applied_entries_total: AtomicU64::new(0),
             resync_regions_copied_total: AtomicU64::new(0),
+            resync_in_flight: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    pub fn with_remote(mut self, addr: Option<String>) -> Self {
+        self.remote_addr = addr;
+        self
     }
 
     pub fn mode(&self) -> Mode {
@@ -213,6 +253,11 @@ impl Slink {
             self.applied.send_modify(|_| {});
         }
         changed
+    }
+
+    /// Set the state from a link's status; true when it changed.
+    pub fn set_link_state(&self, s: SlinkState) -> bool {
+        self.set_state(s)
     }
 
     pub fn device(&self, dev_nr: u32) -> Option<Arc<SiteDevice>> {
@@ -318,9 +363,10 @@ pub fn apply_entry(
     }
 }
 
-/// Slink 0's thread: the primary's devices are written by the write path itself; this thread only
-/// makes them durable and saves slink 0's cursor (the applied prefix) every checkpoint interval.
-fn run_primary_checkpointer(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
+/// Slink 0's thread (and a `tcp` slink's): the devices are written by someone else (the write
+/// path; the remote site), this thread only makes local devices durable and saves the slink's
+/// cursor (its applied prefix) every checkpoint interval.
+pub fn run_checkpointer(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
     let mut saved = slink.applied();
     loop {
         let requested = slink.feed.wait_until(
@@ -344,7 +390,7 @@ fn run_primary_checkpointer(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
 /// The applier of a `local` slink: runs on its own thread until the slink stops and is drained.
 pub fn run_local_applier(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
     if slink.nr == 0 {
-        run_primary_checkpointer(source, slink);
+        run_checkpointer(source, slink);
         return;
     }
     let mut next = slink.applied() + 1;
@@ -458,7 +504,10 @@ fn apply_one(
         // A device of the group this site does not hold (yet): nothing to apply.
         return Applied::Ok;
     };
-    match apply_entry(&dev.file, kind, offset, len, data) {
+    match dev
+        .file()
+        .and_then(|f| apply_entry(f, kind, offset, len, data))
+    {
         Ok(()) => {
             slink.applied_entries_total.fetch_add(1, Ordering::Relaxed);
             Applied::Ok
@@ -527,7 +576,8 @@ fn replay_range(source: &dyn ApplySource, slink: &Slink, next: &mut Lsn, upto: L
 fn checkpoint(source: &dyn ApplySource, slink: &Slink, applied: Lsn) {
     let mut ok = true;
     for dev in slink.all_devices() {
-        if let Err(e) = dev.file.sync_data() {
+        let Some(file) = &dev.file else { continue };
+        if let Err(e) = file.sync_data() {
             ok = false;
             dev.set_health(Health::Dead);
             source.event(
@@ -575,17 +625,20 @@ fn resync_step(source: &dyn ApplySource, slink: &Slink, applied: Lsn) -> bool {
         if primary.applied() < applied {
             continue;
         }
-        let Some(src) = primary.device(dev.dev_nr) else {
+        let (Some(src), Some(dst)) = (
+            primary.device(dev.dev_nr).filter(|p| p.file.is_some()),
+            dev.file.as_ref(),
+        ) else {
             continue;
         };
         let mut buf = vec![0u8; region_size as usize];
         for region in regions {
             let offset = region * region_size;
-            let len = region_size.min(dev.file.size().saturating_sub(offset)) as usize;
+            let len = region_size.min(dst.size().saturating_sub(offset)) as usize;
             let Some(chunk) = buf.get_mut(..len) else {
                 continue;
             };
-            if let Err(e) = src.file.read_at(offset, chunk) {
+            if let Err(e) = src.file().and_then(|f| f.read_at(offset, chunk)) {
                 src.set_health(Health::ReadFailed);
                 source.event(
                     "device-fault",
@@ -593,7 +646,7 @@ fn resync_step(source: &dyn ApplySource, slink: &Slink, applied: Lsn) -> bool {
                 );
                 return true;
             }
-            if let Err(e) = dev.file.write_at(offset, chunk) {
+            if let Err(e) = dst.write_at(offset, chunk) {
                 dev.set_health(Health::SyncFailed);
                 source.event(
                     "device-fault",
@@ -605,7 +658,7 @@ fn resync_step(source: &dyn ApplySource, slink: &Slink, applied: Lsn) -> bool {
                 return true;
             }
             // The copy must be durable before the region stops being dirty.
-            if dev.file.sync_data().is_err() {
+            if dst.sync_data().is_err() {
                 dev.set_health(Health::SyncFailed);
                 return true;
             }

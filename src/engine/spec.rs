@@ -44,6 +44,8 @@ pub struct SiteDeviceSpec {
 pub struct SlinkSpec {
     pub nr: u8,
     pub transport: &'static str,
+    /// `tcp` slinks: the remote daemon's slink address (host:port).
+    pub remote_addr: Option<String>,
     pub policy: PolicyKind,
     pub fallbehind: Fallbehind,
     pub devices: Vec<SiteDeviceSpec>,
@@ -134,8 +136,13 @@ pub fn from_target(t: &table::Target, base: &Path, reopen: bool) -> (GroupSpec, 
                     },
                 },
             };
+            let remote_addr = match &s.transport {
+                table::Transport::Tcp { addr } => Some(addr.clone()),
+                table::Transport::Local => None,
+            };
             SlinkSpec {
                 nr: s.slink_nr,
+                remote_addr: remote_addr.clone(),
                 transport: match s.transport {
                     table::Transport::Local => "local",
                     table::Transport::Tcp { .. } => "tcp",
@@ -153,7 +160,12 @@ pub fn from_target(t: &table::Target, base: &Path, reopen: bool) -> (GroupSpec, 
                 .normalized(),
                 devices: vec![SiteDeviceSpec {
                     dev_nr: s.device.dev_nr,
-                    path: resolve(base, Path::new(&s.device.path)),
+                    // A remote device is named at its site, not a path here.
+                    path: if remote_addr.is_some() {
+                        PathBuf::from(&s.device.path)
+                    } else {
+                        resolve(base, Path::new(&s.device.path))
+                    },
                     dirty_log,
                 }],
             }

@@ -15,12 +15,17 @@
 //!   surprise on the one that happens to support O_DIRECT.
 //! - Every queue has a named bound: [`SUBMIT_QUEUE_BATCHES_MAX`] batches wait for the thread
 //!   (submit blocks beyond), [`BATCHES_IN_FLIGHT_MAX`] are worked on at once, and at most
-//!   `queue_depth` requests are in the ring.
+//!   `queue_depth` requests are in the ring. The log's own batches bypass the first bound (they
+//!   are bounded by the log, and must never block: see `intake.rs`).
+//! - Completion can be observed without a thread of one's own: a ticket is a `Future`, and the
+//!   waker it was polled with runs on the I/O thread right after the ticket completes. The log
+//!   uses this to finish batches on the I/O thread (no completer thread, no extra wake-up).
 //! - Libraries never print: which backend and whether O_DIRECT is in use are exposed through
 //!   [`IoFile::backend`] and [`IoFile::is_direct`].
 
 mod buf;
 mod file;
+mod intake;
 mod pwrite;
 mod ticket;
 mod uring;
@@ -33,7 +38,6 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::mpsc::{self, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -146,6 +150,8 @@ pub(crate) struct Job {
     pub ops: Vec<Op>,
     pub sync_after: bool,
     pub completer: ticket::Completer,
+    /// Counted against [`SUBMIT_QUEUE_BATCHES_MAX`] while queued (set by the intake).
+    pub bounded: bool,
 }
 
 /// The file and its identity, shared with the I/O thread.
@@ -182,8 +188,7 @@ struct Inner {
     direct: bool,
     alignment: usize,
     is_block_device: bool,
-    /// `None` only while dropping.
-    tx: Option<SyncSender<Job>>,
+    intake: Arc<intake::Intake>,
     /// Wakes the io_uring thread when it waits on the ring (None for pwrite).
     wake: Option<Arc<uring::EventFd>>,
     thread: Option<JoinHandle<()>>,
@@ -191,14 +196,19 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Closing the channel tells the thread to finish what it has and stop.
-        drop(self.tx.take());
+        // Closing the intake tells the thread to finish what it has and stop.
+        self.intake.close();
         if let Some(wake) = &self.wake {
             wake.notify();
         }
         if let Some(thread) = self.thread.take() {
-            // The thread does not panic by design; if it did, there is nothing left to clean up.
-            let _ = thread.join();
+            // The last clone can be dropped on the I/O thread itself (by a completion waker that
+            // held the last reference to its owner): joining would wait for ourselves. The thread
+            // then stops on its own once it has drained the closed intake.
+            if thread.thread().id() != std::thread::current().id() {
+                // The thread does not panic by design; if it did, there is nothing left to clean up.
+                let _ = thread.join();
+            }
         }
     }
 }
@@ -225,7 +235,8 @@ impl IoFile {
             file: opened.file,
             path: path.to_path_buf(),
         });
-        let (tx, rx) = mpsc::sync_channel(SUBMIT_QUEUE_BATCHES_MAX);
+        let intake = Arc::new(intake::Intake::new());
+        let rx = Arc::clone(&intake);
         let (backend, wake, thread) = match ring {
             Some(ring) => {
                 let wake = Arc::new(uring::EventFd::new()?);
@@ -245,7 +256,7 @@ impl IoFile {
                 direct: opened.direct,
                 alignment: opened.alignment,
                 is_block_device: opened.is_block_device,
-                tx: Some(tx),
+                intake,
                 wake,
                 thread: Some(thread),
             }),
@@ -350,16 +361,14 @@ impl IoFile {
     /// Queues a batch; blocks only when [`SUBMIT_QUEUE_BATCHES_MAX`] batches are already waiting.
     /// Misaligned or oversized requests fail the ticket with `InvalidInput` without any I/O.
     pub fn submit(&self, batch: IoBatch) -> IoTicket {
-        let ops: Vec<Op> = batch
-            .writes
-            .into_iter()
-            .map(|(offset, buf)| Op {
-                kind: OpKind::Write,
-                offset,
-                buf,
-            })
-            .collect();
-        self.submit_ops(ops, batch.sync_after)
+        self.submit_ops(batch_ops(batch.writes), batch.sync_after, Bound::Queue)
+    }
+
+    /// [`IoFile::submit`] that never blocks: the batch is queued even when
+    /// [`SUBMIT_QUEUE_BATCHES_MAX`] batches already wait. For callers that bound their own
+    /// outstanding batches and submit under a lock the completion path also takes (the log).
+    pub fn submit_self_bounded(&self, batch: IoBatch) -> IoTicket {
+        self.submit_ops(batch_ops(batch.writes), batch.sync_after, Bound::Caller)
     }
 
     /// Writes `buf` at `offset` (no sync) and returns the buffer.
@@ -393,6 +402,7 @@ impl IoFile {
                 buf,
             }],
             false,
+            Bound::Queue,
         )
     }
 
@@ -452,7 +462,7 @@ impl IoFile {
         Ok(())
     }
 
-    fn submit_ops(&self, ops: Vec<Op>, sync_after: bool) -> IoTicket {
+    fn submit_ops(&self, ops: Vec<Op>, sync_after: bool, bound: Bound) -> IoTicket {
         if let Err(e) = self.validate(&ops) {
             return IoTicket::ready(Err(e));
         }
@@ -461,17 +471,41 @@ impl IoFile {
             ops,
             sync_after,
             completer,
+            bounded: false,
         };
-        // If the thread is gone, the job (and its completer) is dropped, which fails the ticket.
-        if let Some(tx) = &self.inner.tx {
-            if tx.send(job).is_ok() {
-                if let Some(wake) = &self.inner.wake {
-                    wake.notify();
-                }
+        let intake = &self.inner.intake;
+        let sent = match bound {
+            Bound::Queue => intake.send(job),
+            Bound::Caller => intake.send_self_bounded(job),
+        };
+        // If the intake is closed, the job (and its completer) is dropped, which fails the ticket.
+        if matches!(sent, Ok(intake::Wake::Ring)) {
+            if let Some(wake) = &self.inner.wake {
+                wake.notify();
             }
         }
         ticket
     }
+}
+
+/// Who bounds a submission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bound {
+    /// [`SUBMIT_QUEUE_BATCHES_MAX`]: the submitter blocks beyond it.
+    Queue,
+    /// The caller bounds its outstanding batches; never blocks.
+    Caller,
+}
+
+fn batch_ops(writes: Vec<(u64, AlignedBuf)>) -> Vec<Op> {
+    writes
+        .into_iter()
+        .map(|(offset, buf)| Op {
+            kind: OpKind::Write,
+            offset,
+            buf,
+        })
+        .collect()
 }
 
 impl fmt::Debug for IoFile {

@@ -6,18 +6,18 @@
 
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use super::{AlignedBuf, Job, Op, OpKind, Target, TRANSIENT_RETRIES_MAX};
+use super::intake::Intake;
+use super::{AlignedBuf, Op, OpKind, Target, TRANSIENT_RETRIES_MAX};
 
-pub(crate) fn spawn(target: Arc<Target>, rx: Receiver<Job>) -> io::Result<JoinHandle<()>> {
+pub(crate) fn spawn(target: Arc<Target>, rx: Arc<Intake>) -> io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("replog-io-pwrite".into())
         .spawn(move || {
             // Ends when every IoFile clone is gone and the queue is drained.
-            while let Ok(job) = rx.recv() {
+            while let Some(job) = rx.recv() {
                 let result = run_job(&target, job.ops, job.sync_after);
                 job.completer.complete(result);
             }

@@ -13,12 +13,12 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
+use super::intake::{Empty, Intake};
 use super::{
     AlignedBuf, Job, OpKind, Target, BATCHES_IN_FLIGHT_MAX, RW_BYTES_MAX, TRANSIENT_RETRIES_MAX,
 };
@@ -107,7 +107,7 @@ impl EventFd {
 pub(crate) fn spawn(
     ring: IoUring,
     target: Arc<Target>,
-    rx: Receiver<Job>,
+    rx: Arc<Intake>,
     wake: Arc<EventFd>,
 ) -> io::Result<JoinHandle<()>> {
     // One slot stays free for the wake read.
@@ -187,7 +187,7 @@ struct Engine {
     ring: IoUring,
     fd: RawFd,
     target: Arc<Target>,
-    rx: Receiver<Job>,
+    rx: Arc<Intake>,
     wake: Arc<EventFd>,
     /// Destination of the wake read; boxed so its address is stable while the read is armed.
     wake_buf: Box<[u8; 8]>,
@@ -241,8 +241,8 @@ impl Engine {
         while self.jobs.len() < BATCHES_IN_FLIGHT_MAX && !self.disconnected {
             let job = if self.jobs.is_empty() {
                 match self.rx.recv() {
-                    Ok(job) => job,
-                    Err(_) => {
+                    Some(job) => job,
+                    None => {
                         self.disconnected = true;
                         break;
                     }
@@ -250,8 +250,8 @@ impl Engine {
             } else {
                 match self.rx.try_recv() {
                     Ok(job) => job,
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
+                    Err(Empty::Now) => break,
+                    Err(Empty::Closed) => {
                         self.disconnected = true;
                         break;
                     }

@@ -1,0 +1,383 @@
+//! The `tcp` slink on the primary: feeds a [`slink::SlinkSender`] with the group's entries in lsn
+//! order and with resync chunks of dirty regions, and turns the sender's acknowledgements into
+//! the slink's applied lsn (the site has it durably), cleared dirty regions and events.
+//!
+//! Ordering rule for resync (the same as for local slinks): a region is read from the primary's
+//! devices only once they have applied every entry already handed to the link; entries handed
+//! after the chunk are applied after it at the remote site, so a write that lands in a region
+//! while it is copied is not lost.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use replog::Lsn;
+use slink::{
+    DeviceInfo, EntrySource, Item, LinkIdentity, LinkState, Position, ResyncChunk, SiteConfig,
+    SiteId, SlinkSender,
+};
+
+use super::group::Group;
+use super::queue::MemEntry;
+use super::slink::{Slink, SlinkState};
+
+/// How long `next_items` waits for new entries before it looks at dirty regions again.
+const IDLE_POLL: Duration = Duration::from_millis(100);
+
+/// The daemon's identity and keys for its links (from `replicator daemon` flags).
+#[derive(Clone, Debug)]
+pub struct LinkSettings {
+    /// This site's id and key; `allow` is used when it receives.
+    pub site: SiteConfig,
+    /// Which site id answers at an address the tables name (`--peer SITE@HOST:PORT`).
+    pub peers: HashMap<String, SiteId>,
+}
+
+fn to_wire(e: &MemEntry) -> slink::Entry {
+    slink::Entry {
+        lsn: e.lsn,
+        device: e.device,
+        offset: e.offset,
+        kind: kind_to_wire(e.kind),
+        len: e.len,
+        timestamp_ns: e.timestamp_ns,
+        data: Bytes::copy_from_slice(&e.data),
+    }
+}
+
+pub fn kind_to_wire(k: replog::EntryKind) -> slink::EntryKind {
+    match k {
+        replog::EntryKind::Write => slink::EntryKind::Write,
+        replog::EntryKind::Zeroes => slink::EntryKind::Zeroes,
+        replog::EntryKind::Discard => slink::EntryKind::Discard,
+    }
+}
+
+pub fn kind_from_wire(k: slink::EntryKind) -> replog::EntryKind {
+    match k {
+        slink::EntryKind::Write => replog::EntryKind::Write,
+        slink::EntryKind::Zeroes => replog::EntryKind::Zeroes,
+        slink::EntryKind::Discard => replog::EntryKind::Discard,
+    }
+}
+
+#[derive(Default)]
+struct SourceState {
+    /// Entries taken from the feed and not yet handed to the link.
+    stash: VecDeque<Arc<MemEntry>>,
+    /// The last position handed to the link; a lower `after` means the link resends.
+    handed: Position,
+    next_seq: u64,
+}
+
+/// Where the sender's items come from.
+pub struct TcpSource {
+    group: Weak<Group>,
+    slink: Arc<Slink>,
+    state: tokio::sync::Mutex<SourceState>,
+}
+
+impl TcpSource {
+    pub fn new(group: Weak<Group>, slink: Arc<Slink>) -> Self {
+        TcpSource {
+            group,
+            slink,
+            state: tokio::sync::Mutex::new(SourceState::default()),
+        }
+    }
+
+    async fn entries(
+        &self,
+        g: &Arc<Group>,
+        st: &mut SourceState,
+        mut next: Lsn,
+        written: Lsn,
+        max_bytes: usize,
+    ) -> Result<Vec<Item>, String> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        while next <= written && (bytes < max_bytes || out.is_empty()) {
+            while st.stash.front().is_some_and(|e| e.lsn < next) {
+                st.stash.pop_front();
+            }
+            if st.stash.is_empty() {
+                st.stash
+                    .extend(self.slink.feed.pop_batch(256, Duration::ZERO));
+                while st.stash.front().is_some_and(|e| e.lsn < next) {
+                    st.stash.pop_front();
+                }
+            }
+            match st.stash.front() {
+                Some(e) if e.lsn == next && e.lsn <= written => {
+                    let item = Item::Entry(to_wire(e));
+                    bytes += item.wire_bytes();
+                    out.push(item);
+                    st.stash.pop_front();
+                    next += 1;
+                }
+                _ => {
+                    // Not in memory (the feed dropped it, or the link resends): read the replog.
+                    let g2 = g.clone();
+                    let from = next;
+                    let budget = (max_bytes.saturating_sub(bytes)).max(1) as u64;
+                    let read = tokio::task::spawn_blocking(move || {
+                        g2.replog.read_from(
+                            from,
+                            super::slink::REPLAY_BATCH_ENTRIES_MAX,
+                            budget.min(super::slink::REPLAY_BATCH_BYTES_MAX),
+                        )
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                    if read.is_empty() {
+                        break;
+                    }
+                    for e in read {
+                        if e.lsn < next || e.lsn > written {
+                            continue;
+                        }
+                        let item = Item::Entry(slink::Entry {
+                            lsn: e.lsn,
+                            device: e.device,
+                            offset: e.offset,
+                            kind: kind_to_wire(e.kind),
+                            len: e.len,
+                            timestamp_ns: e.timestamp_ns,
+                            data: Bytes::from(e.data),
+                        });
+                        bytes += item.wire_bytes();
+                        out.push(item);
+                        next = e.lsn + 1;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One chunk of a dirty region, if any region is dirty and not already on its way.
+    async fn resync_chunk(
+        &self,
+        g: &Arc<Group>,
+        st: &mut SourceState,
+        handed_lsn: Lsn,
+    ) -> Result<Option<Item>, String> {
+        let Some(primary) = g.primary_slink().cloned() else {
+            return Ok(None);
+        };
+        if primary.applied() < handed_lsn {
+            return Ok(None);
+        }
+        let in_flight: Vec<(u32, u64)> = self
+            .slink
+            .resync_in_flight
+            .lock()
+            .map(|m| m.values().copied().collect())
+            .unwrap_or_default();
+        for dev in self.slink.all_devices() {
+            let Some(dirty) = &dev.dirty else { continue };
+            let (region, region_size) = match dirty.lock() {
+                Ok(d) => (
+                    d.dirty_regions()
+                        .find(|r| !in_flight.contains(&(dev.dev_nr, *r))),
+                    d.region_size(),
+                ),
+                Err(_) => continue,
+            };
+            let Some(region) = region else { continue };
+            let Some(src) = primary.device(dev.dev_nr) else {
+                continue;
+            };
+            let offset = region * region_size;
+            let len = region_size.min(dev.size.saturating_sub(offset)) as usize;
+            let data = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; len];
+                src.file()
+                    .and_then(|f| f.read_at(offset, &mut buf))
+                    .map(|_| buf)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("resync read of device {} at {offset}: {e}", dev.dev_nr))?;
+            st.next_seq += 1;
+            let seq = st.next_seq;
+            if let Ok(mut m) = self.slink.resync_in_flight.lock() {
+                m.insert(seq, (dev.dev_nr, region));
+            }
+            return Ok(Some(Item::ResyncData(ResyncChunk {
+                seq,
+                device: dev.dev_nr,
+                offset,
+                data: Bytes::from(data),
+            })));
+        }
+        Ok(None)
+    }
+}
+
+impl EntrySource for TcpSource {
+    async fn next_items(&self, after: Position, max_bytes: usize) -> Result<Vec<Item>, String> {
+        loop {
+            let Some(g) = self.group.upgrade() else {
+                return Err("group removed".into());
+            };
+            let mut st = self.state.lock().await;
+            if after.lsn < st.handed.lsn || after.resync_seq < st.handed.resync_seq {
+                // The link resends after a reconnect: chunks it never got acknowledged go back to
+                // being plain dirty regions, sent again.
+                if let Ok(mut m) = self.slink.resync_in_flight.lock() {
+                    m.retain(|seq, _| *seq <= after.resync_seq);
+                }
+            }
+            st.next_seq = st.next_seq.max(after.resync_seq);
+            let mut next = after.lsn + 1;
+            let skip = self.slink.skip_to.load(Ordering::Acquire);
+            if next <= skip {
+                next = skip + 1;
+            }
+            let written = g.written_lsn();
+            let notified = g.written_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if written >= next {
+                let items = self.entries(&g, &mut st, next, written, max_bytes).await?;
+                if let Some(Item::Entry(last)) = items.last() {
+                    st.handed = Position {
+                        lsn: last.lsn,
+                        resync_seq: after.resync_seq,
+                    };
+                    return Ok(items);
+                }
+            }
+            if let Some(chunk) = self.resync_chunk(&g, &mut st, next - 1).await? {
+                if let Item::ResyncData(c) = &chunk {
+                    st.handed = Position {
+                        lsn: next - 1,
+                        resync_seq: c.seq,
+                    };
+                }
+                return Ok(vec![chunk]);
+            }
+            drop(st);
+            let _ = tokio::time::timeout(IDLE_POLL, notified).await;
+        }
+    }
+}
+
+/// Start the link of a `tcp` slink and the task that follows its acknowledgements.
+pub fn spawn_link(
+    group: &Arc<Group>,
+    slink: &Arc<Slink>,
+    addr: &str,
+    settings: &LinkSettings,
+) -> Result<SlinkSender, String> {
+    let receiver_site = settings.peers.get(addr).cloned().ok_or_else(|| {
+        format!(
+            "slink {}: no site id for {addr}; start the daemon with --peer SITE@{addr}",
+            slink.nr
+        )
+    })?;
+    let devices: Vec<DeviceInfo> = slink
+        .all_devices()
+        .iter()
+        .map(|d| DeviceInfo {
+            device: d.dev_nr,
+            size_bytes: d.size,
+        })
+        .collect();
+    let identity = LinkIdentity {
+        receiver_site,
+        group_uuid: group.replog.uuid(),
+        epoch: 1,
+        devices,
+        features: 0,
+    };
+    let source = Arc::new(TcpSource::new(Arc::downgrade(group), slink.clone()));
+    let sender = SlinkSender::spawn(addr.to_string(), settings.site.clone(), identity, source)
+        .map_err(|e| format!("slink {}: {e}", slink.nr))?;
+    let mut status = sender.status();
+    let weak = Arc::downgrade(group);
+    let sl = slink.clone();
+    let addr = addr.to_string();
+    tokio::spawn(async move {
+        let mut last_state = None;
+        loop {
+            let st = status.borrow_and_update().clone();
+            let Some(g) = weak.upgrade() else { return };
+            sl.publish_applied_pub(st.acked.lsn);
+            clear_acked_regions(&g, &sl, st.acked.resync_seq).await;
+            if last_state != Some(st.state) {
+                last_state = Some(st.state);
+                match st.state {
+                    LinkState::Up => {
+                        sl.set_link_state(SlinkState::Up);
+                        g.events
+                            .raise("slink-up", format!("slink {} connected to {addr}", sl.nr));
+                    }
+                    LinkState::Down | LinkState::Connecting => {
+                        if sl.set_link_state(SlinkState::Down) {
+                            g.events.raise(
+                                "slink-down",
+                                format!(
+                                    "slink {} to {addr} down: {}",
+                                    sl.nr,
+                                    st.last_error.as_deref().unwrap_or("connecting")
+                                ),
+                            );
+                        }
+                    }
+                    LinkState::Stopped => return,
+                }
+            }
+            drop(g);
+            if status.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(sender)
+}
+
+/// Regions whose chunks the site acknowledged are clean (durably) for it.
+async fn clear_acked_regions(g: &Arc<Group>, sl: &Arc<Slink>, acked_seq: u64) {
+    let done: BTreeMap<u64, (u32, u64)> = match sl.resync_in_flight.lock() {
+        Ok(mut m) => {
+            let keep = m.split_off(&(acked_seq + 1));
+            std::mem::replace(&mut *m, keep)
+        }
+        Err(_) => return,
+    };
+    if done.is_empty() {
+        return;
+    }
+    let sl2 = sl.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        for (_, (dev_nr, region)) in done {
+            if let Some(dev) = sl2.device(dev_nr) {
+                if let Some(d) = &dev.dirty {
+                    if let Ok(mut d) = d.lock() {
+                        d.clear_region(region);
+                        let _ = d.persist();
+                    }
+                }
+            }
+            sl2.resync_regions_copied_total
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    })
+    .await;
+    let dirty = sl.dirty_bytes();
+    let resyncing = sl.state() == SlinkState::Resync;
+    if dirty == 0 && resyncing {
+        sl.set_link_state(SlinkState::Up);
+        g.events
+            .raise("resync-end", format!("slink {} resync complete", sl.nr));
+    } else if dirty > 0 && sl.state() == SlinkState::Up {
+        sl.set_link_state(SlinkState::Resync);
+        g.events
+            .raise("resync-start", format!("slink {} resync started", sl.nr));
+    }
+}

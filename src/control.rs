@@ -120,4 +120,7 @@ pub struct SlinkStatus {
     /// failure, R read failure.
     pub health: String,
     pub device_path: String,
+    /// `tcp` slinks: the link's state, last error and counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<crate::engine::slink::LinkView>,
 }

@@ -1,5 +1,9 @@
 //! Latency of single appends (queue depth 1): `cargo run --release -p replog --example
-//! append_latency -- DIR [written|durable] [COUNT]`. Prints p50/p99 in microseconds.
+//! append_latency -- DIR [written|durable][-async] [COUNT]`. Prints p50/p99 in microseconds.
+//!
+//! Plain modes block in `Appending::wait` (an idle log lets the waiter write its batch itself);
+//! `-async` modes `.await` the handle on a tokio current-thread runtime, as the NBD front end
+//! does (the I/O thread writes the batch and wakes the task).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::time::Instant;
@@ -9,10 +13,15 @@ use replog::{CreateOptions, Durability, EntryKind, Record, Replog};
 fn main() {
     let mut args = std::env::args().skip(1);
     let dir = std::path::PathBuf::from(args.next().unwrap_or_else(|| ".".into()));
-    let durability = match args.next().as_deref() {
-        Some("durable") => Durability::Durable,
+    let mode = args.next().unwrap_or_else(|| "written".into());
+    let durability = match mode.trim_end_matches("-async") {
+        "durable" => Durability::Durable,
         _ => Durability::Written,
     };
+    let awaited = mode.ends_with("-async");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let count: usize = args.next().map(|c| c.parse().unwrap()).unwrap_or(5000);
     let path = dir.join("append-latency.replog");
     let log = Replog::create(
@@ -29,7 +38,7 @@ fn main() {
     let mut lat = Vec::with_capacity(count);
     for i in 0..count {
         let t = Instant::now();
-        let lsn = log
+        let handle = log
             .append(
                 Record {
                     device: 0,
@@ -40,9 +49,12 @@ fn main() {
                 },
                 durability,
             )
-            .unwrap()
-            .wait()
             .unwrap();
+        let lsn = if awaited {
+            runtime.block_on(handle).unwrap()
+        } else {
+            handle.wait().unwrap()
+        };
         lat.push(t.elapsed().as_micros() as u64);
         if i % 1000 == 999 {
             log.set_cursor(0, lsn).unwrap();
@@ -51,8 +63,9 @@ fn main() {
     }
     lat.sort_unstable();
     println!(
-        "{:?} 4 KiB appends at QD1, backend {:?}: p50 {} us, p99 {} us",
+        "{:?}{} 4 KiB appends at QD1, backend {:?}: p50 {} us, p99 {} us",
         durability,
+        if awaited { " (awaited)" } else { "" },
         log.io_backend(),
         lat[count / 2],
         lat[count * 99 / 100]

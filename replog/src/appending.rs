@@ -3,13 +3,21 @@
 //! It is both a blocking handle (`wait`) and a `Future`, so the same writer serves threads and
 //! tokio tasks without blocking a runtime. The writer side holds a [`Waiter`]; if it is dropped
 //! unresolved (the replog shut down), the handle resolves to `Error::Closed` instead of hanging.
+//!
+//! An append made while the log is idle is not submitted at once: its handle carries a [`Lead`]
+//! (the duty to get its batch going). `wait` writes the batch itself on the calling thread (no
+//! thread hand-off at queue depth 1); the first `poll`, or dropping the handle, hands the batch
+//! to the I/O thread. Any other append, flush or completion in the meantime submits it too, so a
+//! batch never waits for a handle that is not being waited on by the time someone else acts.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 
 use crate::error::{Error, Result};
+use crate::log::Inner;
+use crate::writer;
 use crate::Lsn;
 
 #[derive(Default)]
@@ -36,6 +44,15 @@ impl Shared {
 pub struct Appending {
     lsn: Lsn,
     shared: Arc<Shared>,
+    /// Set while this handle may still have to start its (deferred) batch.
+    lead: Option<Lead>,
+}
+
+/// The duty to start a deferred open batch: which log, and which batch.
+pub(crate) struct Lead {
+    pub(crate) inner: Weak<Inner>,
+    /// `OpenBatch::seq` of the batch the append went into.
+    pub(crate) batch: u64,
 }
 
 /// The writer's end of an [`Appending`].
@@ -51,6 +68,7 @@ pub(crate) fn pair(lsn: Lsn) -> (Appending, Waiter) {
         Appending {
             lsn,
             shared: Arc::clone(&shared),
+            lead: None,
         },
         Waiter {
             lsn,
@@ -67,6 +85,22 @@ impl Appending {
         appending
     }
 
+    /// Gives the handle the duty to start its deferred batch.
+    pub(crate) fn with_lead(mut self, lead: Lead) -> Appending {
+        self.lead = Some(lead);
+        self
+    }
+
+    /// Hands a still deferred batch to the I/O thread (for callers that will not write it).
+    /// Idempotent: a batch already started is left alone.
+    fn kick(&self) {
+        if let Some(lead) = &self.lead {
+            if let Some(inner) = lead.inner.upgrade() {
+                writer::kick(&inner, lead.batch);
+            }
+        }
+    }
+
     /// The lsn assigned to this append (for a flush: the last lsn it covers).
     pub fn lsn(&self) -> Lsn {
         self.lsn
@@ -74,7 +108,13 @@ impl Appending {
 
     /// Blocks until the append is written (Durable: flushed). Do not call from an async task;
     /// `.await` the handle there.
-    pub fn wait(self) -> Result<Lsn> {
+    pub fn wait(mut self) -> Result<Lsn> {
+        if let Some(lead) = self.lead.take() {
+            if let Some(inner) = lead.inner.upgrade() {
+                // Writes the batch here if it is still deferred (else it is on its way already).
+                writer::lead(&inner, lead.batch);
+            }
+        }
         let mut slot = self.shared.lock();
         loop {
             if let Some(result) = slot.result.take() {
@@ -94,6 +134,8 @@ impl Appending {
 
     /// True once the result is available (`wait` will not block).
     pub fn is_done(&self) -> bool {
+        // Someone polling this must not wait for a batch nobody starts.
+        self.kick();
         self.shared.lock().result.is_some()
     }
 }
@@ -101,7 +143,10 @@ impl Appending {
 impl Future for Appending {
     type Output = Result<Lsn>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Lsn>> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Lsn>> {
+        // Never write on a runtime thread: the I/O thread does it and wakes us.
+        self.kick();
+        self.lead = None;
         let mut slot = self.shared.lock();
         if let Some(result) = slot.result.take() {
             slot.taken = true;
@@ -112,6 +157,13 @@ impl Future for Appending {
         }
         slot.waker = Some(cx.waker().clone());
         Poll::Pending
+    }
+}
+
+impl Drop for Appending {
+    fn drop(&mut self) {
+        // Not waited on (or not to the end): others in the batch may be.
+        self.kick();
     }
 }
 

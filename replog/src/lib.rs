@@ -5,8 +5,10 @@
 //! Key decisions (see FORMAT.md for the bytes):
 //! - This crate owns every byte persisted locally: the ring, its metadata and the dirty logs. It
 //!   knows nothing of networks.
-//! - Appends are group-committed by one writer thread per log device: many concurrent appends share
-//!   one write and one flush.
+//! - Appends are group-committed without writer threads: many concurrent appends share one write
+//!   and one flush. The appender that finds the log idle writes its batch itself when it waits
+//!   (no thread hand-off at queue depth 1); otherwise batches go to the I/O thread, which finishes
+//!   them and resolves the appenders directly (`writer.rs`).
 //! - I/O goes through io_uring on a dedicated thread, with a pwrite/fdatasync fallback chosen
 //!   automatically when io_uring is unavailable.
 //! - Batches start on 4096-byte blocks and a block holding an acknowledged entry is never
@@ -15,7 +17,7 @@
 //! - Recovery is an explicit decision table (`recovery::DECISION_TABLE`).
 //!
 //! Code map: `format` owns the bytes, `meta` the metadata slots, `recovery` the scan, `index` the
-//! in-memory entry index and lag, `log` the public `Replog`, `writer` the group-commit threads,
+//! in-memory entry index and lag, `log` the public `Replog`, `writer` the group commit (batch pipeline),
 //! `storage` the storage trait (with an in-memory crash-image disk for tests), `inspect` the
 //! read-only inspection.
 

@@ -182,6 +182,11 @@ pub(crate) struct OpenBatch {
     /// Some waiter asked for Durable (or a flush is pending).
     pub sync: bool,
     pub last_lsn: Lsn,
+    /// Identifies this open batch (bumped whenever it is closed or dropped).
+    pub seq: u64,
+    /// Appended into an idle log and not submitted: a handle's `wait` may write it itself
+    /// (`writer::lead`); anything else that pumps submits it.
+    pub deferred: bool,
 }
 
 pub(crate) struct State {
@@ -205,6 +210,8 @@ pub(crate) struct State {
     pub pipeline: VecDeque<InFlight>,
     /// Threads waiting on `Inner::room` (so that nobody pays a wake-up syscall for nobody).
     pub room_waiters: usize,
+    /// A leader writes a batch on its own thread: counts as a full pipeline.
+    pub inline_busy: bool,
     pub pool: Vec<AlignedBuf>,
     /// Set at the first failed write: the log refuses further appends.
     pub failed: Option<String>,
@@ -443,6 +450,8 @@ impl Replog {
                     waiters: Vec::new(),
                     sync: false,
                     last_lsn,
+                    seq: 0,
+                    deferred: false,
                 },
                 index,
                 written_lsn: last_lsn,
@@ -453,6 +462,7 @@ impl Replog {
                 flush_waiters: Vec::new(),
                 pipeline: VecDeque::new(),
                 room_waiters: 0,
+                inline_busy: false,
                 pool: Vec::new(),
                 failed: None,
                 shutdown: false,
@@ -604,8 +614,9 @@ impl Replog {
                 });
             }
             if st.open.fill + pad_before + rsize > inner.batch_buffer_bytes {
-                // Bounded queue: wait until a completion takes the open batch (the pipeline is
-                // full, or `pump` would have submitted it).
+                // Bounded queue: wait until a completion takes the open batch. Start it first
+                // in case it is deferred (else the pipeline is full and a completion will).
+                writer::pump(inner, &mut st).resolve();
                 st.room_waiters += 1;
                 st = inner.room.wait(st).unwrap_or_else(PoisonError::into_inner);
                 st.room_waiters -= 1;
@@ -690,6 +701,17 @@ impl Replog {
         st.open.waiters.push(waiter);
         st.open.sync |= durability == Durability::Durable;
         st.open.last_lsn = lsn;
+        let first_in_batch = st.open.fill == pad_before + rsize;
+        let idle = st.pipeline.is_empty() && !st.inline_busy;
+        if idle && (first_in_batch || st.open.deferred) {
+            // Idle log: leave the batch for the handles to start (see `appending`).
+            st.open.deferred = true;
+            let lead = appending::Lead {
+                inner: Arc::downgrade(&self.inner),
+                batch: st.open.seq,
+            };
+            return Ok(appending.with_lead(lead));
+        }
         let finished = writer::pump(inner, st);
         drop(guard);
         finished.resolve();
@@ -1035,7 +1057,7 @@ impl Drop for Replog {
         loop {
             writer::pump(inner, &mut st).resolve();
             let has_work = st.open.fill > 0 || !st.flush_waiters.is_empty();
-            if st.pipeline.is_empty() && !has_work {
+            if st.pipeline.is_empty() && !st.inline_busy && !has_work {
                 break;
             }
             // Each completion pumps (on the I/O thread) and wakes us; a storage whose thread

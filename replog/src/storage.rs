@@ -41,6 +41,16 @@ pub trait Storage: Send + Sync {
     fn submit(&self, writes: Vec<(u64, AlignedBuf)>, sync_after: bool) -> IoTicket;
     /// Which I/O path is in use (for status output).
     fn backend(&self) -> crate::io::Backend;
+    /// Writes and optionally syncs on the calling thread, returning the buffers: for a lone batch
+    /// while nothing else of the caller is in flight (no ordering with queued batches).
+    /// Default: `submit` and wait.
+    fn write_now(
+        &self,
+        writes: Vec<(u64, AlignedBuf)>,
+        sync_after: bool,
+    ) -> io::Result<Vec<AlignedBuf>> {
+        self.submit(writes, sync_after).wait()
+    }
     /// True when writes bypass the page cache (O_DIRECT). Default: false.
     fn is_direct(&self) -> bool {
         false
@@ -342,5 +352,12 @@ impl Storage for crate::io::IoFile {
     }
     fn is_direct(&self) -> bool {
         crate::io::IoFile::is_direct(self)
+    }
+    fn write_now(
+        &self,
+        writes: Vec<(u64, AlignedBuf)>,
+        sync_after: bool,
+    ) -> io::Result<Vec<AlignedBuf>> {
+        crate::io::IoFile::write_now(self, crate::io::IoBatch { writes, sync_after })
     }
 }

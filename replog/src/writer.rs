@@ -3,9 +3,17 @@
 //! and finished on the I/O thread by the waker their ticket was polled with.
 //!
 //! Why: at queue depth 1 every thread hand-off costs a futex wake-up (tens of microseconds on a
-//! small VM). The path of one append is now: the appender closes and submits its batch (one
-//! wake-up of the I/O thread), the I/O thread completes the write and resolves the appender
-//! (one wake-up of the appender). The old writer and completer threads added two more.
+//! small VM, more when the CPUs are busy). Two paths:
+//! - Idle log, blocking waiter (leader): an append into an empty pipeline is *deferred*; the
+//!   handle's `wait` closes the batch and writes it on its own thread (`Storage::write_now`),
+//!   books it, submits whatever queued meanwhile, and resolves the batch's other waiters. No
+//!   hand-off at all at queue depth 1.
+//! - Otherwise (pipeline busy, or an async handle): the batch is submitted to the I/O thread,
+//!   which completes it and resolves the appenders: one wake-up each way.
+//!
+//! While a leader writes, it occupies the whole pipeline (`State::inline_busy`): nothing else is
+//! submitted until its write (and sync) completed, so the storage's ordering contract (a sync
+//! covers every earlier write) holds without the I/O thread knowing about the leader's write.
 //!
 //! Group commit: while [`BATCHES_IN_FLIGHT_MAX`] batches are in flight, appends collect in the
 //! open batch; when the oldest completes, its completion closes the open batch and submits all of
@@ -103,6 +111,10 @@ pub(crate) fn pump(inner: &Inner, st: &mut State) -> Finished {
     };
     let mut room_made = false;
     loop {
+        if st.inline_busy {
+            // A leader writes on its own thread; it pumps when done.
+            break;
+        }
         while let Some(front) = st.pipeline.front_mut() {
             if front.result.is_none() {
                 let mut cx = Context::from_waker(&inner.completion_waker);
@@ -114,7 +126,13 @@ pub(crate) fn pump(inner: &Inner, st: &mut State) -> Finished {
             let Some(batch) = st.pipeline.pop_front() else {
                 break;
             };
-            finished.batches.push(finish(inner, st, batch));
+            finished.batches.push(finish(
+                inner,
+                st,
+                batch.result,
+                batch.waiters,
+                batch.last_lsn,
+            ));
             room_made = true;
         }
         if st.failed.is_some() {
@@ -142,12 +160,73 @@ pub(crate) fn pump(inner: &Inner, st: &mut State) -> Finished {
     finished
 }
 
+/// Hands the open batch to the I/O thread if it is still the deferred batch `batch`.
+pub(crate) fn kick(inner: &Inner, batch: u64) {
+    let finished = {
+        let mut st = lock(&inner.state);
+        if !(st.open.deferred && st.open.seq == batch) {
+            return;
+        }
+        pump(inner, &mut st)
+    };
+    finished.resolve();
+}
+
+/// The leader path: if `batch` is still the deferred open batch and nothing is in flight, closes
+/// it and writes it on this thread, books it, submits what queued meanwhile and resolves the
+/// batch's waiters (the caller's own included). Otherwise does nothing (the batch is on its way,
+/// or already done).
+pub(crate) fn lead(inner: &Inner, batch: u64) {
+    let closed = {
+        let mut st = lock(&inner.state);
+        if !(st.open.deferred && st.open.seq == batch) {
+            return;
+        }
+        if !st.pipeline.is_empty() || st.inline_busy || st.failed.is_some() {
+            // Cannot happen while deferred (whoever fills the pipeline takes the open batch
+            // first), but if it did, the ordinary path is always correct.
+            let finished = pump(inner, &mut st);
+            drop(st);
+            finished.resolve();
+            return;
+        }
+        st.inline_busy = true;
+        close_batch(inner, &mut st)
+    };
+    let result = inner.storage.write_now(closed.writes, closed.sync);
+    let finished = {
+        let mut st = lock(&inner.state);
+        st.inline_busy = false;
+        let own = finish(
+            inner,
+            &mut st,
+            Some(result),
+            closed.waiters,
+            closed.last_lsn,
+        );
+        let mut finished = pump(inner, &mut st);
+        finished.batches.insert(0, own);
+        if st.room_waiters > 0 {
+            // Drop may wait for the pipeline to drain.
+            inner.room.notify_all();
+        }
+        finished
+    };
+    finished.resolve();
+}
+
 /// Books a completed batch: moves `written_lsn`, recycles buffers, or fails the log.
-fn finish(inner: &Inner, st: &mut State, batch: InFlight) -> (Vec<Waiter>, Result<(), String>) {
-    match batch.result {
+fn finish(
+    inner: &Inner,
+    st: &mut State,
+    result: Option<BatchResult>,
+    waiters: Vec<Waiter>,
+    last_lsn: Lsn,
+) -> (Vec<Waiter>, Result<(), String>) {
+    match result {
         Some(Ok(bufs)) => {
             if st.failed.is_none() {
-                st.written_lsn = st.written_lsn.max(batch.last_lsn);
+                st.written_lsn = st.written_lsn.max(last_lsn);
             }
             for mut buf in bufs {
                 let full = usize::try_from(inner.batch_buffer_bytes).unwrap_or(0);
@@ -174,7 +253,7 @@ fn finish(inner: &Inner, st: &mut State, batch: InFlight) -> (Vec<Waiter>, Resul
         None => Ok(()),
         Some(what) => Err(what.clone()),
     };
-    (batch.waiters, result)
+    (waiters, result)
 }
 
 /// A closed batch ready to submit.
@@ -240,6 +319,8 @@ fn close_batch(inner: &Inner, st: &mut State) -> Closed {
     }
     st.open.fill = 0;
     st.open.sync = false;
+    st.open.deferred = false;
+    st.open.seq = st.open.seq.wrapping_add(1);
     Closed {
         writes,
         sync,
@@ -261,5 +342,7 @@ fn fail_pending(st: &mut State) {
     }
     st.open.fill = 0;
     st.open.sync = false;
+    st.open.deferred = false;
+    st.open.seq = st.open.seq.wrapping_add(1);
     st.index.truncate_after(failed_lsn.max(st.tail_lsn));
 }

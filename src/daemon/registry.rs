@@ -269,6 +269,7 @@ pub fn device_status(h: &DeviceHandle) -> DeviceStatus {
             dirty_bytes,
             health: health.to_string(),
             device_path: dev.as_ref().map(|d| d.location.clone()).unwrap_or_default(),
+            link: s.link.lock().ok().and_then(|l| l.clone()),
         });
     }
     let sectors = h.size / 512;

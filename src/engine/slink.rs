@@ -156,6 +156,25 @@ pub struct Slink {
     pub resync_regions_copied_total: AtomicU64,
     /// `tcp` slinks: resync chunks sent and not yet acknowledged, by seq: (device, region).
     pub resync_in_flight: Mutex<BTreeMap<u64, (u32, u64)>>,
+    /// `tcp` slinks: the link's view (state, last error, counters), for status and metrics.
+    pub link: Mutex<Option<LinkView>>,
+}
+
+/// A `tcp` slink's link as status shows it.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+pub struct LinkView {
+    pub address: String,
+    pub state: String,
+    pub last_error: Option<String>,
+    pub sessions: u64,
+    pub reconnects: u64,
+    pub crc_errors: u64,
+    pub bad_frames: u64,
+    pub auth_failures: u64,
+    pub refusals: u64,
+    pub keepalive_timeouts: u64,
+    pub bytes_sent: u64,
+    pub in_flight_bytes: u64,
 }
 
 impl Slink {
@@ -190,6 +209,7 @@ impl Slink {
             applied_entries_total: AtomicU64::new(0),
             resync_regions_copied_total: AtomicU64::new(0),
             resync_in_flight: Mutex::new(BTreeMap::new()),
+            link: Mutex::new(None),
         }
     }
 

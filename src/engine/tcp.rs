@@ -299,6 +299,7 @@ pub fn spawn_link(
     let sender = SlinkSender::spawn(addr.to_string(), settings.site.clone(), identity, source)
         .map_err(|e| format!("slink {}: {e}", slink.nr))?;
     let mut status = sender.status();
+    let counters = sender.counters_handle();
     let weak = Arc::downgrade(group);
     let sl = slink.clone();
     let addr = addr.to_string();
@@ -307,6 +308,23 @@ pub fn spawn_link(
         loop {
             let st = status.borrow_and_update().clone();
             let Some(g) = weak.upgrade() else { return };
+            let c = counters.snapshot();
+            if let Ok(mut v) = sl.link.lock() {
+                *v = Some(super::slink::LinkView {
+                    address: addr.clone(),
+                    state: format!("{:?}", st.state).to_lowercase(),
+                    last_error: st.last_error.clone(),
+                    sessions: st.sessions,
+                    reconnects: c.reconnects,
+                    crc_errors: c.crc_errors,
+                    bad_frames: c.bad_frames,
+                    auth_failures: c.auth_failures,
+                    refusals: c.refusals,
+                    keepalive_timeouts: c.keepalive_timeouts,
+                    bytes_sent: c.bytes_sent,
+                    in_flight_bytes: st.in_flight_bytes as u64,
+                });
+            }
             sl.publish_applied_pub(st.acked.lsn);
             clear_acked_regions(&g, &sl, st.acked.resync_seq).await;
             if last_state != Some(st.state) {

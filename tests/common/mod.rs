@@ -35,6 +35,8 @@ pub fn have(tool: &str) -> bool {
 }
 
 pub struct Daemon {
+    /// Extra `replicator daemon` flags (site id, keys, links).
+    pub extra: Vec<String>,
     pub dir: PathBuf,
     pub control: PathBuf,
     pub nbd_port: u16,
@@ -47,6 +49,11 @@ impl Daemon {
     /// A daemon in a fresh temporary directory (under /work when it exists: O_DIRECT needs a real
     /// file system, and /tmp may be tmpfs).
     pub fn start() -> Daemon {
+        Self::start_with(&[])
+    }
+
+    /// A daemon with extra flags; `{dir}` in a flag is replaced by the daemon's directory.
+    pub fn start_with(extra: &[&str]) -> Daemon {
         let base = if Path::new("/work").is_dir() {
             Path::new("/work")
         } else {
@@ -58,6 +65,10 @@ impl Daemon {
             .unwrap();
         let dir = tmp.path().to_path_buf();
         let mut d = Daemon {
+            extra: extra
+                .iter()
+                .map(|a| a.replace("{dir}", dir.to_str().unwrap()))
+                .collect(),
             control: dir.join("control.sock"),
             dir,
             nbd_port: free_port(),
@@ -67,6 +78,32 @@ impl Daemon {
         };
         d.spawn();
         d
+    }
+
+    /// A daemon's directory and ports, not started yet (write keys into `dir`, then `spawn`).
+    pub fn prepare(extra: &[&str]) -> Daemon {
+        let base = if Path::new("/work").is_dir() {
+            Path::new("/work")
+        } else {
+            Path::new("/var/tmp")
+        };
+        let tmp = tempfile::Builder::new()
+            .prefix("replicator-test-")
+            .tempdir_in(base)
+            .unwrap();
+        let dir = tmp.path().to_path_buf();
+        Daemon {
+            extra: extra
+                .iter()
+                .map(|a| a.replace("{dir}", dir.to_str().unwrap()))
+                .collect(),
+            control: dir.join("control.sock"),
+            dir,
+            nbd_port: free_port(),
+            metrics_port: free_port(),
+            child: None,
+            _tmp: Some(tmp),
+        }
     }
 
     pub fn spawn(&mut self) {
@@ -85,6 +122,7 @@ impl Daemon {
             .arg(format!("127.0.0.1:{}", self.metrics_port))
             .arg("--state-dir")
             .arg(self.dir.join("state"))
+            .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)

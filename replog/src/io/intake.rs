@@ -151,3 +151,82 @@ impl Intake {
         self.room.notify_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn job() -> (super::super::IoTicket, Job) {
+        let (ticket, completer) = super::super::ticket::ticket();
+        let job = Job {
+            ops: Vec::new(),
+            sync_after: false,
+            completer,
+            bounded: false,
+        };
+        (ticket, job)
+    }
+
+    #[test]
+    fn self_bounded_jobs_pass_a_full_queue_in_order() {
+        let intake = Arc::new(Intake::new());
+        let mut tickets = Vec::new();
+        for _ in 0..SUBMIT_QUEUE_BATCHES_MAX {
+            let (t, j) = job();
+            assert!(intake.send(j).is_ok());
+            tickets.push(t);
+        }
+        // The bounded queue is full: a self-bounded job still goes in at once, at the back.
+        let (_t, j) = job();
+        assert!(intake.send_self_bounded(j).is_ok());
+        // A bounded one waits until the I/O side takes a job.
+        let sender = {
+            let intake = Arc::clone(&intake);
+            std::thread::spawn(move || {
+                let (t, j) = job();
+                assert!(intake.send(j).is_ok());
+                t
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!sender.is_finished(), "a bounded send must wait for room");
+        let first = intake.try_recv().ok().unwrap();
+        assert!(first.bounded);
+        let _late = sender.join().unwrap();
+        let mut kinds = Vec::new();
+        while let Ok(j) = intake.try_recv() {
+            kinds.push(j.bounded);
+        }
+        // 63 bounded, then the self-bounded one, then the late bounded one.
+        assert_eq!(kinds.len(), SUBMIT_QUEUE_BATCHES_MAX + 1);
+        assert_eq!(kinds.iter().filter(|b| !**b).count(), 1);
+        assert!(!kinds[SUBMIT_QUEUE_BATCHES_MAX - 1]);
+        assert!(matches!(intake.try_recv(), Err(Empty::Now)));
+        intake.close();
+        assert!(matches!(intake.try_recv(), Err(Empty::Closed)));
+        let (_t, j) = job();
+        assert!(intake.send_self_bounded(j).is_err());
+        assert!(intake.recv().is_none());
+    }
+
+    #[test]
+    fn an_idle_worker_is_woken_through_the_intake() {
+        let intake = Arc::new(Intake::new());
+        let worker = {
+            let intake = Arc::clone(&intake);
+            std::thread::spawn(move || intake.recv().is_some())
+        };
+        // Wait until the worker sleeps on the intake.
+        while !intake.lock().worker_idle {
+            std::thread::yield_now();
+        }
+        let (_t, j) = job();
+        assert!(matches!(intake.send(j), Ok(Wake::Done)));
+        assert!(worker.join().unwrap());
+        // Not idle (not waiting on the intake): the submitter must poke the ring.
+        let (_t, j) = job();
+        assert!(matches!(intake.send(j), Ok(Wake::Ring)));
+    }
+}

@@ -24,7 +24,11 @@ pub(crate) fn spawn(target: Arc<Target>, rx: Arc<Intake>) -> io::Result<JoinHand
         })
 }
 
-fn run_job(target: &Target, ops: Vec<Op>, sync_after: bool) -> io::Result<Vec<AlignedBuf>> {
+pub(crate) fn run_job(
+    target: &Target,
+    ops: Vec<Op>,
+    sync_after: bool,
+) -> io::Result<Vec<AlignedBuf>> {
     let mut bufs = Vec::with_capacity(ops.len());
     for mut op in ops {
         let len = op.buf.len();

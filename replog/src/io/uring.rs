@@ -223,8 +223,9 @@ impl Engine {
             self.issue_syncs();
             self.issue_ops();
             self.arm_wake();
-            self.complete_finished();
-            if self.jobs.is_empty() {
+            if self.complete_finished() || self.jobs.is_empty() {
+                // Completion wakers may have submitted jobs (without poking the eventfd, as they
+                // run on this thread): take them before sleeping in the ring.
                 continue;
             }
             if let Err(e) = self.wait_for_completions() {
@@ -426,18 +427,21 @@ impl Engine {
         }
     }
 
-    /// Completes finished jobs from the front (tickets complete in submit order).
-    fn complete_finished(&mut self) {
+    /// Completes finished jobs from the front (tickets complete in submit order). True if any.
+    fn complete_finished(&mut self) -> bool {
+        let mut any = false;
         while self.jobs.front().is_some_and(JobState::is_finished) {
             let Some(job) = self.jobs.pop_front() else {
-                return;
+                break;
             };
+            any = true;
             let result = match job.error {
                 Some(err) => Err(err),
                 None => Ok(job.ops.into_iter().map(|op| op.buf).collect()),
             };
             job.completer.complete(result);
         }
+        any
     }
 
     fn wait_for_completions(&mut self) -> io::Result<()> {

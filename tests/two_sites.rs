@@ -1,0 +1,335 @@
+//! Two daemons, real TCP, NBD clients: a primary ships its two-device group over a `tcp` slink to
+//! a secondary daemon; every test ends with both sites byte-equal and nothing acknowledged lost.
+//! Links run over loopback, directly or through the in-repo link emulator (this machine has no
+//! sch_netem); each test prints which.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use slink::linkemu::{LinkEmulator, LinkParams};
+
+const DEV_MIB: u64 = 32;
+const LAG_TIMEOUT: Duration = Duration::from_secs(120);
+const KEY: &str = "correct horse battery staple 0123456789";
+
+fn primary_table(dev: u32, mode: &str, link: &str) -> String {
+    let size = if mode == "open" { String::new() } else { format!(" {}", 64 * 2048) };
+    let n = if mode == "open" { 3 } else { 4 };
+    format!(
+        "0 {} replicator default {n} prep.img 0 {mode}{size} \
+         local 2 0 async 2 {dev} pdev{dev}.img - 0 \
+         tcp 3 1 async {link} 2 {dev} dev{dev} disk 3 128 s1-dev{dev}.dirty nosync\n",
+        DEV_MIB * 2048
+    )
+}
+
+fn secondary_table(dev: u32, mode: &str, mib: u64) -> String {
+    let size = if mode == "open" { String::new() } else { format!(" {}", 64 * 2048) };
+    let n = if mode == "open" { 3 } else { 4 };
+    format!(
+        "0 {} replicator default {n} srep.img 0 {mode}{size} local 2 0 async 2 {dev} sdev{dev}.img - 0\n",
+        mib * 2048
+    )
+}
+
+struct Sites {
+    p: Daemon,
+    s: Daemon,
+    emu: Option<(tokio::runtime::Runtime, Arc<LinkEmulator>)>,
+    /// The address the primary's table names (the secondary, or the emulator in front of it).
+    link: String,
+}
+
+fn write_key(dir: &std::path::Path, key: &str) {
+    std::fs::write(dir.join("key"), key).unwrap();
+}
+
+/// A secondary daemon, then a primary whose link goes directly or through the emulator.
+fn sites(emulated: Option<LinkParams>, primary_key: &str, allow: &str) -> Sites {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut s = Daemon::prepare(&[
+        "--site-id", "siteB", "--psk-file", "{dir}/key", "--slink-listen", &listen, "--allow", allow,
+    ]);
+    write_key(&s.dir, KEY);
+    s.spawn();
+    let (link, emu) = match emulated {
+        None => {
+            eprintln!("link path: direct loopback TCP");
+            (listen.clone(), None)
+        }
+        Some(params) => {
+            eprintln!("link path: in-repo link emulator (slink::linkemu) over loopback TCP: {params:?}");
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let eport = free_port();
+            let e = rt
+                .block_on(LinkEmulator::start(
+                    format!("127.0.0.1:{eport}").parse::<SocketAddr>().unwrap(),
+                    listen.clone(),
+                    params,
+                ))
+                .unwrap();
+            (format!("127.0.0.1:{eport}"), Some((rt, Arc::new(e))))
+        }
+    };
+    let peer = format!("siteB@{link}");
+    let mut p = Daemon::prepare(&["--site-id", "siteA", "--psk-file", "{dir}/key", "--peer", &peer]);
+    write_key(&p.dir, primary_key);
+    p.spawn();
+    Sites { p, s, emu, link }
+}
+
+fn link_of(sites: &Sites) -> String {
+    sites.link.clone()
+}
+
+fn create_group(sites: &Sites, sec_mib: u64) {
+    let link = link_of(sites);
+    sites.s.ok(&["create", "--secondary", "dev0", &write_table(&sites.s, "s0", &secondary_table(0, "create", sec_mib))]);
+    sites.s.ok(&["create", "--secondary", "dev1", &write_table(&sites.s, "s1", &secondary_table(1, "open", sec_mib))]);
+    sites.p.ok(&["create", "dev0", &write_table(&sites.p, "p0", &primary_table(0, "create", &link))]);
+    sites.p.ok(&["create", "dev1", &write_table(&sites.p, "p1", &primary_table(1, "open", &link))]);
+}
+
+fn write_table(d: &Daemon, name: &str, text: &str) -> String {
+    let p = d.dir.join(format!("{name}.table"));
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+fn fio_randwrite(uri: &str, mib: u64, seed: u64) -> std::process::Output {
+    Command::new("fio")
+        .args([
+            "--name=w",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            &format!("--size={}m", DEV_MIB),
+            &format!("--io_size={mib}m"),
+            &format!("--randseed={seed}"),
+            "--output-format=terse",
+        ])
+        .output()
+        .unwrap()
+}
+
+/// Wait until the primary's tcp slink has everything (lag 0, nothing dirty) and the secondary
+/// has applied all it stored; then every device must be byte-equal at both sites.
+fn converge_and_compare(sites: &Sites) {
+    for dev in ["dev0", "dev1"] {
+        sites.p.wait_lag_zero(dev, LAG_TIMEOUT);
+        sites.s.wait_lag_zero(dev, LAG_TIMEOUT);
+    }
+    let pl = sites.p.status("dev0")["replog"]["last_lsn"].as_u64().unwrap();
+    let sl = sites.s.status("dev0")["replog"]["last_lsn"].as_u64().unwrap();
+    assert_eq!(pl, sl, "the secondary holds the primary's last lsn");
+    for d in 0..2 {
+        assert!(
+            same_bytes(&sites.p.path(&format!("pdev{d}.img")), &sites.s.path(&format!("sdev{d}.img")), DEV_MIB << 20),
+            "device {d} differs between the sites\nprimary log:\n{}\nsecondary log:\n{}",
+            sites.p.log(),
+            sites.s.log()
+        );
+    }
+}
+
+fn have_tools() -> bool {
+    have("fio") && have("qemu-io")
+}
+
+#[test]
+fn random_writes_reach_the_secondary_byte_equal() {
+    if !have_tools() {
+        return;
+    }
+    let sites = sites(None, KEY, "siteA");
+    create_group(&sites, DEV_MIB);
+    for (dev, seed) in [("dev0", 1), ("dev1", 2)] {
+        let o = fio_randwrite(&sites.p.uri(dev), 16, seed);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    converge_and_compare(&sites);
+    let st = sites.p.status("dev0");
+    assert_eq!(st["slinks"][1]["link"]["state"], "up", "{st:#}");
+    // The secondary's export is read-only: a write is refused (EPERM).
+    let o = Command::new("qemu-io").args(["-f", "raw", &sites.s.uri("dev0"), "-c", "write 0 4k"]).output().unwrap();
+    assert!(!o.status.success());
+    let text = String::from_utf8_lossy(&o.stderr).to_string() + &String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("Permission denied") || text.contains("read-only") || text.contains("EPERM"), "{text}");
+    let o = must(Command::new("qemu-io").args(["-r", "-f", "raw", &sites.s.uri("dev0"), "-c", "read 0 4k"]));
+    assert!(o.contains("read 4096/4096"), "{o}");
+}
+
+#[test]
+fn a_partition_heals_and_the_sites_converge() {
+    if !have_tools() {
+        return;
+    }
+    let sites = sites(Some(LinkParams { delay: Duration::from_millis(5), ..Default::default() }), KEY, "siteA");
+    create_group(&sites, DEV_MIB);
+    let (_, emu) = sites.emu.as_ref().unwrap();
+    let o = fio_randwrite(&sites.p.uri("dev0"), 4, 3);
+    assert!(o.status.success());
+    assert_eq!(emu.apply("partition 4s").split_whitespace().next(), Some("ok"), "partition command");
+    let started = Instant::now();
+    for (dev, seed) in [("dev0", 4), ("dev1", 5)] {
+        let o = fio_randwrite(&sites.p.uri(dev), 8, seed);
+        assert!(o.status.success(), "writes continue during the partition");
+    }
+    assert!(started.elapsed() < Duration::from_secs(4), "async writes did not wait for the partitioned site");
+    converge_and_compare(&sites);
+    let st = sites.p.status("dev0");
+    assert!(st["slinks"][1]["link"]["sessions"].as_u64().unwrap() >= 2, "reconnected: {st:#}");
+}
+
+#[test]
+fn kill_9_of_the_secondary_mid_stream() {
+    if !have_tools() {
+        return;
+    }
+    let mut sites = sites(None, KEY, "siteA");
+    create_group(&sites, DEV_MIB);
+    let uri = sites.p.uri("dev0");
+    let writer = std::thread::spawn(move || fio_randwrite(&uri, 24, 6));
+    std::thread::sleep(Duration::from_millis(700));
+    sites.s.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    sites.s.spawn();
+    assert!(writer.join().unwrap().status.success());
+    let o = fio_randwrite(&sites.p.uri("dev1"), 4, 7);
+    assert!(o.status.success());
+    converge_and_compare(&sites);
+}
+
+/// Writes recorded as acknowledged before a kill -9 of the primary are there after its restart,
+/// at both sites.
+#[test]
+fn kill_9_of_the_primary_mid_stream_loses_nothing_acknowledged() {
+    if !have_tools() {
+        return;
+    }
+    let mut sites = sites(None, KEY, "siteA");
+    create_group(&sites, DEV_MIB);
+    let acked: Arc<Mutex<Vec<(String, u64, u8)>>> = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (a2, s2, port) = (acked.clone(), stop.clone(), sites.p.nbd_port);
+    let writer = std::thread::spawn(move || {
+        let mut i: u64 = 0;
+        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+            let dev = if i % 2 == 0 { "dev0" } else { "dev1" };
+            let off = (i * 64 * 1024) % (DEV_MIB << 20);
+            let pat = (i % 250 + 1) as u8;
+            let o = Command::new("qemu-io")
+                .args(["-f", "raw", &format!("nbd://127.0.0.1:{port}/{dev}"), "-c", &format!("write -P {pat} {off} 64k")])
+                .output()
+                .unwrap();
+            if o.status.success() {
+                a2.lock().unwrap().push((dev.to_string(), off, pat));
+            }
+            i += 1;
+        }
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    sites.p.kill9();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    sites.p.spawn();
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 5, "some writes were acknowledged before the kill");
+    // Last acknowledged pattern per (device, offset).
+    let mut last = std::collections::BTreeMap::new();
+    for (dev, off, pat) in &acked {
+        last.insert((dev.clone(), *off), *pat);
+    }
+    for ((dev, off), pat) in &last {
+        let out = must(Command::new("qemu-io").args(["-f", "raw", &sites.p.uri(dev), "-c", &format!("read -P {pat} {off} 64k")]));
+        assert!(!out.contains("verification failed"), "{dev} {off}: {out}");
+    }
+    converge_and_compare(&sites);
+}
+
+#[test]
+fn a_corrupted_byte_on_the_wire_is_caught_and_resent() {
+    if !have_tools() {
+        return;
+    }
+    let sites = sites(
+        Some(LinkParams { corrupt_every_bytes: Some(5 << 20), ..Default::default() }),
+        KEY,
+        "siteA",
+    );
+    create_group(&sites, DEV_MIB);
+    for (dev, seed) in [("dev0", 8), ("dev1", 9)] {
+        let o = fio_randwrite(&sites.p.uri(dev), 12, seed);
+        assert!(o.status.success());
+    }
+    converge_and_compare(&sites);
+    let st = sites.p.status("dev0");
+    assert!(st["slinks"][1]["link"]["sessions"].as_u64().unwrap() >= 2, "the corrupt frame closed a session: {st:#}");
+    assert!(sites.s.log().contains("crc"), "the secondary logged the crc error");
+}
+
+fn refused_with(sites: &Sites, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = sites.p.status("dev0");
+        let err = st["slinks"][1]["link"]["last_error"].as_str().unwrap_or("").to_string();
+        if err.contains(needle) {
+            eprintln!("refused as expected: {err}");
+            assert_ne!(st["slinks"][1]["link"]["state"], "up");
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("expected a refusal containing `{needle}`, status: {st:#}\nsecondary log:\n{}", sites.s.log());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_peer_with_the_wrong_key_is_refused() {
+    let sites = sites(None, "this is not the key that siteB has", "siteA");
+    create_group(&sites, DEV_MIB);
+    refused_with(&sites, "auth");
+}
+
+#[test]
+fn a_peer_without_an_allow_entry_is_refused() {
+    let sites = sites(None, KEY, "siteC");
+    create_group(&sites, DEV_MIB);
+    refused_with(&sites, "allow");
+}
+
+#[test]
+fn a_peer_with_other_device_sizes_is_refused() {
+    let sites = sites(None, KEY, "siteA");
+    let link = link_of(&sites);
+    sites.s.ok(&["create", "--secondary", "dev0", &write_table(&sites.s, "s0", &secondary_table(0, "create", DEV_MIB / 2))]);
+    sites.p.ok(&["create", "dev0", &write_table(&sites.p, "p0", &primary_table(0, "create", &link))]);
+    refused_with(&sites, "size differs");
+}
+
+#[test]
+fn a_peer_of_another_group_is_refused() {
+    let sites = sites(None, KEY, "siteA");
+    create_group(&sites, DEV_MIB);
+    sites.p.wait_lag_zero("dev0", LAG_TIMEOUT);
+    // The primary's group is recreated: a new replog, a new group uuid.
+    sites.p.ok(&["remove", "dev1"]);
+    sites.p.ok(&["remove", "dev0"]);
+    std::fs::remove_file(sites.p.path("prep.img")).unwrap();
+    let link = link_of(&sites);
+    sites.p.ok(&["create", "dev0", &write_table(&sites.p, "p0", &primary_table(0, "create", &link))]);
+    refused_with(&sites, "group uuid mismatch");
+}

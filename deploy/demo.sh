@@ -1,69 +1,82 @@
 #!/usr/bin/env bash
-# The main job: a replicated group on this machine, file-backed, no manual setup.
+# The main job: two sites on this machine, replicating over TCP on loopback, file-backed, no
+# manual setup.
 #
-# Brings up `replicator daemon` with a group from deploy/tables/quickstart-local.table (a primary
-# device and a second site, both files under ./run/), writes through NBD with qemu-io, waits for
-# the second site's lag to return to zero, byte-compares the two sites, shows status and metrics,
-# and stops the daemon cleanly. Leave it running with KEEP=1.
+# Site B: a daemon that accepts slinks (--slink-listen) and holds a secondary device.
+# Site A: a daemon whose device `dev0` is replicated to site B by a tcp slink.
+# A client writes through NBD at site A (qemu-io), the demo shows the lag at site A returning to
+# zero through `status --json`, byte-compares the device at both sites, and stops both daemons
+# with SIGTERM. KEEP=1 leaves them running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-command -v qemu-io >/dev/null && command -v jq >/dev/null || bash deploy/install-deps.sh
+command -v qemu-io >/dev/null && command -v jq >/dev/null && command -v curl >/dev/null \
+  || bash deploy/install-deps.sh
 cargo build --release --bin replicator
 bin="${CARGO_TARGET_DIR:-$root/target}/release/replicator"
 
 run="$root/run"
-rm -rf "$run" && mkdir -p "$run"
-export REPLICATOR_CONTROL="$run/control.sock"
-NBD_PORT=${NBD_PORT:-10809}
-METRICS_PORT=${METRICS_PORT:-9109}
+rm -rf "$run" && mkdir -p "$run/siteA" "$run/siteB"
+head -c 32 /dev/urandom | base64 >"$run/link.key"   # the sites' pre-shared key (never sent)
+A="--control $run/siteA/control.sock"
+B="--control $run/siteB/control.sock"
 
-"$bin" daemon --nbd "127.0.0.1:$NBD_PORT" --metrics "127.0.0.1:$METRICS_PORT" \
-  --state-dir "$run/state" 2>"$run/daemon.log" &
-daemon=$!
-trap '[ -z "${KEEP:-}" ] && kill $daemon 2>/dev/null; true' EXIT
-for _ in $(seq 100); do "$bin" ls >/dev/null 2>&1 && break; sleep 0.1; done
+"$bin" daemon $B --nbd 127.0.0.1:10810 --state-dir "$run/siteB/state" \
+  --site-id siteB --psk-file "$run/link.key" --slink-listen 127.0.0.1:7410 --allow siteA \
+  2>"$run/siteB/daemon.log" &
+pid_b=$!
+"$bin" daemon $A --nbd 127.0.0.1:10809 --metrics 127.0.0.1:9109 --state-dir "$run/siteA/state" \
+  --site-id siteA --psk-file "$run/link.key" --peer siteB@127.0.0.1:7410 \
+  2>"$run/siteA/daemon.log" &
+pid_a=$!
+trap '[ -z "${KEEP:-}" ] && kill $pid_a $pid_b 2>/dev/null; true' EXIT
+for _ in $(seq 100); do "$bin" ls $A >/dev/null 2>&1 && "$bin" ls $B >/dev/null 2>&1 && break; sleep 0.1; done
 
-echo "== create r1 from deploy/tables/quickstart-local.table"
-cat deploy/tables/quickstart-local.table
-"$bin" create r1 deploy/tables/quickstart-local.table
-"$bin" ls
+echo "== site B: create --secondary dev0 (deploy/tables/quickstart-secondary.table)"
+"$bin" create $B --secondary dev0 deploy/tables/quickstart-secondary.table
+echo "== site A: create dev0 (deploy/tables/quickstart-primary.table)"
+grep -v '^#' deploy/tables/quickstart-primary.table
+"$bin" create $A dev0 deploy/tables/quickstart-primary.table
+"$bin" ls $A
 
-uri="nbd://127.0.0.1:$NBD_PORT/r1"
-echo "== nbdinfo $uri"
-command -v nbdinfo >/dev/null && nbdinfo "$uri" | sed -n '1,12p' || true
-
-echo "== a client writes 48 MiB through NBD (qemu-io), then reads it back"
+uri="nbd://127.0.0.1:10809/dev0"
+echo "== a client writes 48 MiB through NBD at site A (qemu-io)"
 for i in $(seq 0 11); do
   qemu-io -f raw "$uri" -c "write -P $((i + 1)) $((i * 4))M 4M" >/dev/null
 done
-qemu-io -f raw "$uri" -c "read -P 12 44M 4M" | tail -1
-echo "== status right after the writes"
-"$bin" status r1
-"$bin" status r1 --json | jq -c '.slinks[] | {slink, mode, state, lag_ios, lag_bytes, lag_seconds, dirty_bytes}'
+echo "== status at site A right after the writes"
+"$bin" status $A dev0
+"$bin" status $A dev0 --json | jq -c '.slinks[] | {slink, transport, mode, state, lag_ios, lag_bytes, lag_seconds, dirty_bytes}'
 
-echo "== waiting for the second site's lag to return to 0"
+echo "== waiting for site B's lag to return to 0"
 for _ in $(seq 600); do
-  lag=$("$bin" status r1 --json | jq '[.slinks[].lag_ios] | add')
+  lag=$("$bin" status $A dev0 --json | jq '[.slinks[].lag_ios] | add')
   [ "$lag" = 0 ] && break
   sleep 0.1
 done
-"$bin" status r1 --json | jq -c '.slinks[] | {slink, lag_ios, lag_bytes, lag_seconds}'
+"$bin" status $A dev0 --json | jq -c '.slinks[] | {slink, lag_ios, lag_bytes, lag_seconds, link: .link.state}'
+for _ in $(seq 100); do
+  [ "$("$bin" status $B dev0 --json | jq '.slinks[0].lag_ios')" = 0 ] && break; sleep 0.1
+done
+echo "== site B (secondary) status"
+"$bin" status $B dev0 --json | jq -c '{role, last_lsn: .replog.last_lsn, applied: .slinks[0].applied_lsn}'
 size=$((64 * 1024 * 1024))
-if cmp -n "$size" run/primary0.img run/secondary0.img; then
-  echo "== the two sites are byte-identical (cmp of $size bytes)"
+if cmp -n "$size" run/siteA/dev0.img run/siteB/dev0.img; then
+  echo "== the device is byte-identical at both sites (cmp of $size bytes)"
 else
   echo "== MISMATCH between the sites" >&2
   exit 1
 fi
+echo "== site B's export is read-only; reading it back through NBD:"
+qemu-io -r -f raw nbd://127.0.0.1:10810/dev0 -c "read -P 12 44M 4M" | tail -1
 
-echo "== a few metrics (http://127.0.0.1:$METRICS_PORT/metrics)"
-curl -s "http://127.0.0.1:$METRICS_PORT/metrics" 2>/dev/null | grep -E '^replicator_slink_lag_(ios|bytes)' || true
+echo "== a few metrics of site A (http://127.0.0.1:9109/metrics)"
+curl -s "http://127.0.0.1:9109/metrics" | grep -E '^replicator_slink_lag_(ios|bytes|seconds)' || true
 
 if [ -n "${KEEP:-}" ]; then
-  echo "== daemon left running (pid $daemon); REPLICATOR_CONTROL=$REPLICATOR_CONTROL"
+  echo "== daemons left running (site A pid $pid_a, site B pid $pid_b)"
 else
-  kill -TERM $daemon && wait $daemon
-  echo "== daemon stopped cleanly"
+  kill -TERM $pid_a $pid_b && wait $pid_a $pid_b
+  echo "== both daemons stopped cleanly"
 fi

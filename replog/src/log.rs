@@ -529,9 +529,13 @@ impl Replog {
         lock(&self.inner.state).written_lsn
     }
 
-    /// Assigns the next lsn synchronously, in call order, and queues the entry for the writer.
+    /// Assigns the next lsn synchronously, in call order, and queues the entry for writing.
     /// `Err(Full)` at once when the ring has no room; `Err(TooLarge)` if it could never fit.
     /// Blocks briefly (backpressure) while the open batch buffer is full.
+    ///
+    /// On an idle log the write starts when the handle is waited on (`wait` writes it on the
+    /// calling thread), polled, checked with `is_done` or dropped, or when another append, a
+    /// flush or a completion comes first: wait on (or drop) the handle promptly.
     pub fn append(&self, rec: Record<'_>, durability: Durability) -> Result<Appending> {
         self.append_inner(None, rec, durability)
     }

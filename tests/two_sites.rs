@@ -2,7 +2,12 @@
 //! a secondary daemon; every test ends with both sites byte-equal and nothing acknowledged lost.
 //! Links run over loopback, directly or through the in-repo link emulator (this machine has no
 //! sch_netem); each test prints which.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 
 mod common;
 
@@ -19,7 +24,11 @@ const LAG_TIMEOUT: Duration = Duration::from_secs(120);
 const KEY: &str = "correct horse battery staple 0123456789";
 
 fn primary_table(dev: u32, mode: &str, link: &str) -> String {
-    let size = if mode == "open" { String::new() } else { format!(" {}", 64 * 2048) };
+    let size = if mode == "open" {
+        String::new()
+    } else {
+        format!(" {}", 64 * 2048)
+    };
     let n = if mode == "open" { 3 } else { 4 };
     format!(
         "0 {} replicator default {n} prep.img 0 {mode}{size} \
@@ -30,7 +39,11 @@ fn primary_table(dev: u32, mode: &str, link: &str) -> String {
 }
 
 fn secondary_table(dev: u32, mode: &str, mib: u64) -> String {
-    let size = if mode == "open" { String::new() } else { format!(" {}", 64 * 2048) };
+    let size = if mode == "open" {
+        String::new()
+    } else {
+        format!(" {}", 64 * 2048)
+    };
     let n = if mode == "open" { 3 } else { 4 };
     format!(
         "0 {} replicator default {n} srep.img 0 {mode}{size} local 2 0 async 2 {dev} sdev{dev}.img - 0\n",
@@ -54,7 +67,14 @@ fn write_key(dir: &std::path::Path, key: &str) {
 fn sites(emulated: Option<LinkParams>, primary_key: &str, allow: &str) -> Sites {
     let listen = format!("127.0.0.1:{}", free_port());
     let mut s = Daemon::prepare(&[
-        "--site-id", "siteB", "--psk-file", "{dir}/key", "--slink-listen", &listen, "--allow", allow,
+        "--site-id",
+        "siteB",
+        "--psk-file",
+        "{dir}/key",
+        "--slink-listen",
+        &listen,
+        "--allow",
+        allow,
     ]);
     write_key(&s.dir, KEY);
     s.spawn();
@@ -64,7 +84,9 @@ fn sites(emulated: Option<LinkParams>, primary_key: &str, allow: &str) -> Sites 
             (listen.clone(), None)
         }
         Some(params) => {
-            eprintln!("link path: in-repo link emulator (slink::linkemu) over loopback TCP: {params:?}");
+            eprintln!(
+                "link path: in-repo link emulator (slink::linkemu) over loopback TCP: {params:?}"
+            );
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .enable_all()
@@ -82,7 +104,14 @@ fn sites(emulated: Option<LinkParams>, primary_key: &str, allow: &str) -> Sites 
         }
     };
     let peer = format!("siteB@{link}");
-    let mut p = Daemon::prepare(&["--site-id", "siteA", "--psk-file", "{dir}/key", "--peer", &peer]);
+    let mut p = Daemon::prepare(&[
+        "--site-id",
+        "siteA",
+        "--psk-file",
+        "{dir}/key",
+        "--peer",
+        &peer,
+    ]);
     write_key(&p.dir, primary_key);
     p.spawn();
     Sites { p, s, emu, link }
@@ -94,10 +123,28 @@ fn link_of(sites: &Sites) -> String {
 
 fn create_group(sites: &Sites, sec_mib: u64) {
     let link = link_of(sites);
-    sites.s.ok(&["create", "--secondary", "dev0", &write_table(&sites.s, "s0", &secondary_table(0, "create", sec_mib))]);
-    sites.s.ok(&["create", "--secondary", "dev1", &write_table(&sites.s, "s1", &secondary_table(1, "open", sec_mib))]);
-    sites.p.ok(&["create", "dev0", &write_table(&sites.p, "p0", &primary_table(0, "create", &link))]);
-    sites.p.ok(&["create", "dev1", &write_table(&sites.p, "p1", &primary_table(1, "open", &link))]);
+    sites.s.ok(&[
+        "create",
+        "--secondary",
+        "dev0",
+        &write_table(&sites.s, "s0", &secondary_table(0, "create", sec_mib)),
+    ]);
+    sites.s.ok(&[
+        "create",
+        "--secondary",
+        "dev1",
+        &write_table(&sites.s, "s1", &secondary_table(1, "open", sec_mib)),
+    ]);
+    sites.p.ok(&[
+        "create",
+        "dev0",
+        &write_table(&sites.p, "p0", &primary_table(0, "create", &link)),
+    ]);
+    sites.p.ok(&[
+        "create",
+        "dev1",
+        &write_table(&sites.p, "p1", &primary_table(1, "open", &link)),
+    ]);
 }
 
 fn write_table(d: &Daemon, name: &str, text: &str) -> String {
@@ -131,12 +178,20 @@ fn converge_and_compare(sites: &Sites) {
         sites.p.wait_lag_zero(dev, LAG_TIMEOUT);
         sites.s.wait_lag_zero(dev, LAG_TIMEOUT);
     }
-    let pl = sites.p.status("dev0")["replog"]["last_lsn"].as_u64().unwrap();
-    let sl = sites.s.status("dev0")["replog"]["last_lsn"].as_u64().unwrap();
+    let pl = sites.p.status("dev0")["replog"]["last_lsn"]
+        .as_u64()
+        .unwrap();
+    let sl = sites.s.status("dev0")["replog"]["last_lsn"]
+        .as_u64()
+        .unwrap();
     assert_eq!(pl, sl, "the secondary holds the primary's last lsn");
     for d in 0..2 {
         assert!(
-            same_bytes(&sites.p.path(&format!("pdev{d}.img")), &sites.s.path(&format!("sdev{d}.img")), DEV_MIB << 20),
+            same_bytes(
+                &sites.p.path(&format!("pdev{d}.img")),
+                &sites.s.path(&format!("sdev{d}.img")),
+                DEV_MIB << 20
+            ),
             "device {d} differs between the sites\nprimary log:\n{}\nsecondary log:\n{}",
             sites.p.log(),
             sites.s.log()
@@ -163,11 +218,24 @@ fn random_writes_reach_the_secondary_byte_equal() {
     let st = sites.p.status("dev0");
     assert_eq!(st["slinks"][1]["link"]["state"], "up", "{st:#}");
     // The secondary's export is read-only: a write is refused (EPERM).
-    let o = Command::new("qemu-io").args(["-f", "raw", &sites.s.uri("dev0"), "-c", "write 0 4k"]).output().unwrap();
+    let o = Command::new("qemu-io")
+        .args(["-f", "raw", &sites.s.uri("dev0"), "-c", "write 0 4k"])
+        .output()
+        .unwrap();
     assert!(!o.status.success());
     let text = String::from_utf8_lossy(&o.stderr).to_string() + &String::from_utf8_lossy(&o.stdout);
-    assert!(text.contains("Permission denied") || text.contains("read-only") || text.contains("EPERM"), "{text}");
-    let o = must(Command::new("qemu-io").args(["-r", "-f", "raw", &sites.s.uri("dev0"), "-c", "read 0 4k"]));
+    assert!(
+        text.contains("Permission denied") || text.contains("read-only") || text.contains("EPERM"),
+        "{text}"
+    );
+    let o = must(Command::new("qemu-io").args([
+        "-r",
+        "-f",
+        "raw",
+        &sites.s.uri("dev0"),
+        "-c",
+        "read 0 4k",
+    ]));
     assert!(o.contains("read 4096/4096"), "{o}");
 }
 
@@ -176,21 +244,38 @@ fn a_partition_heals_and_the_sites_converge() {
     if !have_tools() {
         return;
     }
-    let sites = sites(Some(LinkParams { delay: Duration::from_millis(5), ..Default::default() }), KEY, "siteA");
+    let sites = sites(
+        Some(LinkParams {
+            delay: Duration::from_millis(5),
+            ..Default::default()
+        }),
+        KEY,
+        "siteA",
+    );
     create_group(&sites, DEV_MIB);
     let (_, emu) = sites.emu.as_ref().unwrap();
     let o = fio_randwrite(&sites.p.uri("dev0"), 4, 3);
     assert!(o.status.success());
-    assert_eq!(emu.apply("partition 4s").split_whitespace().next(), Some("ok"), "partition command");
+    assert_eq!(
+        emu.apply("partition 4s").split_whitespace().next(),
+        Some("ok"),
+        "partition command"
+    );
     let started = Instant::now();
     for (dev, seed) in [("dev0", 4), ("dev1", 5)] {
         let o = fio_randwrite(&sites.p.uri(dev), 8, seed);
         assert!(o.status.success(), "writes continue during the partition");
     }
-    assert!(started.elapsed() < Duration::from_secs(4), "async writes did not wait for the partitioned site");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "async writes did not wait for the partitioned site"
+    );
     converge_and_compare(&sites);
     let st = sites.p.status("dev0");
-    assert!(st["slinks"][1]["link"]["sessions"].as_u64().unwrap() >= 2, "reconnected: {st:#}");
+    assert!(
+        st["slinks"][1]["link"]["sessions"].as_u64().unwrap() >= 2,
+        "reconnected: {st:#}"
+    );
 }
 
 #[test]
@@ -231,7 +316,13 @@ fn kill_9_of_the_primary_mid_stream_loses_nothing_acknowledged() {
             let off = (i * 64 * 1024) % (DEV_MIB << 20);
             let pat = (i % 250 + 1) as u8;
             let o = Command::new("qemu-io")
-                .args(["-f", "raw", &format!("nbd://127.0.0.1:{port}/{dev}"), "-c", &format!("write -P {pat} {off} 64k")])
+                .args([
+                    "-f",
+                    "raw",
+                    &format!("nbd://127.0.0.1:{port}/{dev}"),
+                    "-c",
+                    &format!("write -P {pat} {off} 64k"),
+                ])
                 .output()
                 .unwrap();
             if o.status.success() {
@@ -246,14 +337,23 @@ fn kill_9_of_the_primary_mid_stream_loses_nothing_acknowledged() {
     writer.join().unwrap();
     sites.p.spawn();
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() > 5, "some writes were acknowledged before the kill");
+    assert!(
+        acked.len() > 5,
+        "some writes were acknowledged before the kill"
+    );
     // Last acknowledged pattern per (device, offset).
     let mut last = std::collections::BTreeMap::new();
     for (dev, off, pat) in &acked {
         last.insert((dev.clone(), *off), *pat);
     }
     for ((dev, off), pat) in &last {
-        let out = must(Command::new("qemu-io").args(["-f", "raw", &sites.p.uri(dev), "-c", &format!("read -P {pat} {off} 64k")]));
+        let out = must(Command::new("qemu-io").args([
+            "-f",
+            "raw",
+            &sites.p.uri(dev),
+            "-c",
+            &format!("read -P {pat} {off} 64k"),
+        ]));
         assert!(!out.contains("verification failed"), "{dev} {off}: {out}");
     }
     converge_and_compare(&sites);
@@ -265,7 +365,10 @@ fn a_corrupted_byte_on_the_wire_is_caught_and_resent() {
         return;
     }
     let sites = sites(
-        Some(LinkParams { corrupt_every_bytes: Some(5 << 20), ..Default::default() }),
+        Some(LinkParams {
+            corrupt_every_bytes: Some(5 << 20),
+            ..Default::default()
+        }),
         KEY,
         "siteA",
     );
@@ -276,22 +379,34 @@ fn a_corrupted_byte_on_the_wire_is_caught_and_resent() {
     }
     converge_and_compare(&sites);
     let st = sites.p.status("dev0");
-    assert!(st["slinks"][1]["link"]["sessions"].as_u64().unwrap() >= 2, "the corrupt frame closed a session: {st:#}");
-    assert!(sites.s.log().contains("crc"), "the secondary logged the crc error");
+    assert!(
+        st["slinks"][1]["link"]["sessions"].as_u64().unwrap() >= 2,
+        "the corrupt frame closed a session: {st:#}"
+    );
+    assert!(
+        sites.s.log().contains("crc"),
+        "the secondary logged the crc error"
+    );
 }
 
 fn refused_with(sites: &Sites, needle: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let st = sites.p.status("dev0");
-        let err = st["slinks"][1]["link"]["last_error"].as_str().unwrap_or("").to_string();
+        let err = st["slinks"][1]["link"]["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
         if err.contains(needle) {
             eprintln!("refused as expected: {err}");
             assert_ne!(st["slinks"][1]["link"]["state"], "up");
             return;
         }
         if Instant::now() > deadline {
-            panic!("expected a refusal containing `{needle}`, status: {st:#}\nsecondary log:\n{}", sites.s.log());
+            panic!(
+                "expected a refusal containing `{needle}`, status: {st:#}\nsecondary log:\n{}",
+                sites.s.log()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -315,8 +430,17 @@ fn a_peer_without_an_allow_entry_is_refused() {
 fn a_peer_with_other_device_sizes_is_refused() {
     let sites = sites(None, KEY, "siteA");
     let link = link_of(&sites);
-    sites.s.ok(&["create", "--secondary", "dev0", &write_table(&sites.s, "s0", &secondary_table(0, "create", DEV_MIB / 2))]);
-    sites.p.ok(&["create", "dev0", &write_table(&sites.p, "p0", &primary_table(0, "create", &link))]);
+    sites.s.ok(&[
+        "create",
+        "--secondary",
+        "dev0",
+        &write_table(&sites.s, "s0", &secondary_table(0, "create", DEV_MIB / 2)),
+    ]);
+    sites.p.ok(&[
+        "create",
+        "dev0",
+        &write_table(&sites.p, "p0", &primary_table(0, "create", &link)),
+    ]);
     refused_with(&sites, "size differs");
 }
 
@@ -330,6 +454,268 @@ fn a_peer_of_another_group_is_refused() {
     sites.p.ok(&["remove", "dev0"]);
     std::fs::remove_file(sites.p.path("prep.img")).unwrap();
     let link = link_of(&sites);
-    sites.p.ok(&["create", "dev0", &write_table(&sites.p, "p0", &primary_table(0, "create", &link))]);
+    sites.p.ok(&[
+        "create",
+        "dev0",
+        &write_table(&sites.p, "p0", &primary_table(0, "create", &link)),
+    ]);
     refused_with(&sites, "group uuid mismatch");
+}
+
+/// A one-device group whose slink 1 has the given policy, over the emulator.
+fn policy_sites(policy: &str, params: LinkParams, ring_mib: u64) -> Sites {
+    let sites = sites(Some(params), KEY, "siteA");
+    sites.s.ok(&[
+        "create",
+        "--secondary",
+        "dev0",
+        &write_table(&sites.s, "s0", &secondary_table(0, "create", DEV_MIB)),
+    ]);
+    let n = 3 + policy.split_whitespace().count() - 1;
+    let table = format!(
+        "0 {} replicator default 4 prep.img 0 create {} local 2 0 async 2 0 pdev0.img - 0 \
+         tcp {n} 1 {policy} {} 2 0 dev0 disk 3 128 s1-dev0.dirty nosync\n",
+        DEV_MIB * 2048,
+        ring_mib * 2048,
+        sites.link
+    );
+    sites
+        .p
+        .ok(&["create", "dev0", &write_table(&sites.p, "p0", &table)]);
+    // Wait for the link.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sites.p.status("dev0")["slinks"][1]["link"]["state"] != "up" {
+        assert!(
+            Instant::now() < deadline,
+            "link did not come up: {}",
+            sites.p.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sites
+}
+
+fn qemu_write(uri: &str, cmd: &str) -> Duration {
+    let t = Instant::now();
+    must(Command::new("qemu-io").args(["-f", "raw", uri, "-c", cmd]));
+    t.elapsed()
+}
+
+#[test]
+fn a_sync_site_has_every_acknowledged_write() {
+    if !have_tools() {
+        return;
+    }
+    let sites = policy_sites(
+        "sync",
+        LinkParams {
+            delay: Duration::from_millis(20),
+            ..Default::default()
+        },
+        64,
+    );
+    for i in 0..10u64 {
+        qemu_write(
+            &sites.p.uri("dev0"),
+            &format!("write -P {} {}k 4k", i + 1, i * 64),
+        );
+        let p = sites.p.status("dev0")["replog"]["last_lsn"]
+            .as_u64()
+            .unwrap();
+        let s = sites.s.status("dev0")["replog"]["last_lsn"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            s >= p,
+            "write {i} acknowledged before the sync site stored it: primary {p}, secondary {s}"
+        );
+    }
+    assert_eq!(sites.p.status("dev0")["slinks"][1]["mode"], "sync");
+}
+
+/// `timeout=1s`: an async site cut off for longer than a second turns sync (writes then wait for
+/// it, bounding the RPO), and turns async again once it has caught up.
+#[test]
+fn fallbehind_timeout_turns_an_async_site_sync_and_back() {
+    if !have_tools() {
+        return;
+    }
+    let sites = policy_sites("async timeout=1s", LinkParams::default(), 64);
+    let (_, emu) = sites.emu.as_ref().unwrap();
+    let uri = sites.p.uri("dev0");
+    assert_eq!(sites.p.status("dev0")["slinks"][1]["mode"], "async");
+    assert!(emu.apply("partition on").starts_with("ok"));
+    let quick = qemu_write(&uri, "write -P 1 0 4k");
+    assert!(
+        quick < Duration::from_secs(1),
+        "an async write waited for a cut-off site: {quick:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sites.p.status("dev0")["slinks"][1]["mode"] != "sync" {
+        assert!(
+            Instant::now() < deadline,
+            "did not turn sync: {:#}",
+            sites.p.status("dev0")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ev = sites.p.ok(&["wait", "dev0", "0"]);
+    assert!(ev.trim().parse::<u64>().unwrap() > 0);
+    // Now a write waits for the site: it finishes only after the link heals.
+    let uri2 = uri.clone();
+    let writer = std::thread::spawn(move || qemu_write(&uri2, "write -P 2 8k 4k"));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !writer.is_finished(),
+        "a write in sync mode finished while the site was cut off"
+    );
+    assert!(emu.apply("heal").starts_with("ok"));
+    let waited = writer.join().unwrap();
+    assert!(waited >= Duration::from_millis(1400), "{waited:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sites.p.status("dev0")["slinks"][1]["mode"] != "async" {
+        assert!(Instant::now() < deadline, "did not turn async again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let st = sites.p.status("dev0");
+    let line = sites.p.ok(&["status", "dev0"]);
+    assert!(line.contains("async"), "{line} {st:#}");
+}
+
+/// `stall`: entries are never dropped for the site; when the ring is full, writes wait for it.
+#[test]
+fn a_stall_site_makes_writes_wait_when_the_ring_is_full() {
+    if !have_tools() {
+        return;
+    }
+    let sites = policy_sites("stall", LinkParams::default(), 4);
+    let (_, emu) = sites.emu.as_ref().unwrap();
+    assert!(emu.apply("partition on").starts_with("ok"));
+    let uri = sites.p.uri("dev0");
+    let writer = std::thread::spawn(move || {
+        for i in 0..8u64 {
+            qemu_write(&uri, &format!("write -P {} {}M 1M", i + 1, i));
+        }
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !writer.is_finished(),
+        "8 MiB went through a 4 MiB ring while the stall site was cut off"
+    );
+    let st = sites.p.status("dev0");
+    assert_eq!(
+        st["slinks"][1]["dirty_bytes"].as_u64(),
+        Some(0),
+        "stall never drops: {st:#}"
+    );
+    assert!(emu.apply("heal").starts_with("ok"));
+    writer.join().unwrap();
+    sites.p.wait_lag_zero("dev0", LAG_TIMEOUT);
+    sites.s.wait_lag_zero("dev0", LAG_TIMEOUT);
+    assert!(same_bytes(
+        &sites.p.path("pdev0.img"),
+        &sites.s.path("sdev0.img"),
+        DEV_MIB << 20
+    ));
+}
+
+/// The seed's "Sync Mirror + Async Replication": one group shipping to a near sync site and a far
+/// async site (50 ms one-way through the emulator), each with its own lag.
+#[test]
+fn fan_out_to_a_near_sync_site_and_a_far_async_site() {
+    if !have_tools() {
+        return;
+    }
+    let near_listen = format!("127.0.0.1:{}", free_port());
+    let far_listen = format!("127.0.0.1:{}", free_port());
+    let mut near = Daemon::prepare(&[
+        "--site-id",
+        "near",
+        "--psk-file",
+        "{dir}/key",
+        "--slink-listen",
+        &near_listen,
+        "--allow",
+        "siteA",
+    ]);
+    write_key(&near.dir, KEY);
+    near.spawn();
+    let mut far = Daemon::prepare(&[
+        "--site-id",
+        "far",
+        "--psk-file",
+        "{dir}/key",
+        "--slink-listen",
+        &far_listen,
+        "--allow",
+        "siteA",
+    ]);
+    write_key(&far.dir, KEY);
+    far.spawn();
+    eprintln!("link path: near = direct loopback TCP; far = in-repo link emulator, 50 ms one-way");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let eport = free_port();
+    let _emu = rt
+        .block_on(LinkEmulator::start(
+            format!("127.0.0.1:{eport}").parse().unwrap(),
+            far_listen.clone(),
+            LinkParams {
+                delay: Duration::from_millis(50),
+                ..Default::default()
+            },
+        ))
+        .unwrap();
+    let far_link = format!("127.0.0.1:{eport}");
+    let peers = [format!("near@{near_listen}"), format!("far@{far_link}")];
+    let mut p = Daemon::prepare(&[
+        "--site-id",
+        "siteA",
+        "--psk-file",
+        "{dir}/key",
+        "--peer",
+        &peers[0],
+        "--peer",
+        &peers[1],
+    ]);
+    write_key(&p.dir, KEY);
+    p.spawn();
+    for d in [&near, &far] {
+        d.ok(&[
+            "create",
+            "--secondary",
+            "dev0",
+            &write_table(d, "s0", &secondary_table(0, "create", DEV_MIB)),
+        ]);
+    }
+    let table = format!(
+        "0 {} replicator default 4 prep.img 0 create {} local 2 0 async 2 0 pdev0.img - 0 \
+         tcp 3 1 sync {near_listen} 2 0 dev0 - 0 \
+         tcp 4 2 async ios=100000 {far_link} 2 0 dev0 disk 3 128 s2-dev0.dirty nosync\n",
+        DEV_MIB * 2048,
+        64 * 2048
+    );
+    p.ok(&["create", "dev0", &write_table(&p, "p0", &table)]);
+    let o = fio_randwrite(&p.uri("dev0"), 16, 11);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let st = p.status("dev0");
+    assert_eq!(st["slinks"][1]["mode"], "sync");
+    assert_eq!(
+        st["slinks"][1]["lag_ios"].as_u64(),
+        Some(0),
+        "the sync site has every acknowledged write: {st:#}"
+    );
+    assert_eq!(st["slinks"][2]["mode"], "async");
+    p.wait_lag_zero("dev0", LAG_TIMEOUT);
+    for d in [&near, &far] {
+        d.wait_lag_zero("dev0", LAG_TIMEOUT);
+        assert!(same_bytes(
+            &p.path("pdev0.img"),
+            &d.path("sdev0.img"),
+            DEV_MIB << 20
+        ));
+    }
 }

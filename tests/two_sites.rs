@@ -312,7 +312,7 @@ fn kill_9_of_the_primary_mid_stream_loses_nothing_acknowledged() {
     let writer = std::thread::spawn(move || {
         let mut i: u64 = 0;
         while !s2.load(std::sync::atomic::Ordering::Relaxed) {
-            let dev = if i % 2 == 0 { "dev0" } else { "dev1" };
+            let dev = if i.is_multiple_of(2) { "dev0" } else { "dev1" };
             let off = (i * 64 * 1024) % (DEV_MIB << 20);
             let pat = (i % 250 + 1) as u8;
             let o = Command::new("qemu-io")

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Long-link benchmark: two daemons on this machine, the link between them through the in-repo
+# link emulator (replicator-linkemu: 50 ms one-way = 100 ms RTT, rate-capped), because these
+# machines lack sch_netem; on a host with netem, deploy/netem/netem-link.sh builds the same link
+# with namespaces (set LINK=netem to only print that hint).
+#
+# For each link rate (RATES, default "100mbit 1gbit"), in one run:
+#  (a) 4 KiB random write latency p50/p99 at QD1 with an async remote site vs no remote site;
+#  (b) shipping throughput during sustained 1 MiB writes, as a share of the link rate
+#      (bytes the tcp slink put on the wire per second, measured over a window mid-run);
+#  (c) 4 KiB write latency with a sync remote site (expected: about one RTT plus local).
+#
+#   deploy/bench/link.sh                 # about 2 minutes
+#   RUNTIME=5 RATES=100mbit deploy/bench/link.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root=$(pwd)
+RUNTIME=${RUNTIME:-10}
+RATES=${RATES:-"100mbit 1gbit"}
+DELAY=${DELAY:-50ms}
+command -v fio >/dev/null && command -v jq >/dev/null || bash deploy/install-deps.sh
+cargo build --release --bin replicator -p replicator -q
+cargo build --release -p slink --bin replicator-linkemu -q
+tdir="${CARGO_TARGET_DIR:-$root/target}/release"
+bin="$tdir/replicator"
+emu="$tdir/replicator-linkemu"
+
+work=$(mktemp -d "$root/bench-link.XXXXXX")
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+head -c 32 /dev/urandom | base64 >"$work/key"
+DEV_MIB=2048
+sectors=$((DEV_MIB * 2048))
+ring=$((1024 * 2048))
+
+# fio_lat URI -> "p50_us p99_us iops"
+fio_lat() {
+  fio --name=lat --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth=1 --size=256M \
+      --time_based --runtime="$RUNTIME" --ramp_time=1 --output-format=json 2>/dev/null |
+    python3 -c 'import json,sys; t=sys.stdin.read(); w=json.loads(t[t.index("{"):])["jobs"][0]["write"]; p=w["clat_ns"]["percentile"]; print(p["50.000000"]/1e3, p["99.000000"]/1e3, w["iops"])'
+}
+
+results=()
+port=11500
+for rate in $RATES; do
+  port=$((port + 10))
+  s_listen=127.0.0.1:$port; e_listen=127.0.0.1:$((port + 1)); e_ctl=127.0.0.1:$((port + 2))
+  nbd=$((port + 3)); d=$work/$rate; mkdir -p "$d/a" "$d/b"
+  "$bin" daemon --control "$d/b/c.sock" --state-dir "$d/b/st" --site-id siteB --psk-file "$work/key" \
+    --slink-listen "$s_listen" --allow siteA 2>"$d/b/log" &
+  pids+=($!)
+  "$emu" --listen "$e_listen" --upstream "$s_listen" --delay "$DELAY" --rate "$rate" --control "$e_ctl" 2>"$d/emu.log" &
+  pids+=($!)
+  "$bin" daemon --control "$d/a/c.sock" --nbd "127.0.0.1:$nbd" --state-dir "$d/a/st" --site-id siteA \
+    --psk-file "$work/key" --peer "siteB@$e_listen" 2>"$d/a/log" &
+  pids+=($!)
+  for _ in $(seq 100); do "$bin" ls --control "$d/a/c.sock" >/dev/null 2>&1 && "$bin" ls --control "$d/b/c.sock" >/dev/null 2>&1 && break; sleep 0.1; done
+  (cd "$d/b"
+   for g in async sync; do
+     echo "0 $sectors replicator default 4 $g-replog.img 0 create $ring local 2 0 async 2 0 $g-dev.img - 0" >$g.table
+     "$bin" create --control "$d/b/c.sock" --secondary "$g" $g.table
+   done)
+  (cd "$d/a"
+   echo "0 $sectors replicator default 4 solo-replog.img 0 create $ring local 2 0 async 2 0 solo.img - 0" >solo.table
+   echo "0 $sectors replicator default 4 async-replog.img 0 create $ring local 2 0 async 2 0 async.img - 0 tcp 3 1 async $e_listen 2 0 async disk 3 2048 async.dirty nosync" >async.table
+   echo "0 $sectors replicator default 4 sync-replog.img 0 create $ring local 2 0 async 2 0 sync.img - 0 tcp 3 1 sync $e_listen 2 0 sync - 0" >sync.table
+   for g in solo async sync; do "$bin" create --control "$d/a/c.sock" "$g" $g.table; done)
+  for g in async sync; do
+    for _ in $(seq 200); do
+      [ "$("$bin" status --control "$d/a/c.sock" $g --json | jq -r '.slinks[1].link.state')" = up ] && break; sleep 0.1
+    done
+  done
+
+  read -r solo_p50 solo_p99 _ <<<"$(fio_lat "nbd://127.0.0.1:$nbd/solo")"
+  read -r async_p50 async_p99 _ <<<"$(fio_lat "nbd://127.0.0.1:$nbd/async")"
+  read -r sync_p50 sync_p99 _ <<<"$(fio_lat "nbd://127.0.0.1:$nbd/sync")"
+
+  # (b) sustained 1 MiB writes to the async device; sample the slink's wire bytes mid-run.
+  total=$((RUNTIME * 2 + 4))
+  fio --name=seq --ioengine=nbd --uri="nbd://127.0.0.1:$nbd/async" --rw=write --bs=1M --iodepth=8 \
+      --size=${DEV_MIB}M --time_based --runtime=$total --output-format=json >"$d/seq.json" 2>/dev/null &
+  fio_pid=$!
+  sleep 3
+  b0=$("$bin" status --control "$d/a/c.sock" async --json | jq '.slinks[1].link.bytes_sent')
+  t0=$(date +%s.%N)
+  sleep "$RUNTIME"
+  b1=$("$bin" status --control "$d/a/c.sock" async --json | jq '.slinks[1].link.bytes_sent')
+  t1=$(date +%s.%N)
+  wait $fio_pid || true
+  app=$(python3 -c 'import json; t=open("'"$d/seq.json"'").read(); w=json.loads(t[t.index("{"):])["jobs"][0]["write"]; print(w["bw"]/1024)')
+  link_bps=$(python3 -c "r='$rate'; m={'k':1e3,'m':1e6,'g':1e9}; print(float(r[:-4])*m[r[-4]] if r.endswith('bit') else float(r)*8)")
+  ship=$(python3 -c "print(($b1-$b0)*8/($t1-$t0))")
+  results+=("$rate|$solo_p50|$solo_p99|$async_p50|$async_p99|$sync_p50|$sync_p99|$ship|$link_bps|$app")
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  pids=()
+done
+
+echo
+echo "link: in-repo emulator (replicator-linkemu), one-way delay $DELAY (RTT = 2x), rate capped per direction"
+printf '%-8s | %-27s | %-27s | %-8s | %-20s | %-27s\n' rate "4k QD1 no remote p50/p99" "4k QD1 async remote p50/p99" "p99 x" "shipping (% of link)" "4k QD1 sync remote p50/p99"
+for r in "${results[@]}"; do
+  IFS='|' read -r rate sp50 sp99 ap50 ap99 yp50 yp99 ship link app <<<"$r"
+  python3 - "$rate" "$sp50" "$sp99" "$ap50" "$ap99" "$yp50" "$yp99" "$ship" "$link" "$app" <<'PY'
+import sys
+rate, sp50, sp99, ap50, ap99, yp50, yp99, ship, link, app = sys.argv[1:]
+f = lambda v: float(v)
+print(f"{rate:<8} | {f(sp50)/1e3:7.3f} / {f(sp99)/1e3:7.3f} ms       | {f(ap50)/1e3:7.3f} / {f(ap99)/1e3:7.3f} ms       | "
+      f"{f(ap99)/f(sp99):6.2f}x | {f(ship)/1e6:7.1f} Mbit/s {100*f(ship)/f(link):5.1f}% | "
+      f"{f(yp50)/1e3:7.1f} / {f(yp99)/1e3:7.1f} ms  (app wrote {f(app):.0f} MiB/s)")
+PY
+done

@@ -45,6 +45,8 @@ pub enum Role {
 }
 use super::{CoreError, CoreResult};
 
+/// Ring fill (percent) at which appliers checkpoint without waiting for their interval.
+const RING_PRESSURE_PERCENT: u64 = 50;
 /// How long a write waits for ring space before it fails with ENOSPC.
 pub const RING_FULL_WAIT_MAX: Duration = Duration::from_secs(30);
 /// When entries must be dropped for a slow site, free at least this share of the ring at once so
@@ -1067,6 +1069,11 @@ impl ApplySource for Group {
 
     fn event(&self, kind: &'static str, detail: String) {
         self.events.raise(kind, detail);
+    }
+
+    fn ring_pressure(&self) -> bool {
+        let s = self.replog.space();
+        s.used_bytes.saturating_mul(100) >= s.capacity_bytes.saturating_mul(RING_PRESSURE_PERCENT)
     }
 }
 

@@ -35,7 +35,12 @@ pub const REPLAY_BATCH_ENTRIES_MAX: usize = 256;
 /// Bytes read back from the replog per read when a feed has a gap.
 pub const REPLAY_BATCH_BYTES_MAX: u64 = 16 << 20;
 /// How often an applier makes its devices durable and saves its cursor while it makes progress.
-pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
+/// Between checkpoints the replog holds every write the devices may not have durably, so a longer
+/// interval lets the page cache merge overwrites (less device I/O) at the cost of a longer replay
+/// after a crash; a ring filling up forces a checkpoint earlier (`ApplySource::ring_pressure`).
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a checkpointer looks at the ring's fill between checkpoints.
+const RING_PRESSURE_POLL: Duration = Duration::from_millis(50);
 /// Dirty regions copied per round between entry batches (resync shares the thread with shipping).
 const RESYNC_REGIONS_PER_ROUND: usize = 4;
 
@@ -361,6 +366,8 @@ pub trait ApplySource: Send + Sync {
     fn primary(&self) -> Arc<Slink>;
     /// Report a state change.
     fn event(&self, kind: &'static str, detail: String);
+    /// True when the ring is filling up and cursors should move now.
+    fn ring_pressure(&self) -> bool;
 }
 
 enum Applied {
@@ -388,16 +395,19 @@ pub fn apply_entry(
 /// cursor (its applied prefix) every checkpoint interval.
 pub fn run_checkpointer(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
     let mut saved = slink.applied();
+    let mut last = Instant::now();
     loop {
         let requested = slink.feed.wait_until(
             || slink.checkpoint_requested.load(Ordering::Acquire) || slink.stopping(),
-            CHECKPOINT_INTERVAL,
+            RING_PRESSURE_POLL,
         );
         slink.checkpoint_requested.store(false, Ordering::Release);
         let applied = slink.applied();
-        if applied > saved || requested {
+        let due = last.elapsed() >= CHECKPOINT_INTERVAL || source.ring_pressure();
+        if (applied > saved && due) || requested {
             checkpoint(&*source, &slink, applied);
             saved = applied;
+            last = Instant::now();
         }
         if slink.stopping() {
             checkpoint(&*source, &slink, slink.applied());
@@ -468,7 +478,9 @@ pub fn run_local_applier(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
         }
 
         let requested = slink.checkpoint_requested.swap(false, Ordering::AcqRel);
-        if requested || (dirty_since_checkpoint && last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL)
+        if requested
+            || (dirty_since_checkpoint
+                && (last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL || source.ring_pressure()))
         {
             checkpoint(&*source, &slink, next - 1);
             last_checkpoint = Instant::now();

@@ -26,6 +26,34 @@ pub struct ControlArg {
     pub control: PathBuf,
 }
 
+/// Link settings with their defaults (slink::SiteConfig documents each bound).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct LinkTuning {
+    /// Send a keepalive this often (e.g. 1s, 500ms). Default: 1s.
+    #[arg(long)]
+    pub link_keepalive: Option<String>,
+    /// Declare a silent peer dead after this long. Default: 5s.
+    #[arg(long)]
+    pub link_dead_after: Option<String>,
+    /// Unacknowledged bytes in flight per link. Default: 16 MiB (about 1 Gbit/s x 100 ms).
+    #[arg(long)]
+    pub link_window_bytes: Option<usize>,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: u64 = num.parse().map_err(|_| format!("bad duration `{s}`"))?;
+    match unit {
+        "ms" => Ok(std::time::Duration::from_millis(n)),
+        "s" => Ok(std::time::Duration::from_secs(n)),
+        "m" => Ok(std::time::Duration::from_secs(n * 60)),
+        _ => Err(format!("bad duration `{s}`: use ms, s or m")),
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the daemon in the foreground.
@@ -64,6 +92,8 @@ pub enum Command {
         /// Repeatable.
         #[arg(long = "peer")]
         peers: Vec<String>,
+        #[command(flatten)]
+        link_tuning: LinkTuning,
     },
     /// Create a device from a mapping table file ("-" reads standard input).
     Create {
@@ -341,6 +371,7 @@ pub fn link_settings(
     psk_file: Option<PathBuf>,
     allow: &[String],
     peers: &[String],
+    tuning: &LinkTuning,
 ) -> Result<Option<replicator_link::LinkSettings>, String> {
     let (site_id, psk_file) = match (site_id, psk_file) {
         (None, None) if allow.is_empty() && peers.is_empty() => return Ok(None),
@@ -370,6 +401,15 @@ pub fn link_settings(
         };
         let id = slink::SiteId::new(name).map_err(|e| format!("--allow {a}: {e:?}"))?;
         cfg = cfg.allow(id, perm);
+    }
+    if let Some(k) = &tuning.link_keepalive {
+        cfg.keepalive_interval = parse_duration(k).map_err(|e| format!("--link-keepalive: {e}"))?;
+    }
+    if let Some(d) = &tuning.link_dead_after {
+        cfg.dead_peer_timeout = parse_duration(d).map_err(|e| format!("--link-dead-after: {e}"))?;
+    }
+    if let Some(w) = tuning.link_window_bytes {
+        cfg.window_bytes = w;
     }
     cfg.validate().map_err(|e| format!("link settings: {e}"))?;
     let mut map = std::collections::HashMap::new();

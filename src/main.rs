@@ -25,8 +25,15 @@ fn main() {
             slink_listen,
             allow,
             peers,
+            link_tuning,
         } => {
-            let links = match replicator::cli::link_settings(site_id, psk_file, &allow, &peers) {
+            let links = match replicator::cli::link_settings(
+                site_id,
+                psk_file,
+                &allow,
+                &peers,
+                &link_tuning,
+            ) {
                 Ok(l) => l.map(std::sync::Arc::new),
                 Err(e) => {
                     eprintln!("replicator: {e}");

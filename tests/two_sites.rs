@@ -719,3 +719,75 @@ fn fan_out_to_a_near_sync_site_and_a_far_async_site() {
         ));
     }
 }
+
+/// A primary device that already holds data, a `sync` dirty log (every region dirty) with regions
+/// larger than a frame: the whole device is copied to the secondary in pieces.
+#[test]
+fn initial_full_resync_copies_existing_data() {
+    let sites = sites(None, KEY, "siteA");
+    sites.s.ok(&[
+        "create",
+        "--secondary",
+        "dev0",
+        &write_table(&sites.s, "s0", &secondary_table(0, "create", DEV_MIB)),
+    ]);
+    let data: Vec<u8> = (0..(DEV_MIB << 20))
+        .map(|i| (i * 2_654_435_761u64 >> 13) as u8)
+        .collect();
+    std::fs::write(sites.p.path("pdev0.img"), &data).unwrap();
+    let table = format!(
+        "0 {} replicator default 4 prep.img 0 create {} local 2 0 async 2 0 pdev0.img - 0 \
+         tcp 3 1 async {} 2 0 dev0 disk 3 32768 s1-dev0.dirty sync\n",
+        DEV_MIB * 2048,
+        64 * 2048,
+        sites.link
+    );
+    sites
+        .p
+        .ok(&["create", "dev0", &write_table(&sites.p, "p0", &table)]);
+    let st = sites.p.status("dev0");
+    assert!(
+        st["slinks"][1]["dirty_bytes"].as_u64().unwrap() > 0,
+        "{st:#}"
+    );
+    sites.p.wait_lag_zero("dev0", LAG_TIMEOUT);
+    sites.s.wait_lag_zero("dev0", LAG_TIMEOUT);
+    assert!(same_bytes(
+        &sites.p.path("pdev0.img"),
+        &sites.s.path("sdev0.img"),
+        DEV_MIB << 20
+    ));
+}
+
+/// The ring overflows while the link is cut: the async site's regions go dirty; after the link
+/// heals, a resync over TCP repairs them and the sites are byte-equal.
+#[test]
+fn overflow_while_partitioned_is_repaired_by_resync_over_tcp() {
+    if !have_tools() {
+        return;
+    }
+    let sites = policy_sites("async", LinkParams::default(), 4);
+    let (_, emu) = sites.emu.as_ref().unwrap();
+    assert!(emu.apply("partition on").starts_with("ok"));
+    let o = fio_randwrite(&sites.p.uri("dev0"), 24, 12);
+    assert!(
+        o.status.success(),
+        "writes go on while the async site is cut off: {}{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+        sites.p.log()
+    );
+    let st = sites.p.status("dev0");
+    assert!(
+        st["slinks"][1]["dirty_bytes"].as_u64().unwrap() > 0,
+        "the 4 MiB ring overflowed: {st:#}"
+    );
+    assert!(emu.apply("heal").starts_with("ok"));
+    sites.p.wait_lag_zero("dev0", LAG_TIMEOUT);
+    sites.s.wait_lag_zero("dev0", LAG_TIMEOUT);
+    assert!(same_bytes(
+        &sites.p.path("pdev0.img"),
+        &sites.s.path("sdev0.img"),
+        DEV_MIB << 20
+    ));
+}

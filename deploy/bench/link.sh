@@ -16,6 +16,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$(pwd)
 RUNTIME=${RUNTIME:-10}
+# (a) also runs at a fixed rate below every link rate tested (RATE_IOPS x 4 KiB), so it measures
+# what shipping costs a write, not what a saturated link costs.
+RATE_IOPS=${RATE_IOPS:-1000}
 RATES=${RATES:-"100mbit 1gbit"}
 DELAY=${DELAY:-50ms}
 command -v fio >/dev/null && command -v jq >/dev/null || bash deploy/install-deps.sh
@@ -34,10 +37,11 @@ DEV_MIB=2048
 sectors=$((DEV_MIB * 2048))
 ring=$((1024 * 2048))
 
-# fio_lat URI -> "p50_us p99_us iops"
+# fio_lat URI [FIO ARGS] -> "p50_us p99_us iops"
 fio_lat() {
-  fio --name=lat --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth=1 --size=256M \
-      --time_based --runtime="$RUNTIME" --ramp_time=1 --output-format=json 2>/dev/null |
+  local uri=$1; shift
+  fio --name=lat --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k --iodepth=1 --size=256M \
+      --time_based --runtime="$RUNTIME" --ramp_time=1 --output-format=json "$@" 2>/dev/null |
     python3 -c 'import json,sys; t=sys.stdin.read(); w=json.loads(t[t.index("{"):])["jobs"][0]["write"]; p=w["clat_ns"]["percentile"]; print(p["50.000000"]/1e3, p["99.000000"]/1e3, w["iops"])'
 }
 
@@ -74,6 +78,8 @@ for rate in $RATES; do
 
   read -r solo_p50 solo_p99 _ <<<"$(fio_lat "nbd://127.0.0.1:$nbd/solo")"
   read -r async_p50 async_p99 _ <<<"$(fio_lat "nbd://127.0.0.1:$nbd/async")"
+  read -r rsolo_p50 rsolo_p99 _ <<<"$(fio_lat "nbd://127.0.0.1:$nbd/solo" --rate_iops="$RATE_IOPS")"
+  read -r rasync_p50 rasync_p99 _ <<<"$(fio_lat "nbd://127.0.0.1:$nbd/async" --rate_iops="$RATE_IOPS")"
   read -r sync_p50 sync_p99 _ <<<"$(fio_lat "nbd://127.0.0.1:$nbd/sync")"
 
   # (b) sustained 1 MiB writes to the async device; sample the slink's wire bytes mid-run.
@@ -91,7 +97,7 @@ for rate in $RATES; do
   app=$(python3 -c 'import json; t=open("'"$d/seq.json"'").read(); w=json.loads(t[t.index("{"):])["jobs"][0]["write"]; print(w["bw"]/1024)')
   link_bps=$(python3 -c "r='$rate'; m={'k':1e3,'m':1e6,'g':1e9}; print(float(r[:-4])*m[r[-4]] if r.endswith('bit') else float(r)*8)")
   ship=$(python3 -c "print(($b1-$b0)*8/($t1-$t0))")
-  results+=("$rate|$solo_p50|$solo_p99|$async_p50|$async_p99|$sync_p50|$sync_p99|$ship|$link_bps|$app")
+  results+=("$rate|$solo_p50|$solo_p99|$async_p50|$async_p99|$rsolo_p50|$rsolo_p99|$rasync_p50|$rasync_p99|$sync_p50|$sync_p99|$ship|$link_bps|$app")
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   pids=()
@@ -99,15 +105,20 @@ done
 
 echo
 echo "link: in-repo emulator (replicator-linkemu), one-way delay $DELAY (RTT = 2x), rate capped per direction"
-printf '%-8s | %-27s | %-27s | %-8s | %-20s | %-27s\n' rate "4k QD1 no remote p50/p99" "4k QD1 async remote p50/p99" "p99 x" "shipping (% of link)" "4k QD1 sync remote p50/p99"
 for r in "${results[@]}"; do
-  IFS='|' read -r rate sp50 sp99 ap50 ap99 yp50 yp99 ship link app <<<"$r"
-  python3 - "$rate" "$sp50" "$sp99" "$ap50" "$ap99" "$yp50" "$yp99" "$ship" "$link" "$app" <<'PY'
+  IFS='|' read -r -a v <<<"$r"
+  python3 - "$RATE_IOPS" "${v[@]}" <<'PY'
 import sys
-rate, sp50, sp99, ap50, ap99, yp50, yp99, ship, link, app = sys.argv[1:]
-f = lambda v: float(v)
-print(f"{rate:<8} | {f(sp50)/1e3:7.3f} / {f(sp99)/1e3:7.3f} ms       | {f(ap50)/1e3:7.3f} / {f(ap99)/1e3:7.3f} ms       | "
-      f"{f(ap99)/f(sp99):6.2f}x | {f(ship)/1e6:7.1f} Mbit/s {100*f(ship)/f(link):5.1f}% | "
-      f"{f(yp50)/1e3:7.1f} / {f(yp99)/1e3:7.1f} ms  (app wrote {f(app):.0f} MiB/s)")
+rate_iops = sys.argv[1]
+rate, sp50, sp99, ap50, ap99, rsp50, rsp99, rap50, rap99, yp50, yp99, ship, link, app = sys.argv[2:]
+f = lambda v: float(v) / 1e3  # us -> ms
+print(f"--- link {rate}")
+print(f"(a) 4 KiB QD1 writes, as fast as they go: no remote p50/p99 {f(sp50):.3f}/{f(sp99):.3f} ms; "
+      f"async remote {f(ap50):.3f}/{f(ap99):.3f} ms; p99 ratio {float(ap99)/float(sp99):.2f}x")
+print(f"(a) 4 KiB QD1 writes at {rate_iops}/s:          no remote p50/p99 {f(rsp50):.3f}/{f(rsp99):.3f} ms; "
+      f"async remote {f(rap50):.3f}/{f(rap99):.3f} ms; p99 ratio {float(rap99)/float(rsp99):.2f}x")
+print(f"(b) shipping during sustained 1 MiB writes (app wrote {float(app):.0f} MiB/s): "
+      f"{float(ship)/1e6:.1f} Mbit/s = {100*float(ship)/float(link):.1f}% of the link rate")
+print(f"(c) 4 KiB QD1 writes with a sync remote site: p50/p99 {f(yp50):.1f}/{f(yp99):.1f} ms")
 PY
 done

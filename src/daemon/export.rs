@@ -41,6 +41,11 @@ impl Export for DeviceExport {
         self.handle.group.role() == crate::engine::group::Role::Secondary
     }
 
+    /// The largest write is what one replog entry holds.
+    fn block_size(&self) -> (u32, u32, u32) {
+        (512, 4096, replog::format::MAX_DATA_BYTES as u32)
+    }
+
     fn description(&self) -> String {
         format!(
             "replicator device {} (replog {})",

@@ -104,6 +104,7 @@ pub struct Group {
     /// where it does not). Bounded by the requests in flight.
     pending_primary: Mutex<BTreeMap<Lsn, Extent>>,
     pending_primary_changed: tokio::sync::Notify,
+    overflow: Mutex<()>,
     /// Woken whenever `written` moves (tcp links wait on it for new entries).
     pub written_changed: tokio::sync::Notify,
     started: std::sync::atomic::AtomicBool,
@@ -194,6 +195,7 @@ impl Group {
             written: AtomicU64::new(last),
             pending_primary: Mutex::new(BTreeMap::new()),
             pending_primary_changed: tokio::sync::Notify::new(),
+            overflow: Mutex::new(()),
             written_changed: tokio::sync::Notify::new(),
             started: std::sync::atomic::AtomicBool::new(false),
             links,
@@ -747,6 +749,15 @@ impl Group {
     /// ring, mark the regions of the entries up to a target lsn dirty (durably), then move its
     /// cursor there. Returns whether anything was dropped.
     fn drop_for_slow_sites(&self, needed: u64) -> CoreResult<bool> {
+        // One overflow at a time: concurrent writers that all found the ring full must not each
+        // drop (and move cursors) on their own.
+        let _one = self
+            .overflow
+            .lock()
+            .map_err(|_| CoreError::Invalid("overflow lock poisoned".into()))?;
+        if self.replog.space().free_bytes >= needed {
+            return Ok(true);
+        }
         let Some(primary) = self.primary_slink() else {
             return Ok(false);
         };

@@ -159,8 +159,10 @@ pub struct Slink {
     paused: AtomicBool,
     pub applied_entries_total: AtomicU64,
     pub resync_regions_copied_total: AtomicU64,
-    /// `tcp` slinks: resync chunks sent and not yet acknowledged, by seq: (device, region).
-    pub resync_in_flight: Mutex<BTreeMap<u64, (u32, u64)>>,
+    /// `tcp` slinks: resync chunks sent and not yet acknowledged, by seq: (device, region, whether
+    /// it is the region's last piece). A region is clean once its last piece is acknowledged
+    /// (acknowledgements are cumulative, so every earlier piece is too).
+    pub resync_in_flight: Mutex<BTreeMap<u64, (u32, u64, bool)>>,
     /// `tcp` slinks: the link's view (state, last error, counters), for status and metrics.
     pub link: Mutex<Option<LinkView>>,
 }

@@ -35,7 +35,16 @@ pub struct LinkSettings {
     pub peers: HashMap<String, SiteId>,
 }
 
-fn to_wire(e: &MemEntry) -> slink::Entry {
+/// An entry's data as the link's `Bytes`, without copying: the bytes stay owned by the entry.
+struct SharedData(Arc<MemEntry>);
+
+impl AsRef<[u8]> for SharedData {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.data
+    }
+}
+
+fn to_wire(e: &Arc<MemEntry>) -> slink::Entry {
     slink::Entry {
         lsn: e.lsn,
         device: e.device,
@@ -43,7 +52,7 @@ fn to_wire(e: &MemEntry) -> slink::Entry {
         kind: kind_to_wire(e.kind),
         len: e.len,
         timestamp_ns: e.timestamp_ns,
-        data: Bytes::copy_from_slice(&e.data),
+        data: Bytes::from_owner(SharedData(e.clone())),
     }
 }
 
@@ -63,8 +72,22 @@ pub fn kind_from_wire(k: slink::EntryKind) -> replog::EntryKind {
     }
 }
 
+/// Resync data travels in pieces of at most this size (a region may be larger than a frame).
+const RESYNC_CHUNK_BYTES: u64 = 1 << 20;
+
+/// The part of a dirty region still to send.
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    device: u32,
+    region: u64,
+    next: u64,
+    end: u64,
+}
+
 #[derive(Default)]
 struct SourceState {
+    /// The region being sent piece by piece.
+    piece: Option<Piece>,
     /// Entries taken from the feed and not yet handed to the link.
     stash: VecDeque<Arc<MemEntry>>,
     /// The last position handed to the link; a lower `after` means the link resends.
@@ -158,7 +181,7 @@ impl TcpSource {
         Ok(out)
     }
 
-    /// One chunk of a dirty region, if any region is dirty and not already on its way.
+    /// The next piece of a dirty region, if any region is dirty and not already on its way.
     async fn resync_chunk(
         &self,
         g: &Arc<Group>,
@@ -171,50 +194,76 @@ impl TcpSource {
         if primary.applied() < handed_lsn {
             return Ok(None);
         }
+        if st.piece.is_none() {
+            st.piece = self.next_dirty_region();
+        }
+        let Some(piece) = st.piece else {
+            return Ok(None);
+        };
+        let Some(src) = primary.device(piece.device) else {
+            st.piece = None;
+            return Ok(None);
+        };
+        let offset = piece.next;
+        let len = RESYNC_CHUNK_BYTES.min(piece.end.saturating_sub(offset)) as usize;
+        let data = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len];
+            src.file()
+                .and_then(|f| f.read_at(offset, &mut buf))
+                .map(|_| buf)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("resync read of device {} at {offset}: {e}", piece.device))?;
+        let last = offset + len as u64 >= piece.end;
+        st.next_seq += 1;
+        let seq = st.next_seq;
+        if let Ok(mut m) = self.slink.resync_in_flight.lock() {
+            m.insert(seq, (piece.device, piece.region, last));
+        }
+        st.piece = if last {
+            None
+        } else {
+            Some(Piece {
+                next: offset + len as u64,
+                ..piece
+            })
+        };
+        Ok(Some(Item::ResyncData(ResyncChunk {
+            seq,
+            device: piece.device,
+            offset,
+            data: Bytes::from(data),
+        })))
+    }
+
+    /// A dirty region none of whose pieces is on its way.
+    fn next_dirty_region(&self) -> Option<Piece> {
         let in_flight: Vec<(u32, u64)> = self
             .slink
             .resync_in_flight
             .lock()
-            .map(|m| m.values().copied().collect())
+            .map(|m| m.values().map(|(d, r, _)| (*d, *r)).collect())
             .unwrap_or_default();
         for dev in self.slink.all_devices() {
             let Some(dirty) = &dev.dirty else { continue };
-            let (region, region_size) = match dirty.lock() {
-                Ok(d) => (
-                    d.dirty_regions()
-                        .find(|r| !in_flight.contains(&(dev.dev_nr, *r))),
-                    d.region_size(),
-                ),
-                Err(_) => continue,
-            };
-            let Some(region) = region else { continue };
-            let Some(src) = primary.device(dev.dev_nr) else {
-                continue;
-            };
-            let offset = region * region_size;
-            let len = region_size.min(dev.size.saturating_sub(offset)) as usize;
-            let data = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; len];
-                src.file()
-                    .and_then(|f| f.read_at(offset, &mut buf))
-                    .map(|_| buf)
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("resync read of device {} at {offset}: {e}", dev.dev_nr))?;
-            st.next_seq += 1;
-            let seq = st.next_seq;
-            if let Ok(mut m) = self.slink.resync_in_flight.lock() {
-                m.insert(seq, (dev.dev_nr, region));
+            let Ok(d) = dirty.lock() else { continue };
+            let region_size = d.region_size();
+            let found = d
+                .dirty_regions()
+                .find(|r| !in_flight.contains(&(dev.dev_nr, *r)));
+            drop(d);
+            if let Some(region) = found {
+                let start = region * region_size;
+                return Some(Piece {
+                    device: dev.dev_nr,
+                    region,
+                    next: start,
+                    end: (start + region_size).min(dev.size),
+                });
             }
-            return Ok(Some(Item::ResyncData(ResyncChunk {
-                seq,
-                device: dev.dev_nr,
-                offset,
-                data: Bytes::from(data),
-            })));
         }
-        Ok(None)
+        None
     }
 }
 
@@ -231,6 +280,7 @@ impl EntrySource for TcpSource {
                 if let Ok(mut m) = self.slink.resync_in_flight.lock() {
                     m.retain(|seq, _| *seq <= after.resync_seq);
                 }
+                st.piece = None;
             }
             st.next_seq = st.next_seq.max(after.resync_seq);
             let mut next = after.lsn + 1;
@@ -361,7 +411,7 @@ pub fn spawn_link(
 
 /// Regions whose chunks the site acknowledged are clean (durably) for it.
 async fn clear_acked_regions(g: &Arc<Group>, sl: &Arc<Slink>, acked_seq: u64) {
-    let done: BTreeMap<u64, (u32, u64)> = match sl.resync_in_flight.lock() {
+    let done: BTreeMap<u64, (u32, u64, bool)> = match sl.resync_in_flight.lock() {
         Ok(mut m) => {
             let keep = m.split_off(&(acked_seq + 1));
             std::mem::replace(&mut *m, keep)
@@ -373,7 +423,10 @@ async fn clear_acked_regions(g: &Arc<Group>, sl: &Arc<Slink>, acked_seq: u64) {
     }
     let sl2 = sl.clone();
     let _ = tokio::task::spawn_blocking(move || {
-        for (_, (dev_nr, region)) in done {
+        for (_, (dev_nr, region, last)) in done {
+            if !last {
+                continue;
+            }
             if let Some(dev) = sl2.device(dev_nr) {
                 if let Some(d) = &dev.dirty {
                     if let Ok(mut d) = d.lock() {

@@ -55,6 +55,7 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant, reason = "parsed once at start-up")]
 pub enum Command {
     /// Run the daemon in the foreground.
     Daemon {

@@ -732,7 +732,7 @@ fn initial_full_resync_copies_existing_data() {
         &write_table(&sites.s, "s0", &secondary_table(0, "create", DEV_MIB)),
     ]);
     let data: Vec<u8> = (0..(DEV_MIB << 20))
-        .map(|i| (i * 2_654_435_761u64 >> 13) as u8)
+        .map(|i| ((i * 2_654_435_761u64) >> 13) as u8)
         .collect();
     std::fs::write(sites.p.path("pdev0.img"), &data).unwrap();
     let table = format!(

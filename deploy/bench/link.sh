@@ -19,6 +19,10 @@ RUNTIME=${RUNTIME:-10}
 # (a) also runs at a fixed rate below every link rate tested (RATE_IOPS x 4 KiB), so it measures
 # what shipping costs a write, not what a saturated link costs.
 RATE_IOPS=${RATE_IOPS:-1000}
+# Where the secondary keeps its files. On one machine the secondary's fdatasyncs share the
+# primary's disk, which a real second site does not; SECONDARY_DIR=/dev/shm models a disk of its
+# own (the CPU stays shared).
+SECONDARY_DIR=${SECONDARY_DIR:-}
 RATES=${RATES:-"100mbit 1gbit"}
 DELAY=${DELAY:-50ms}
 command -v fio >/dev/null && command -v jq >/dev/null || bash deploy/install-deps.sh
@@ -30,7 +34,12 @@ emu="$tdir/replicator-linkemu"
 
 work=$(mktemp -d "$root/bench-link.XXXXXX")
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  for l in "$work"/*/b; do [ -L "$l" ] && rm -rf "$(readlink "$l")"; done
+  rm -rf "$work"
+}
 trap cleanup EXIT
 head -c 32 /dev/urandom | base64 >"$work/key"
 DEV_MIB=2048
@@ -50,7 +59,12 @@ port=11500
 for rate in $RATES; do
   port=$((port + 10))
   s_listen=127.0.0.1:$port; e_listen=127.0.0.1:$((port + 1)); e_ctl=127.0.0.1:$((port + 2))
-  nbd=$((port + 3)); d=$work/$rate; mkdir -p "$d/a" "$d/b"
+  nbd=$((port + 3)); d=$work/$rate; mkdir -p "$d/a"
+  if [ -n "$SECONDARY_DIR" ]; then
+    sb=$(mktemp -d "$SECONDARY_DIR/bench-link-b.XXXXXX"); ln -s "$sb" "$d/b"
+  else
+    mkdir -p "$d/b"
+  fi
   "$bin" daemon --control "$d/b/c.sock" --state-dir "$d/b/st" --site-id siteB --psk-file "$work/key" \
     --slink-listen "$s_listen" --allow siteA 2>"$d/b/log" &
   pids+=($!)
@@ -105,6 +119,7 @@ done
 
 echo
 echo "link: in-repo emulator (replicator-linkemu), one-way delay $DELAY (RTT = 2x), rate capped per direction"
+echo "secondary's files: ${SECONDARY_DIR:-same file system as the primary}"
 for r in "${results[@]}"; do
   IFS='|' read -r -a v <<<"$r"
   python3 - "$RATE_IOPS" "${v[@]}" <<'PY'

@@ -3,12 +3,13 @@
 # async local slink) and against qemu-nbd (cache=none, aio=io_uring) and nbdkit's file plugin
 # serving an equal file on the same disk. Same jobs, one run, printed as ratios to qemu-nbd.
 #
-#   deploy/bench/nbd.sh            # full run (about 3 minutes)
+#   deploy/bench/nbd.sh            # full run (about 7 minutes: 4 jobs x 4 servers x 3 rounds)
 #   RUNTIME=5 deploy/bench/nbd.sh  # shorter
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$(pwd)
-RUNTIME=${RUNTIME:-10}
+RUNTIME=${RUNTIME:-6}
+ROUNDS=${ROUNDS:-3}
 SIZE_MIB=${SIZE_MIB:-1024}
 command -v fio >/dev/null && command -v qemu-nbd >/dev/null && command -v nbdkit >/dev/null || bash deploy/install-deps.sh
 cargo build --release --bin replicator >/dev/null
@@ -40,15 +41,8 @@ prefill() { # the read job needs data on the device
 }
 
 declare -A result
-peer_run() { # label uri
-  local label=$1 uri=$2
-  prefill "$uri"
-  for j in "${jobs[@]}"; do
-    local name=${j%%|*} args=${j#*|}
-    # shellcheck disable=SC2086
-    result["$label/$name"]=$(run_fio "$uri" $args)
-  done
-}
+declare -A uris
+labels=(qemu-nbd nbdkit "replicator(slink0)" "replicator(+async)")
 
 # qemu-nbd
 truncate -s "${SIZE_MIB}M" "$work/qemu.img"
@@ -77,16 +71,33 @@ T
 cd "$root"
 sleep 1
 
-peer_run qemu-nbd "nbd://127.0.0.1:10901/qemu"
-peer_run nbdkit "nbd://127.0.0.1:10902/"
-peer_run "replicator(slink0)" "nbd://127.0.0.1:10903/solo"
-peer_run "replicator(+async)" "nbd://127.0.0.1:10903/pair"
+uris[qemu-nbd]="nbd://127.0.0.1:10901/qemu"
+uris[nbdkit]="nbd://127.0.0.1:10902/"
+uris["replicator(slink0)"]="nbd://127.0.0.1:10903/solo"
+uris["replicator(+async)"]="nbd://127.0.0.1:10903/pair"
+for label in "${labels[@]}"; do prefill "${uris[$label]}"; done
+# Servers take turns on each job, ROUNDS times; the median of the rounds is reported, so a noisy
+# moment on this shared machine does not land on one server only.
+for j in "${jobs[@]}"; do
+  name=${j%%|*} args=${j#*|}
+  for round in $(seq "$ROUNDS"); do
+    for label in "${labels[@]}"; do
+      # shellcheck disable=SC2086
+      result["$label/$name/$round"]=$(run_fio "${uris[$label]}" $args)
+    done
+  done
+  for label in "${labels[@]}"; do
+    result["$label/$name"]=$(for round in $(seq "$ROUNDS"); do echo "${result[$label/$name/$round]}"; done |
+      sort -k2 -n | awk '{a[NR]=$0} END {print a[int((NR+1)/2)]}')
+  done
+done
 
 printf '\n%-20s %-22s %12s %10s %10s\n' job server MiB/s IOPS "vs qemu-nbd"
+echo "(median of $ROUNDS rounds of ${RUNTIME}s per job and server; $SIZE_MIB MiB per export)"
 for j in "${jobs[@]}"; do
   name=${j%%|*}
   read -r qbw qiops <<<"${result[qemu-nbd/$name]}"
-  for label in qemu-nbd nbdkit "replicator(slink0)" "replicator(+async)"; do
+  for label in "${labels[@]}"; do
     read -r bw iops <<<"${result[$label/$name]}"
     ratio=$(python3 -c "print(f'{$iops/$qiops:.2f}x' if $qiops else 'n/a')")
     printf '%-20s %-22s %12.1f %10.0f %10s\n' "$name" "$label" "$bw" "$iops" "$ratio"

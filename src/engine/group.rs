@@ -53,6 +53,16 @@ pub const RING_FULL_WAIT_MAX: Duration = Duration::from_secs(30);
 /// overflow handling does not run on every write.
 const OVERFLOW_FREE_FRACTION: u64 = 8;
 
+/// One write as the append path takes it.
+#[derive(Clone, Copy, Debug)]
+struct Write {
+    device: u32,
+    offset: u64,
+    kind: EntryKind,
+    len: u64,
+    timestamp_ns: u64,
+}
+
 /// Where an entry writes.
 #[derive(Clone, Copy, Debug)]
 struct Extent {
@@ -658,46 +668,68 @@ impl Group {
         data: &mut Vec<u8>,
         durability: Durability,
     ) -> CoreResult<(replog::Appending, Arc<MemEntry>)> {
+        let w = Write {
+            device,
+            offset,
+            kind,
+            len,
+            timestamp_ns: now_ns(),
+        };
+        self.append_locked(None, w, data, durability)
+    }
+
+    /// Append under the order lock (the replog assigns the lsn, or the primary's `lsn` is kept),
+    /// register the entry as pending on the primary's devices and hand it to every other slink:
+    /// one lsn order for every site.
+    fn append_locked(
+        &self,
+        lsn: Option<Lsn>,
+        w: Write,
+        data: &mut Vec<u8>,
+        durability: Durability,
+    ) -> CoreResult<(replog::Appending, Arc<MemEntry>)> {
         let _order = self
             .order
             .lock()
             .map_err(|_| CoreError::Invalid("order lock poisoned".into()))?;
         let rec = Record {
-            device,
-            offset,
-            kind,
-            len,
+            device: w.device,
+            offset: w.offset,
+            kind: w.kind,
+            len: w.len,
             data: data.as_slice(),
         };
-        let pending = match self.replog.append(rec, durability) {
+        let appended = match lsn {
+            None => self.replog.append(rec, durability),
+            Some(lsn) => self.replog.append_with_lsn(lsn, rec, durability),
+        };
+        let pending = match appended {
             Ok(p) => p,
-            Err(replog::Error::Full { needed, .. }) => {
-                return Err(CoreError::Full { needed });
-            }
+            Err(replog::Error::Full { needed, .. }) => return Err(CoreError::Full { needed }),
             Err(e) => return Err(CoreError::replog(&self.replog_path, e)),
         };
         let lsn = pending.lsn();
-        self.index.push(lsn, len, now_ns());
+        self.index.push(lsn, w.len, w.timestamp_ns);
         if let Ok(mut p) = self.pending_primary.lock() {
             p.insert(
                 lsn,
                 Extent {
-                    device,
-                    offset,
-                    len,
+                    device: w.device,
+                    offset: w.offset,
+                    len: w.len,
                 },
             );
         }
         let entry = Arc::new(MemEntry {
             lsn,
-            device,
-            offset,
-            kind,
-            len,
+            device: w.device,
+            offset: w.offset,
+            kind: w.kind,
+            len: w.len,
             // Moved, not copied: the request's buffer becomes the slinks' entry.
             data: std::mem::take(data),
             appended_at: Instant::now(),
-            timestamp_ns: now_ns(),
+            timestamp_ns: w.timestamp_ns,
         });
         // Slink 0 is applied by the write's own task (`apply_primary`); the others get a feed.
         for s in &self.slinks {
@@ -875,16 +907,15 @@ impl Group {
                     }
                     let kind = super::tcp::kind_from_wire(e.kind);
                     let mut data = e.data.to_vec();
+                    let w = Write {
+                        device: e.device,
+                        offset: e.offset,
+                        kind,
+                        len: e.len,
+                        timestamp_ns: e.timestamp_ns,
+                    };
                     let (pending, entry) = loop {
-                        match self.append_replicated(
-                            e.lsn,
-                            e.device,
-                            e.offset,
-                            kind,
-                            e.len,
-                            &mut data,
-                            e.timestamp_ns,
-                        ) {
+                        match self.append_locked(Some(e.lsn), w, &mut data, Durability::Written) {
                             Ok(v) => break v,
                             Err(CoreError::Full { needed }) => {
                                 // Make what is appended so far durable and applied, then room.
@@ -964,59 +995,6 @@ impl Group {
             drop(guard);
         }
         Ok(())
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn append_replicated(
-        &self,
-        lsn: Lsn,
-        device: u32,
-        offset: u64,
-        kind: EntryKind,
-        len: u64,
-        data: &mut Vec<u8>,
-        timestamp_ns: u64,
-    ) -> CoreResult<(replog::Appending, Arc<MemEntry>)> {
-        let _order = self
-            .order
-            .lock()
-            .map_err(|_| CoreError::Invalid("order lock poisoned".into()))?;
-        let rec = Record {
-            device,
-            offset,
-            kind,
-            len,
-            data: data.as_slice(),
-        };
-        let pending = match self.replog.append_with_lsn(lsn, rec, Durability::Written) {
-            Ok(p) => p,
-            Err(replog::Error::Full { needed, .. }) => return Err(CoreError::Full { needed }),
-            Err(e) => return Err(CoreError::replog(&self.replog_path, e)),
-        };
-        self.index.push(lsn, len, timestamp_ns);
-        if let Ok(mut p) = self.pending_primary.lock() {
-            p.insert(
-                lsn,
-                Extent {
-                    device,
-                    offset,
-                    len,
-                },
-            );
-        }
-        Ok((
-            pending,
-            Arc::new(MemEntry {
-                lsn,
-                device,
-                offset,
-                kind,
-                len,
-                data: std::mem::take(data),
-                appended_at: Instant::now(),
-                timestamp_ns,
-            }),
-        ))
     }
 
     /// Read from the primary's devices (slink 0).

@@ -54,28 +54,7 @@ impl Daemon {
 
     /// A daemon with extra flags; `{dir}` in a flag is replaced by the daemon's directory.
     pub fn start_with(extra: &[&str]) -> Daemon {
-        let base = if Path::new("/work").is_dir() {
-            Path::new("/work")
-        } else {
-            Path::new("/var/tmp")
-        };
-        let tmp = tempfile::Builder::new()
-            .prefix("replicator-test-")
-            .tempdir_in(base)
-            .unwrap();
-        let dir = tmp.path().to_path_buf();
-        let mut d = Daemon {
-            extra: extra
-                .iter()
-                .map(|a| a.replace("{dir}", dir.to_str().unwrap()))
-                .collect(),
-            control: dir.join("control.sock"),
-            dir,
-            nbd_port: free_port(),
-            metrics_port: free_port(),
-            child: None,
-            _tmp: Some(tmp),
-        };
+        let mut d = Self::prepare(extra);
         d.spawn();
         d
     }

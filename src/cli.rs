@@ -40,7 +40,7 @@ pub struct LinkTuning {
     pub link_window_bytes: Option<usize>,
 }
 
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let (num, unit) = s
         .find(|c: char| !c.is_ascii_digit())
         .map(|i| s.split_at(i))
@@ -95,6 +95,15 @@ pub enum Command {
         peers: Vec<String>,
         #[command(flatten)]
         link_tuning: LinkTuning,
+        /// How often sites make their devices durable and save their cursors (the replog covers
+        /// what lies between; a longer interval merges overwrites, a shorter one shortens replay
+        /// after a crash). Also forced when the ring is half full.
+        #[arg(long, default_value = "5s")]
+        checkpoint_interval: String,
+        /// How replogs are written: `buffered` (page cache; flushes make entries durable) or
+        /// `direct` (O_DIRECT).
+        #[arg(long, default_value = "buffered", value_parser = ["buffered", "direct"])]
+        replog_io: String,
     },
     /// Create a device from a mapping table file ("-" reads standard input).
     Create {

@@ -26,7 +26,17 @@ fn main() {
             allow,
             peers,
             link_tuning,
+            checkpoint_interval,
+            replog_io,
         } => {
+            replicator::engine::group::set_replog_direct(replog_io == "direct");
+            match replicator::cli::parse_duration(&checkpoint_interval) {
+                Ok(d) => replicator::engine::slink::set_checkpoint_interval(d),
+                Err(e) => {
+                    eprintln!("replicator: --checkpoint-interval: {e}");
+                    std::process::exit(2);
+                }
+            }
             let links = match replicator::cli::link_settings(
                 site_id,
                 psk_file,

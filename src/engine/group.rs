@@ -45,6 +45,20 @@ pub enum Role {
 }
 use super::{CoreError, CoreResult};
 
+/// Whether replogs are opened with O_DIRECT (`daemon --replog-io direct`) or through the page
+/// cache (`buffered`, the default). Process-wide: set once at start-up.
+///
+/// Buffered is the default because it measured faster on every NBD job here (4 KiB QD1 random
+/// writes: 6.2k vs 4.7k IOPS; QD32: 27.5k vs 18.1k; 1 MiB sequential: 1,277 vs 1,156 MiB/s) and
+/// keeps the same promises: a Written entry is in the page cache (it survives a crash of the
+/// process, as an O_DIRECT write in a volatile device cache does), a Durable one is flushed
+/// (fdatasync) before it is acknowledged, and recovery never trusts an entry a flush did not cover.
+static REPLOG_DIRECT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn set_replog_direct(direct: bool) {
+    REPLOG_DIRECT.store(direct, Ordering::Relaxed);
+}
+
 /// Ring fill (percent) at which appliers checkpoint without waiting for their interval.
 const RING_PRESSURE_PERCENT: u64 = 50;
 /// How long a write waits for ring space before it fails with ENOSPC.
@@ -1067,10 +1081,10 @@ impl ApplySource for Group {
 }
 
 fn open_replog(spec: &GroupSpec) -> CoreResult<Replog> {
-    let mut io = replog::io::IoOptions::default();
-    if std::env::var_os("REPLICATOR_REPLOG_BUFFERED").is_some() {
-        io.direct = false;
-    }
+    let io = replog::io::IoOptions {
+        direct: REPLOG_DIRECT.load(Ordering::Relaxed),
+        ..Default::default()
+    };
     let path = &spec.replog_path;
     let create = |size: u64| {
         Replog::create(

@@ -38,7 +38,20 @@ pub const REPLAY_BATCH_BYTES_MAX: u64 = 16 << 20;
 /// Between checkpoints the replog holds every write the devices may not have durably, so a longer
 /// interval lets the page cache merge overwrites (less device I/O) at the cost of a longer replay
 /// after a crash; a ring filling up forces a checkpoint earlier (`ApplySource::ring_pressure`).
-pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The checkpoint interval in force (ms): `CHECKPOINT_INTERVAL` unless the daemon was started with
+/// `--checkpoint-interval`. Process-wide: set once at start-up, read by every applier.
+static CHECKPOINT_INTERVAL_MS: AtomicU64 = AtomicU64::new(5000);
+
+/// Set the checkpoint interval for every applier (daemon start-up). Minimum 10 ms.
+pub fn set_checkpoint_interval(d: Duration) {
+    CHECKPOINT_INTERVAL_MS.store((d.as_millis() as u64).max(10), Ordering::Relaxed);
+}
+
+fn checkpoint_interval() -> Duration {
+    Duration::from_millis(CHECKPOINT_INTERVAL_MS.load(Ordering::Relaxed))
+}
 /// How often a checkpointer looks at the ring's fill between checkpoints.
 const RING_PRESSURE_POLL: Duration = Duration::from_millis(50);
 /// Dirty regions copied per round between entry batches (resync shares the thread with shipping).
@@ -405,7 +418,7 @@ pub fn run_checkpointer(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
         );
         slink.checkpoint_requested.store(false, Ordering::Release);
         let applied = slink.applied();
-        let due = last.elapsed() >= CHECKPOINT_INTERVAL || source.ring_pressure();
+        let due = last.elapsed() >= checkpoint_interval() || source.ring_pressure();
         if (applied > saved && due) || requested {
             checkpoint(&*source, &slink, applied);
             saved = applied;
@@ -482,7 +495,7 @@ pub fn run_local_applier(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
         let requested = slink.checkpoint_requested.swap(false, Ordering::AcqRel);
         if requested
             || (dirty_since_checkpoint
-                && (last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL || source.ring_pressure()))
+                && (last_checkpoint.elapsed() >= checkpoint_interval() || source.ring_pressure()))
         {
             checkpoint(&*source, &slink, next - 1);
             last_checkpoint = Instant::now();

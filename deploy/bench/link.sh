@@ -23,6 +23,14 @@ RATE_IOPS=${RATE_IOPS:-1000}
 # primary's disk, which a real second site does not; SECONDARY_DIR=/dev/shm models a disk of its
 # own (the CPU stays shared).
 SECONDARY_DIR=${SECONDARY_DIR:-}
+# CPU sets (taskset -c) for the primary side (daemon and fio) and the far side (secondary daemon
+# and emulator): PRIMARY_CPUS=0 SECONDARY_CPUS=1 keeps the far side's work off the primary's CPU,
+# as a second site and a real network would. Empty: all processes share every CPU.
+PRIMARY_CPUS=${PRIMARY_CPUS:-}
+SECONDARY_CPUS=${SECONDARY_CPUS:-}
+# Command prefixes (taskset execs the program, so a background PID is the program's own).
+on_primary=(); [ -n "$PRIMARY_CPUS" ] && on_primary=(taskset -c "$PRIMARY_CPUS")
+on_far=(); [ -n "$SECONDARY_CPUS" ] && on_far=(taskset -c "$SECONDARY_CPUS")
 RATES=${RATES:-"100mbit 1gbit"}
 DELAY=${DELAY:-50ms}
 command -v fio >/dev/null && command -v jq >/dev/null || bash deploy/install-deps.sh
@@ -46,12 +54,12 @@ DEV_MIB=2048
 sectors=$((DEV_MIB * 2048))
 ring=$((1024 * 2048))
 
-# fio_lat URI [FIO ARGS] -> "p50_us p99_us iops"
+# fio_lat URI [FIO ARGS] -> "p50_us p99_us iops" (total latency: submission + completion)
 fio_lat() {
   local uri=$1; shift
-  fio --name=lat --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k --iodepth=1 --size=256M \
-      --time_based --runtime="$RUNTIME" --ramp_time=1 --output-format=json "$@" 2>/dev/null |
-    python3 -c 'import json,sys; t=sys.stdin.read(); w=json.loads(t[t.index("{"):])["jobs"][0]["write"]; p=w["clat_ns"]["percentile"]; print(p["50.000000"]/1e3, p["99.000000"]/1e3, w["iops"])'
+  "${on_primary[@]}" fio --name=lat --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k --iodepth=1 --size=256M \
+      --time_based --runtime="$RUNTIME" --ramp_time=1 --lat_percentiles=1 --output-format=json "$@" 2>/dev/null |
+    python3 -c 'import json,sys; t=sys.stdin.read(); w=json.loads(t[t.index("{"):])["jobs"][0]["write"]; p=w["lat_ns"]["percentile"]; print(p["50.000000"]/1e3, p["99.000000"]/1e3, w["iops"])'
 }
 
 results=()
@@ -65,12 +73,12 @@ for rate in $RATES; do
   else
     mkdir -p "$d/b"
   fi
-  "$bin" daemon --control "$d/b/c.sock" --state-dir "$d/b/st" --site-id siteB --psk-file "$work/key" \
+  "${on_far[@]}" "$bin" daemon --control "$d/b/c.sock" --state-dir "$d/b/st" --site-id siteB --psk-file "$work/key" \
     --slink-listen "$s_listen" --allow siteA 2>"$d/b/log" &
   pids+=($!)
-  "$emu" --listen "$e_listen" --upstream "$s_listen" --delay "$DELAY" --rate "$rate" --control "$e_ctl" 2>"$d/emu.log" &
+  "${on_far[@]}" "$emu" --listen "$e_listen" --upstream "$s_listen" --delay "$DELAY" --rate "$rate" --control "$e_ctl" 2>"$d/emu.log" &
   pids+=($!)
-  "$bin" daemon --control "$d/a/c.sock" --nbd "127.0.0.1:$nbd" --state-dir "$d/a/st" --site-id siteA \
+  "${on_primary[@]}" "$bin" daemon --control "$d/a/c.sock" --nbd "127.0.0.1:$nbd" --state-dir "$d/a/st" --site-id siteA \
     --psk-file "$work/key" --peer "siteB@$e_listen" 2>"$d/a/log" &
   pids+=($!)
   for _ in $(seq 100); do "$bin" ls --control "$d/a/c.sock" >/dev/null 2>&1 && "$bin" ls --control "$d/b/c.sock" >/dev/null 2>&1 && break; sleep 0.1; done
@@ -98,7 +106,7 @@ for rate in $RATES; do
 
   # (b) sustained 1 MiB writes to the async device; sample the slink's wire bytes mid-run.
   total=$((RUNTIME * 2 + 4))
-  fio --name=seq --ioengine=nbd --uri="nbd://127.0.0.1:$nbd/async" --rw=write --bs=1M --iodepth=8 \
+  "${on_primary[@]}" fio --name=seq --ioengine=nbd --uri="nbd://127.0.0.1:$nbd/async" --rw=write --bs=1M --iodepth=8 \
       --size=${DEV_MIB}M --time_based --runtime=$total --output-format=json >"$d/seq.json" 2>/dev/null &
   fio_pid=$!
   sleep 3
@@ -119,7 +127,7 @@ done
 
 echo
 echo "link: in-repo emulator (replicator-linkemu), one-way delay $DELAY (RTT = 2x), rate capped per direction"
-echo "secondary's files: ${SECONDARY_DIR:-same file system as the primary}"
+echo "secondary's files: ${SECONDARY_DIR:-same file system as the primary}; CPUs: primary side ${PRIMARY_CPUS:-all}, far side ${SECONDARY_CPUS:-all}"
 for r in "${results[@]}"; do
   IFS='|' read -r -a v <<<"$r"
   python3 - "$RATE_IOPS" "${v[@]}" <<'PY'

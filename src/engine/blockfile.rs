@@ -90,23 +90,24 @@ impl BlockFile {
         self.file.write_all_at(data, offset)
     }
 
-    /// Make the range read back as zeroes.
-    pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.check_range(offset, len)?;
-        if len == 0 {
-            return Ok(());
-        }
-        let fd = self.file.as_raw_fd();
+    /// fallocate(2) over a range; true when the file system did it.
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> bool {
         // SAFETY: fallocate on an fd we own, with plain integer arguments.
         let r = unsafe {
             libc::fallocate(
-                fd,
-                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                self.file.as_raw_fd(),
+                mode | libc::FALLOC_FL_KEEP_SIZE,
                 offset as libc::off_t,
                 len as libc::off_t,
             )
         };
-        if r == 0 {
+        r == 0
+    }
+
+    /// Make the range read back as zeroes.
+    pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_range(offset, len)?;
+        if len == 0 || self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len) {
             return Ok(());
         }
         let zeros = vec![0u8; ZERO_CHUNK_BYTES.min(len as usize)];
@@ -122,24 +123,10 @@ impl BlockFile {
     /// Discard: free the space where the file system can, and read back as zeroes everywhere.
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_range(offset, len)?;
-        if len == 0 {
+        if len == 0 || self.fallocate(libc::FALLOC_FL_PUNCH_HOLE, offset, len) {
             return Ok(());
         }
-        let fd = self.file.as_raw_fd();
-        // SAFETY: as above.
-        let r = unsafe {
-            libc::fallocate(
-                fd,
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r == 0 {
-            Ok(())
-        } else {
-            self.zero_range(offset, len)
-        }
+        self.zero_range(offset, len)
     }
 
     pub fn sync_data(&self) -> io::Result<()> {

@@ -30,7 +30,7 @@ use super::lsn_index::LsnIndex;
 use super::policy::{next_mode, Fallbehind, Lag, Mode, PolicyKind};
 use super::queue::MemEntry;
 use super::slink::{run_local_applier, ApplySource, SiteDevice, Slink};
-use super::spec::{DeviceSpec, DirtyLogSpec, GroupSpec, ReplogOpen, SlinkSpec};
+use super::spec::{DeviceSpec, DirtyLogSpec, GroupSpec, ReplogOpen};
 use super::tcp::LinkSettings;
 
 /// A group's role at this site.
@@ -293,7 +293,7 @@ impl Group {
                     s.nr
                 ))
             })?;
-            s.set_link_state(super::slink::SlinkState::Down);
+            s.set_state(super::slink::SlinkState::Down);
             let sender =
                 super::tcp::spawn_link(self, s, addr, settings).map_err(CoreError::Invalid)?;
             senders.push(sender);
@@ -352,7 +352,7 @@ impl Group {
             }
             next = end + 1;
         }
-        primary.publish_applied_pub(last);
+        primary.publish_applied(last);
         Ok(replayed)
     }
 
@@ -668,7 +668,7 @@ impl Group {
             Err(_) => return,
         };
         if let Some(p) = self.primary_slink() {
-            p.publish_applied_pub(prefix);
+            p.publish_applied(prefix);
         }
         self.pending_primary_changed.notify_waiters();
     }
@@ -804,9 +804,9 @@ impl Group {
         if self.replog.space().free_bytes >= needed {
             return Ok(true);
         }
-        let Some(primary) = self.primary_slink() else {
+        if self.primary_slink().is_none() {
             return Ok(false);
-        };
+        }
         let primary_cursor = self.replog.cursor(0).unwrap_or(0);
         let space = self.replog.space();
         let want = needed.max(space.capacity_bytes / OVERFLOW_FREE_FRACTION);
@@ -834,7 +834,6 @@ impl Group {
                 touched.push((e.device, e.offset, e.len, e.lsn));
             }
         }
-        let _ = primary;
         let mut dropped_any = false;
         for s in &self.slinks {
             if s.nr == 0 || s.policy != PolicyKind::Async || !s.has_dirty_log() {
@@ -1163,19 +1162,4 @@ fn open_dirty_log(spec: &DirtyLogSpec, device_size: u64) -> CoreResult<Option<Di
 
 pub fn replog_key(path: &Path) -> PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
-}
-
-/// Fallbehind from a slink spec (re-exported for status).
-pub fn describe_policy(s: &SlinkSpec) -> String {
-    let mut p = format!("{:?}", s.policy).to_lowercase();
-    if let Some(v) = s.fallbehind.ios {
-        p.push_str(&format!(" ios={v}"));
-    }
-    if let Some(v) = s.fallbehind.bytes {
-        p.push_str(&format!(" size={v}"));
-    }
-    if let Some(v) = s.fallbehind.timeout {
-        p.push_str(&format!(" timeout={}ms", v.as_millis()));
-    }
-    p
 }

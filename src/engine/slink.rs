@@ -255,7 +255,8 @@ impl Slink {
         *self.applied.borrow()
     }
 
-    fn publish_applied(&self, lsn: Lsn) {
+    /// Move the applied lsn forward (appliers, the primary's write path, replay, link acks).
+    pub fn publish_applied(&self, lsn: Lsn) {
         self.applied.send_if_modified(|a| {
             if lsn > *a {
                 *a = lsn;
@@ -264,11 +265,6 @@ impl Slink {
                 false
             }
         });
-    }
-
-    /// Move the applied lsn forward (the primary's write path and replay use this).
-    pub fn publish_applied_pub(&self, lsn: Lsn) {
-        self.publish_applied(lsn);
     }
 
     /// Wait until this site has applied `lsn` (or the slink stops).
@@ -281,7 +277,8 @@ impl Slink {
         self.state.lock().map(|s| *s).unwrap_or(SlinkState::Faulty)
     }
 
-    fn set_state(&self, s: SlinkState) -> bool {
+    /// Set the state; true when it changed (writers waiting on this site are woken).
+    pub fn set_state(&self, s: SlinkState) -> bool {
         let changed = match self.state.lock() {
             Ok(mut g) if *g != s => {
                 *g = s;
@@ -293,11 +290,6 @@ impl Slink {
             self.applied.send_modify(|_| {});
         }
         changed
-    }
-
-    /// Set the state from a link's status; true when it changed.
-    pub fn set_link_state(&self, s: SlinkState) -> bool {
-        self.set_state(s)
     }
 
     pub fn device(&self, dev_nr: u32) -> Option<Arc<SiteDevice>> {

@@ -375,18 +375,18 @@ pub fn spawn_link(
                     in_flight_bytes: st.in_flight_bytes as u64,
                 });
             }
-            sl.publish_applied_pub(st.acked.lsn);
+            sl.publish_applied(st.acked.lsn);
             clear_acked_regions(&g, &sl, st.acked.resync_seq).await;
             if last_state != Some(st.state) {
                 last_state = Some(st.state);
                 match st.state {
                     LinkState::Up => {
-                        sl.set_link_state(SlinkState::Up);
+                        sl.set_state(SlinkState::Up);
                         g.events
                             .raise("slink-up", format!("slink {} connected to {addr}", sl.nr));
                     }
                     LinkState::Down | LinkState::Connecting => {
-                        if sl.set_link_state(SlinkState::Down) {
+                        if sl.set_state(SlinkState::Down) {
                             g.events.raise(
                                 "slink-down",
                                 format!(
@@ -443,11 +443,11 @@ async fn clear_acked_regions(g: &Arc<Group>, sl: &Arc<Slink>, acked_seq: u64) {
     let dirty = sl.dirty_bytes();
     let resyncing = sl.state() == SlinkState::Resync;
     if dirty == 0 && resyncing {
-        sl.set_link_state(SlinkState::Up);
+        sl.set_state(SlinkState::Up);
         g.events
             .raise("resync-end", format!("slink {} resync complete", sl.nr));
     } else if dirty > 0 && sl.state() == SlinkState::Up {
-        sl.set_link_state(SlinkState::Resync);
+        sl.set_state(SlinkState::Resync);
         g.events
             .raise("resync-start", format!("slink {} resync started", sl.nr));
     }

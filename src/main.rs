@@ -29,6 +29,7 @@ fn main() {
             checkpoint_interval,
             replog_io,
         } => {
+            daemon::allocator::tune_for_large_buffers();
             replicator::engine::group::set_replog_direct(replog_io == "direct");
             match replicator::cli::parse_duration(&checkpoint_interval) {
                 Ok(d) => replicator::engine::slink::set_checkpoint_interval(d),

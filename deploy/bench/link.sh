@@ -10,7 +10,7 @@
 #      (bytes the tcp slink put on the wire per second, measured over a window mid-run);
 #  (c) 4 KiB write latency with a sync remote site (expected: about one RTT plus local).
 #
-#   deploy/bench/link.sh                 # about 2 minutes
+#   deploy/bench/link.sh                 # about 6 minutes
 #   RUNTIME=5 RATES=100mbit deploy/bench/link.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -28,9 +28,17 @@ SECONDARY_DIR=${SECONDARY_DIR:-}
 # as a second site and a real network would. Empty: all processes share every CPU.
 PRIMARY_CPUS=${PRIMARY_CPUS:-}
 SECONDARY_CPUS=${SECONDARY_CPUS:-}
-# Command prefixes (taskset execs the program, so a background PID is the program's own).
+# Nice value of the far side (secondary daemon and emulator). A second site is another host: its
+# work costs the primary no CPU. FAR_NICE=19 approximates that on one machine without taking a
+# CPU away from the primary (as pinning does): the far side runs on what the primary leaves idle.
+# 0 (default): the far side competes with the primary as an equal.
+FAR_NICE=${FAR_NICE:-0}
+# (a) runs ROUNDS times, with and without the remote site taking turns; the median is reported,
+# so a noisy moment on this shared machine does not land on one side only.
+ROUNDS=${ROUNDS:-3}
+# Command prefixes (taskset and nice exec the program, so a background PID is the program's own).
 on_primary=(); [ -n "$PRIMARY_CPUS" ] && on_primary=(taskset -c "$PRIMARY_CPUS")
-on_far=(); [ -n "$SECONDARY_CPUS" ] && on_far=(taskset -c "$SECONDARY_CPUS")
+on_far=(nice -n "$FAR_NICE"); [ -n "$SECONDARY_CPUS" ] && on_far+=(taskset -c "$SECONDARY_CPUS")
 RATES=${RATES:-"100mbit 1gbit"}
 DELAY=${DELAY:-50ms}
 command -v fio >/dev/null && command -v jq >/dev/null || bash deploy/install-deps.sh
@@ -98,10 +106,17 @@ for rate in $RATES; do
     done
   done
 
-  read -r solo_p50 solo_p99 _ <<<"$(fio_lat "nbd://127.0.0.1:$nbd/solo")"
-  read -r async_p50 async_p99 _ <<<"$(fio_lat "nbd://127.0.0.1:$nbd/async")"
-  read -r rsolo_p50 rsolo_p99 _ <<<"$(fio_lat "nbd://127.0.0.1:$nbd/solo" --rate_iops="$RATE_IOPS")"
-  read -r rasync_p50 rasync_p99 _ <<<"$(fio_lat "nbd://127.0.0.1:$nbd/async" --rate_iops="$RATE_IOPS")"
+  : >"$d/lat"
+  for round in $(seq "$ROUNDS"); do
+    echo "solo $(fio_lat "nbd://127.0.0.1:$nbd/solo")" >>"$d/lat"
+    echo "async $(fio_lat "nbd://127.0.0.1:$nbd/async")" >>"$d/lat"
+    echo "rsolo $(fio_lat "nbd://127.0.0.1:$nbd/solo" --rate_iops="$RATE_IOPS")" >>"$d/lat"
+    echo "rasync $(fio_lat "nbd://127.0.0.1:$nbd/async" --rate_iops="$RATE_IOPS")" >>"$d/lat"
+  done
+  # median over the rounds of p50 and of p99, per configuration
+  med() { awk -v k="$1" -v c="$2" '$1 == k {print $c}' "$d/lat" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+  solo_p50=$(med solo 2) solo_p99=$(med solo 3) async_p50=$(med async 2) async_p99=$(med async 3)
+  rsolo_p50=$(med rsolo 2) rsolo_p99=$(med rsolo 3) rasync_p50=$(med rasync 2) rasync_p99=$(med rasync 3)
   read -r sync_p50 sync_p99 _ <<<"$(fio_lat "nbd://127.0.0.1:$nbd/sync")"
 
   # (b) sustained 1 MiB writes to the async device; sample the slink's wire bytes mid-run.
@@ -127,7 +142,8 @@ done
 
 echo
 echo "link: in-repo emulator (replicator-linkemu), one-way delay $DELAY (RTT = 2x), rate capped per direction"
-echo "secondary's files: ${SECONDARY_DIR:-same file system as the primary}; CPUs: primary side ${PRIMARY_CPUS:-all}, far side ${SECONDARY_CPUS:-all}"
+echo "secondary's files: ${SECONDARY_DIR:-same file system as the primary}; CPUs: primary side ${PRIMARY_CPUS:-all}, far side ${SECONDARY_CPUS:-all} at nice $FAR_NICE"
+echo "(a): median of $ROUNDS rounds of ${RUNTIME}s, with and without the remote site taking turns"
 for r in "${results[@]}"; do
   IFS='|' read -r -a v <<<"$r"
   python3 - "$RATE_IOPS" "${v[@]}" <<'PY'

@@ -5,6 +5,7 @@
 #
 #   deploy/bench/nbd.sh            # full run (about 7 minutes: 4 jobs x 4 servers x 3 rounds)
 #   RUNTIME=5 deploy/bench/nbd.sh  # shorter
+#   JOBS=seq-write-1M-qd16 deploy/bench/nbd.sh   # only the named jobs (space-separated)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$(pwd)
@@ -27,6 +28,14 @@ jobs=(
   "rand-write-4k-qd1|--rw=randwrite --bs=4k --iodepth=1"
   "rand-read-4k-qd32|--rw=randread --bs=4k --iodepth=32"
 )
+if [ -n "${JOBS:-}" ]; then
+  wanted=()
+  for j in "${jobs[@]}"; do
+    for w in $JOBS; do [ "${j%%|*}" = "$w" ] && wanted+=("$j"); done
+  done
+  [ ${#wanted[@]} -gt 0 ] || { echo "JOBS=$JOBS names no job" >&2; exit 2; }
+  jobs=("${wanted[@]}")
+fi
 
 # run_fio URI JOBARGS -> prints "MiB/s IOPS"
 run_fio() {

@@ -133,6 +133,23 @@ impl Appending {
     }
 
     /// True once the result is available (`wait` will not block).
+    /// For async callers at low queue depth: when this append opened a batch on an idle log and
+    /// that batch needs no sync (only Written appends, no flush waiting), writes it now on this
+    /// thread (one pwrite, or a direct write; no fdatasync), so awaiting the handle afterwards
+    /// costs no hand-off to the I/O thread and back. Otherwise does nothing: the batch goes the
+    /// ordinary way when the handle is polled. Returns whether it wrote.
+    pub fn write_now_unless_sync(&mut self) -> bool {
+        let Some(lead) = &self.lead else { return false };
+        let Some(inner) = lead.inner.upgrade() else {
+            return false;
+        };
+        let led = writer::lead_without_sync(&inner, lead.batch);
+        if led {
+            self.lead = None;
+        }
+        led
+    }
+
     pub fn is_done(&self) -> bool {
         // Someone polling this must not wait for a batch nobody starts.
         self.kick();

@@ -31,7 +31,7 @@ use crate::format::{
 };
 use crate::index::{Index, IndexEntry, Lag};
 use crate::io::{self, AlignedBuf};
-use crate::meta;
+use crate::meta::{self, MetaSync};
 use crate::recovery::{self, Finding, RingReader, ScanStart};
 use crate::storage::Storage;
 use crate::writer::{self, CompletionWaker, InFlight};
@@ -282,6 +282,7 @@ impl Inner {
         current: &mut MetaState,
         mut next: MetaState,
         tail: Option<(u64, Lsn, u32)>,
+        sync: MetaSync,
     ) -> Result<()> {
         next.sequence = current.sequence + 1;
         let mut slot = {
@@ -293,7 +294,7 @@ impl Inner {
             slot.tail_lsn = lsn;
             slot.tail_generation = generation;
         }
-        meta::write(self.storage.as_ref(), self.base, &slot)?;
+        meta::write(self.storage.as_ref(), self.base, &slot, sync)?;
         *current = next;
         Ok(())
     }
@@ -375,7 +376,7 @@ impl Replog {
             registered: 0,
             cursors: [0; MAX_SLINKS],
         };
-        meta::write(storage.as_ref(), offset, &slot)?;
+        meta::write(storage.as_ref(), offset, &slot, MetaSync::WholeFile)?;
         meta::write(
             storage.as_ref(),
             offset,
@@ -383,6 +384,7 @@ impl Replog {
                 sequence: 2,
                 ..slot
             },
+            MetaSync::WholeFile,
         )?;
         Replog::open_on(storage, offset).map(|(replog, _)| replog)
     }
@@ -479,7 +481,7 @@ impl Replog {
         {
             let mut meta_state = lock(&inner.meta);
             let next = *meta_state;
-            inner.commit_meta(&mut meta_state, next, None)?;
+            inner.commit_meta(&mut meta_state, next, None, MetaSync::WholeFile)?;
         }
         let report = {
             let st = lock(&inner.state);
@@ -870,7 +872,8 @@ impl Replog {
                 }
             }
         }
-        self.inner.commit_meta(&mut meta_state, next, None)?;
+        self.inner
+            .commit_meta(&mut meta_state, next, None, MetaSync::SlotOnly)?;
         if let Some(c) = lock(&self.inner.state).cursors.get_mut(i) {
             *c = value;
         }
@@ -919,7 +922,8 @@ impl Replog {
         if let Some(c) = next.cursors.get_mut(i) {
             *c = lsn;
         }
-        self.inner.commit_meta(&mut meta_state, next, None)?;
+        self.inner
+            .commit_meta(&mut meta_state, next, None, MetaSync::SlotOnly)?;
         if let Some(c) = lock(&self.inner.state).cursors.get_mut(i) {
             *c = Some(lsn);
         }
@@ -959,7 +963,7 @@ impl Replog {
             (bound, new_tail, st.tail_vpos)
         };
         let next = *meta_state;
-        inner.commit_meta(&mut meta_state, next, Some(new_tail))?;
+        inner.commit_meta(&mut meta_state, next, Some(new_tail), MetaSync::SlotOnly)?;
         let mut st = lock(&inner.state);
         st.tail_vpos = new_tail.0;
         st.tail_lsn = new_tail.1;

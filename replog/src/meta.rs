@@ -111,18 +111,36 @@ pub fn load(storage: &dyn Storage, base: u64) -> Result<LoadedMeta> {
     Ok(LoadedMeta { meta, slot, slots })
 }
 
-/// Writes `meta` into slot `sequence % 2` and syncs.
-pub fn write(storage: &dyn Storage, base: u64, meta: &MetaSlot) -> Result<()> {
+/// How much a metadata write makes durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetaSync {
+    /// The slot and every earlier write of the file (fdatasync): create, and the generation bump
+    /// at open, which must make the recovered chain durable before the new writer builds on it.
+    WholeFile,
+    /// The slot only: cursor and tail updates, which never depend on ring bytes being durable.
+    SlotOnly,
+}
+
+/// Writes `meta` into slot `sequence % 2` and makes it durable as `sync` says.
+pub fn write(storage: &dyn Storage, base: u64, meta: &MetaSlot, sync: MetaSync) -> Result<()> {
     let path = storage.describe();
     let mut buf = AlignedBuf::zeroed(META_SLOT_BYTES as usize);
     if let Some(dst) = buf.get_mut(..META_ENCODED_BYTES) {
         dst.copy_from_slice(&meta.encode());
     }
     let at = base + (meta.sequence % 2) * META_SLOT_BYTES;
-    storage
-        .write_at(at, buf)
-        .map_err(|e| Error::io("write metadata", &path, e))?;
-    storage
-        .sync_data()
-        .map_err(|e| Error::io("sync metadata", &path, e))
+    match sync {
+        MetaSync::WholeFile => {
+            storage
+                .write_at(at, buf)
+                .map_err(|e| Error::io("write metadata", &path, e))?;
+            storage
+                .sync_data()
+                .map_err(|e| Error::io("sync metadata", &path, e))
+        }
+        MetaSync::SlotOnly => storage
+            .write_durable_at(at, buf)
+            .map(drop)
+            .map_err(|e| Error::io("write metadata (dsync)", &path, e)),
+    }
 }

@@ -32,6 +32,16 @@ pub trait Storage: Send + Sync {
     fn write_at(&self, offset: u64, buf: AlignedBuf) -> io::Result<AlignedBuf>;
     /// Makes every completed write durable.
     fn sync_data(&self) -> io::Result<()>;
+    /// Writes `buf` at `offset` and makes that range durable, without waiting for other
+    /// unsynced writes to reach the disk. The log uses it for cursor and tail updates, which
+    /// never depend on ring bytes being durable (FORMAT.md "Metadata"). Not ordered with queued
+    /// batches: callers write only what completed writes already back.
+    /// Default: `write_at`, then `sync_data` (durable, just more than needed).
+    fn write_durable_at(&self, offset: u64, buf: AlignedBuf) -> io::Result<AlignedBuf> {
+        let buf = self.write_at(offset, buf)?;
+        self.sync_data()?;
+        Ok(buf)
+    }
     /// Submits writes and an optional sync; completes in submit order. The sync is issued only
     /// after the writes of this batch and of every earlier batch completed.
     ///
@@ -189,6 +199,44 @@ impl MemDisk {
         Ok(())
     }
 
+    /// A write that is durable on its own: it supersedes earlier unsynced writes of its range
+    /// (they can no longer reappear after a power loss), and leaves the others unsynced.
+    fn write_durable_locked(
+        &self,
+        state: &mut MemState,
+        offset: u64,
+        data: &[u8],
+    ) -> io::Result<()> {
+        self.write_locked(state, offset, data)?;
+        // write_locked queued it as unsynced; it is durable instead.
+        state.unsynced.pop();
+        let start = offset;
+        let end = offset.saturating_add(data.len() as u64);
+        let mut kept = Vec::with_capacity(state.unsynced.len());
+        for (at, bytes) in std::mem::take(&mut state.unsynced) {
+            let w_end = at.saturating_add(bytes.len() as u64);
+            if w_end <= start || at >= end {
+                kept.push((at, bytes));
+                continue;
+            }
+            // Keep only the parts outside the durable range.
+            if at < start {
+                let n = usize::try_from(start - at).unwrap_or(0);
+                kept.push((at, bytes.get(..n).unwrap_or_default().to_vec()));
+            }
+            if w_end > end {
+                let n = usize::try_from(end - at).unwrap_or(0);
+                kept.push((end, bytes.get(n..).unwrap_or_default().to_vec()));
+            }
+        }
+        state.unsynced = kept;
+        let range = MemDisk::range(state, offset, data.len())?;
+        if let Some(dst) = state.durable.get_mut(range) {
+            dst.copy_from_slice(data);
+        }
+        Ok(())
+    }
+
     fn sync_locked(state: &mut MemState) -> io::Result<()> {
         if state.writes_left == Some(0) {
             return Err(io::Error::other("MemDisk: sync after the fail point"));
@@ -245,6 +293,14 @@ impl Storage for MemDisk {
     }
     fn sync_data(&self) -> io::Result<()> {
         MemDisk::sync_locked(&mut lock(&self.state))
+    }
+    fn write_durable_at(&self, offset: u64, buf: AlignedBuf) -> io::Result<AlignedBuf> {
+        let mut state = lock(&self.state);
+        if state.writes_left == Some(0) {
+            return Err(io::Error::other("MemDisk: write fail point reached"));
+        }
+        self.write_durable_locked(&mut state, offset, &buf)?;
+        Ok(buf)
     }
     fn submit(&self, writes: Vec<(u64, AlignedBuf)>, sync_after: bool) -> IoTicket {
         let mut state = lock(&self.state);
@@ -343,6 +399,9 @@ impl Storage for crate::io::IoFile {
     }
     fn sync_data(&self) -> io::Result<()> {
         crate::io::IoFile::sync_data(self)
+    }
+    fn write_durable_at(&self, offset: u64, buf: AlignedBuf) -> io::Result<AlignedBuf> {
+        crate::io::IoFile::write_durable_at(self, offset, buf)
     }
     fn submit(&self, writes: Vec<(u64, AlignedBuf)>, sync_after: bool) -> IoTicket {
         crate::io::IoFile::submit_self_bounded(self, crate::io::IoBatch { writes, sync_after })

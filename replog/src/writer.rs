@@ -177,10 +177,24 @@ pub(crate) fn kick(inner: &Inner, batch: u64) {
 /// batch's waiters (the caller's own included). Otherwise does nothing (the batch is on its way,
 /// or already done).
 pub(crate) fn lead(inner: &Inner, batch: u64) {
+    lead_when(inner, batch, true);
+}
+
+/// [`lead`] for callers that must not block on a sync (an async task): leads only when the
+/// batch needs no sync (its write goes to the page cache or straight to the disk, no fdatasync).
+/// Returns whether it led; otherwise the batch is left to the ordinary path.
+pub(crate) fn lead_without_sync(inner: &Inner, batch: u64) -> bool {
+    lead_when(inner, batch, false)
+}
+
+fn lead_when(inner: &Inner, batch: u64, sync_allowed: bool) -> bool {
     let closed = {
         let mut st = lock(&inner.state);
         if !(st.open.deferred && st.open.seq == batch) {
-            return;
+            return false;
+        }
+        if !sync_allowed && (st.open.sync || !st.flush_waiters.is_empty()) {
+            return false;
         }
         if !st.pipeline.is_empty() || st.inline_busy || st.failed.is_some() {
             // Cannot happen while deferred (whoever fills the pipeline takes the open batch
@@ -188,7 +202,7 @@ pub(crate) fn lead(inner: &Inner, batch: u64) {
             let finished = pump(inner, &mut st);
             drop(st);
             finished.resolve();
-            return;
+            return false;
         }
         st.inline_busy = true;
         close_batch(inner, &mut st)
@@ -213,6 +227,7 @@ pub(crate) fn lead(inner: &Inner, batch: u64) {
         finished
     };
     finished.resolve();
+    true
 }
 
 /// Books a completed batch: moves `written_lsn`, recycles buffers, or fails the log.

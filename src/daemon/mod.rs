@@ -4,6 +4,7 @@
 //! Runs in the foreground (systemd `Type=simple`). SIGTERM/SIGINT: stop accepting NBD clients,
 //! let in-flight requests finish, flush every replog, let the appliers drain, exit 0.
 
+pub mod allocator;
 pub mod control_server;
 pub mod export;
 pub mod link;

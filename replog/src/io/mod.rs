@@ -397,6 +397,15 @@ impl IoFile {
             .ok_or_else(|| io::Error::other("I/O thread returned no buffer"))
     }
 
+    /// Writes `buf` at `offset` with `RWF_DSYNC` on the calling thread: that range is durable on
+    /// return, other dirty pages of the file are not waited for (unlike fdatasync). Not ordered
+    /// with queued batches.
+    pub fn write_durable_at(&self, offset: u64, buf: AlignedBuf) -> io::Result<AlignedBuf> {
+        self.check_aligned(offset, buf.len())?;
+        pwrite::write_dsync(&self.inner.target, offset, &buf)?;
+        Ok(buf)
+    }
+
     /// Reads `buf.len()` bytes at `offset` into `buf`; a short read (EOF) is `UnexpectedEof`.
     pub fn read_at(&self, offset: u64, buf: AlignedBuf) -> io::Result<AlignedBuf> {
         self.submit_read(offset, buf)

@@ -5,6 +5,7 @@
 //! std's `write_all_at`/`read_exact_at`; EAGAIN (not expected on blocking files) is retried here.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -50,6 +51,39 @@ pub(crate) fn run_job(
             .map_err(|e| target.error(&e, "fdatasync", 0, 0))?;
     }
     Ok(bufs)
+}
+
+/// One write that is durable when it returns (`pwritev2` with `RWF_DSYNC`: the kernel syncs just
+/// this range and flushes the device cache, as O_DSYNC would), continued on short writes.
+pub(crate) fn write_dsync(target: &Target, offset: u64, data: &[u8]) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < data.len() {
+        let rest = data.get(done..).unwrap_or_default();
+        let iov = libc::iovec {
+            iov_base: rest.as_ptr() as *mut libc::c_void,
+            iov_len: rest.len(),
+        };
+        let at = offset.saturating_add(done as u64);
+        let at = libc::off_t::try_from(at).map_err(io::Error::other)?;
+        // SAFETY: the iovec points into `data`, which outlives the call; the kernel only reads it.
+        let n = unsafe { libc::pwritev2(target.file.as_raw_fd(), &iov, 1, at, libc::RWF_DSYNC) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if matches!(
+                e.kind(),
+                io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+            ) {
+                continue;
+            }
+            return Err(target.error(&e, "pwritev2(RWF_DSYNC)", offset, data.len()));
+        }
+        if n == 0 {
+            let e = io::Error::new(io::ErrorKind::WriteZero, "pwritev2 wrote nothing");
+            return Err(target.error(&e, "pwritev2(RWF_DSYNC)", offset, data.len()));
+        }
+        done += usize::try_from(n).unwrap_or(0);
+    }
+    Ok(())
 }
 
 fn retry_transient(mut f: impl FnMut() -> io::Result<()>) -> io::Result<()> {

@@ -7,7 +7,9 @@
 //! - Idle log, blocking waiter (leader): an append into an empty pipeline is *deferred*; the
 //!   handle's `wait` closes the batch and writes it on its own thread (`Storage::write_now`),
 //!   books it, submits whatever queued meanwhile, and resolves the batch's other waiters. No
-//!   hand-off at all at queue depth 1.
+//!   hand-off at all at queue depth 1. An async caller gets the same through
+//!   `Appending::write_now_unless_sync`, only for a batch that needs no sync (a page-cache copy
+//!   or a direct write may block a task for that long; an fdatasync may not).
 //! - Otherwise (pipeline busy, or an async handle): the batch is submitted to the I/O thread,
 //!   which completes it and resolves the appenders: one wake-up each way.
 //!

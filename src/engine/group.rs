@@ -133,7 +133,7 @@ pub struct Group {
     pub written_changed: tokio::sync::Notify,
     started: std::sync::atomic::AtomicBool,
     links: Option<Arc<LinkSettings>>,
-    senders: Mutex<Vec<slink::SlinkSender>>,
+    senders: Mutex<Vec<super::tcp::TcpLink>>,
     role: std::sync::atomic::AtomicU8,
     /// Secondary: the highest resync seq stored in this session.
     resync_seq: AtomicU64,

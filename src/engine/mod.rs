@@ -5,6 +5,7 @@
 pub mod blockfile;
 pub mod events;
 pub mod group;
+pub mod link_thread;
 pub mod lsn_index;
 pub mod policy;
 pub mod queue;

@@ -177,3 +177,39 @@ mod tests {
         assert!(f.push(entry(1, 4096)));
     }
 }
+
+/// A wake-up for a thread that waits for a condition other threads set: [`Wakeup::notify`] after
+/// changing what the condition reads. Lets a thread wait for its own events only (the slink 0 and
+/// tcp checkpointers waited on the feed and woke at every write).
+#[derive(Default)]
+pub struct Wakeup {
+    lock: Mutex<()>,
+    ready: Condvar,
+}
+
+impl Wakeup {
+    pub fn notify(&self) {
+        drop(self.lock.lock());
+        self.ready.notify_all();
+    }
+
+    /// Wait until `done()` holds (checked under the lock, so a `notify` after the condition became
+    /// true is never missed) or `timeout` passes. Returns `done()`.
+    pub fn wait_until(&self, done: impl Fn() -> bool, timeout: Duration) -> bool {
+        let Ok(mut g) = self.lock.lock() else {
+            return done();
+        };
+        let deadline = Instant::now() + timeout;
+        while !done() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            match self.ready.wait_timeout(g, deadline - now) {
+                Ok((ng, _)) => g = ng,
+                Err(_) => return done(),
+            }
+        }
+        done()
+    }
+}

@@ -24,7 +24,7 @@ use tokio::sync::watch;
 
 use super::blockfile::BlockFile;
 use super::policy::{Fallbehind, Mode, PolicyKind};
-use super::queue::{EntryFeed, MemEntry};
+use super::queue::{EntryFeed, MemEntry, Wakeup};
 
 /// Bytes of entries a slink's in-memory feed may hold before it reads from the replog instead.
 pub const FEED_BYTES_MAX: usize = 256 << 20;
@@ -165,6 +165,8 @@ pub struct Slink {
     pub devices: RwLock<BTreeMap<u32, Arc<SiteDevice>>>,
     state: Mutex<SlinkState>,
     checkpoint_requested: AtomicBool,
+    /// Wakes the checkpointer thread (slink 0, tcp) for a checkpoint request or stop only.
+    checkpointer_wake: Wakeup,
     checkpoints: watch::Sender<u64>,
     stop: AtomicBool,
     /// Operator pause (`message NAME 0 pause N`): the site gets nothing until resumed; the ring
@@ -223,6 +225,7 @@ impl Slink {
             devices: RwLock::new(BTreeMap::new()),
             state: Mutex::new(SlinkState::Up),
             checkpoint_requested: AtomicBool::new(false),
+            checkpointer_wake: Wakeup::default(),
             checkpoints: watch::channel(0).0,
             stop: AtomicBool::new(false),
             paused: AtomicBool::new(false),
@@ -324,6 +327,7 @@ impl Slink {
         let seen = *rx.borrow_and_update();
         self.checkpoint_requested.store(true, Ordering::Release);
         self.feed.kick();
+        self.checkpointer_wake.notify();
         let _ = tokio::time::timeout(
             Duration::from_secs(5),
             rx.wait_for(|c| *c > seen || self.stop.load(Ordering::Relaxed)),
@@ -334,6 +338,7 @@ impl Slink {
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::Release);
         self.feed.close();
+        self.checkpointer_wake.notify();
         self.applied.send_modify(|_| {});
     }
 
@@ -404,7 +409,7 @@ pub fn run_checkpointer(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
     let mut saved = slink.applied();
     let mut last = Instant::now();
     loop {
-        let requested = slink.feed.wait_until(
+        let requested = slink.checkpointer_wake.wait_until(
             || slink.checkpoint_requested.load(Ordering::Acquire) || slink.stopping(),
             RING_PRESSURE_POLL,
         );
@@ -434,6 +439,7 @@ pub fn run_local_applier(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
     let mut last_checkpoint = Instant::now();
     let mut dirty_since_checkpoint = false;
     let mut was_resyncing = false;
+    let mut background = BackgroundCheckpoint::default();
     loop {
         let skip = slink.skip_to.load(Ordering::Acquire);
         if next <= skip {
@@ -443,6 +449,7 @@ pub fn run_local_applier(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
 
         if slink.paused() && !slink.stopping() {
             if slink.checkpoint_requested.swap(false, Ordering::AcqRel) {
+                background.wait();
                 checkpoint(&*source, &slink, next - 1);
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -489,9 +496,16 @@ pub fn run_local_applier(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
             || (dirty_since_checkpoint
                 && (last_checkpoint.elapsed() >= checkpoint_interval() || source.ring_pressure()))
         {
-            checkpoint(&*source, &slink, next - 1);
-            last_checkpoint = Instant::now();
-            dirty_since_checkpoint = false;
+            if background.busy() {
+                // One at a time (cursors only move forward); a request waits for the next round.
+                if requested {
+                    slink.checkpoint_requested.store(true, Ordering::Release);
+                }
+            } else {
+                background.start(&source, &slink, next - 1);
+                last_checkpoint = Instant::now();
+                dirty_since_checkpoint = false;
+            }
         }
 
         let resyncing = resync_step(&*source, &slink, next - 1);
@@ -507,9 +521,46 @@ pub fn run_local_applier(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
         }
 
         if slink.stopping() && source.written_lsn() < next {
+            background.wait();
             checkpoint(&*source, &slink, next - 1);
             slink.set_state(SlinkState::Stopped);
             return;
+        }
+    }
+}
+
+/// A local slink's checkpoint running beside its applier. An fdatasync of a device with hundreds
+/// of MiB of dirty pages takes a while; an applier that waited for it fell behind its feed, and
+/// then read every entry back from the replog (about four more passes over the data) and never
+/// caught up under sustained writes. The cursor it saves is the applied lsn when it started:
+/// the sync covers every write completed before it began.
+#[derive(Default)]
+struct BackgroundCheckpoint(Option<std::thread::JoinHandle<()>>);
+
+impl BackgroundCheckpoint {
+    /// Whether one is still running (a finished one is reaped).
+    fn busy(&mut self) -> bool {
+        if self.0.as_ref().is_some_and(|h| h.is_finished()) {
+            self.wait();
+        }
+        self.0.is_some()
+    }
+
+    fn start(&mut self, source: &Arc<dyn ApplySource>, slink: &Arc<Slink>, applied: Lsn) {
+        let (src, sl) = (source.clone(), slink.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("slink{}-ckpt", slink.nr))
+            .spawn(move || checkpoint(&*src, &sl, applied));
+        match spawned {
+            Ok(h) => self.0 = Some(h),
+            // No thread to be had: checkpoint here, as before.
+            Err(_) => checkpoint(&**source, slink, applied),
+        }
+    }
+
+    fn wait(&mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
         }
     }
 }

@@ -20,6 +20,8 @@ use slink::{
 };
 
 use super::group::Group;
+use super::link_thread::{LinkThread, ASYNC_LINK_NICE};
+use super::policy::PolicyKind;
 use super::queue::MemEntry;
 use super::slink::{Slink, SlinkState};
 
@@ -317,13 +319,21 @@ impl EntrySource for TcpSource {
     }
 }
 
-/// Start the link of a `tcp` slink and the task that follows its acknowledgements.
+/// A running tcp link: its sender and the thread its tasks run on. Dropping it stops both (the
+/// sender first, so the link says goodbye before its runtime goes).
+pub struct TcpLink {
+    _sender: SlinkSender,
+    _thread: LinkThread,
+}
+
+/// Start the link of a `tcp` slink and the task that follows its acknowledgements, both on a
+/// thread of the link's own (`engine::link_thread`).
 pub fn spawn_link(
     group: &Arc<Group>,
     slink: &Arc<Slink>,
     addr: &str,
     settings: &LinkSettings,
-) -> Result<SlinkSender, String> {
+) -> Result<TcpLink, String> {
     let receiver_site = settings.peers.get(addr).cloned().ok_or_else(|| {
         format!(
             "slink {}: no site id for {addr}; start the daemon with --peer SITE@{addr}",
@@ -346,6 +356,16 @@ pub fn spawn_link(
         features: 0,
     };
     let source = Arc::new(TcpSource::new(Arc::downgrade(group), slink.clone()));
+    let nice = if slink.policy == PolicyKind::Async {
+        ASYNC_LINK_NICE
+    } else {
+        0
+    };
+    let thread = LinkThread::start(&format!("slink{}-tcp", slink.nr), nice)
+        .map_err(|e| format!("slink {}: link thread: {e}", slink.nr))?;
+    // Everything below that spawns (the sender's tasks, the watcher) lands on the link thread.
+    let link_runtime = thread.handle().clone();
+    let _on_link_thread = link_runtime.enter();
     let sender = SlinkSender::spawn(addr.to_string(), settings.site.clone(), identity, source)
         .map_err(|e| format!("slink {}: {e}", slink.nr))?;
     let mut status = sender.status();
@@ -406,7 +426,10 @@ pub fn spawn_link(
             }
         }
     });
-    Ok(sender)
+    Ok(TcpLink {
+        _sender: sender,
+        _thread: thread,
+    })
 }
 
 /// Regions whose chunks the site acknowledged are clean (durably) for it.

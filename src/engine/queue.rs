@@ -5,7 +5,7 @@
 //! writer up and never makes memory grow; it only moves its data source from memory to disk.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use replog::{EntryKind, Lsn};
@@ -108,19 +108,13 @@ impl EntryFeed {
     /// Wait until `done()` holds (checked under the feed's lock, so a `kick` after the condition
     /// became true is never missed), or `timeout` passes. Returns `done()`.
     pub fn wait_until(&self, done: impl Fn() -> bool, timeout: Duration) -> bool {
-        let Ok(mut g) = self.inner.lock() else {
-            return done();
-        };
-        let deadline = Instant::now() + timeout;
-        while !done() && !g.closed {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            match self.ready.wait_timeout(g, deadline - now) {
-                Ok((ng, _)) => g = ng,
-                Err(_) => return done(),
-            }
+        if let Ok(g) = self.inner.lock() {
+            drop(wait_while(
+                &self.ready,
+                g,
+                |g| !done() && !g.closed,
+                timeout,
+            ));
         }
         done()
     }
@@ -196,20 +190,28 @@ impl Wakeup {
     /// Wait until `done()` holds (checked under the lock, so a `notify` after the condition became
     /// true is never missed) or `timeout` passes. Returns `done()`.
     pub fn wait_until(&self, done: impl Fn() -> bool, timeout: Duration) -> bool {
-        let Ok(mut g) = self.lock.lock() else {
-            return done();
-        };
-        let deadline = Instant::now() + timeout;
-        while !done() {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            match self.ready.wait_timeout(g, deadline - now) {
-                Ok((ng, _)) => g = ng,
-                Err(_) => return done(),
-            }
+        if let Ok(g) = self.lock.lock() {
+            drop(wait_while(&self.ready, g, |_| !done(), timeout));
         }
         done()
     }
+}
+
+/// Waits on `ready` while `waiting` holds for the guarded value, at most `timeout`; returns the
+/// guard (None when the lock was poisoned meanwhile).
+fn wait_while<'a, T>(
+    ready: &Condvar,
+    mut g: MutexGuard<'a, T>,
+    waiting: impl Fn(&T) -> bool,
+    timeout: Duration,
+) -> Option<MutexGuard<'a, T>> {
+    let deadline = Instant::now() + timeout;
+    while waiting(&g) {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        g = ready.wait_timeout(g, deadline - now).ok()?.0;
+    }
+    Some(g)
 }

@@ -619,6 +619,22 @@ fn a_stall_site_makes_writes_wait_when_the_ring_is_full() {
     ));
 }
 
+/// The nice value of the thread of process `pid` named `name` (from /proc).
+fn thread_nice(pid: u32, name: &str) -> Option<i64> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let dir = task.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        // Fields after "(comm) ": state is field 3 of stat(5), nice is field 19.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        return rest.split(' ').nth(19 - 3)?.parse().ok();
+    }
+    None
+}
+
 /// The seed's "Sync Mirror + Async Replication": one group shipping to a near sync site and a far
 /// async site (50 ms one-way through the emulator), each with its own lag.
 #[test]
@@ -709,6 +725,19 @@ fn fan_out_to_a_near_sync_site_and_a_far_async_site() {
         "the sync site has every acknowledged write: {st:#}"
     );
     assert_eq!(st["slinks"][2]["mode"], "async");
+    // Each link ships from a thread of its own; the async site's runs at a lower priority (the
+    // application's writes come first), the sync site's at the normal one (it is on their path).
+    let pid = p.child.as_ref().unwrap().id();
+    assert_eq!(
+        thread_nice(pid, "slink1-tcp"),
+        Some(0),
+        "sync site's link thread"
+    );
+    assert_eq!(
+        thread_nice(pid, "slink2-tcp"),
+        Some(10),
+        "async site's link thread"
+    );
     p.wait_lag_zero("dev0", LAG_TIMEOUT);
     for d in [&near, &far] {
         d.wait_lag_zero("dev0", LAG_TIMEOUT);

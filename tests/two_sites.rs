@@ -237,6 +237,22 @@ fn random_writes_reach_the_secondary_byte_equal() {
         "read 0 4k",
     ]));
     assert!(o.contains("read 4096/4096"), "{o}");
+    // Removing the group ends its link: the link's thread goes with it.
+    let pid = sites.p.child.as_ref().unwrap().id();
+    assert!(
+        thread_nice(pid, "slink1-tcp").is_some(),
+        "link thread while the group runs"
+    );
+    sites.p.ok(&["remove", "dev1"]);
+    sites.p.ok(&["remove", "dev0"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while thread_nice(pid, "slink1-tcp").is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the link thread outlived its group"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

@@ -40,8 +40,8 @@ pub use error::{Error, Result};
 pub use index::Lag;
 pub use inspect::{inspect_storage, Inspection, SlinkInspection};
 pub use log::{
-    CreateOptions, Durability, Entry, EntryKind, OpenOptions, Record, RecoveryReport, Replog,
-    Space, BATCHES_IN_FLIGHT_MAX, BATCH_BUFFER_BYTES_MAX, MAX_RECORD_BYTES,
+    CreateOptions, Durability, Entry, EntryExtent, EntryKind, OpenOptions, Record, RecoveryReport,
+    Replog, Space, BATCHES_IN_FLIGHT_MAX, BATCH_BUFFER_BYTES_MAX, MAX_RECORD_BYTES,
 };
 
 /// Log sequence number: one counter per group. The first entry has lsn 1; 0 means "nothing".

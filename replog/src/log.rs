@@ -106,6 +106,18 @@ pub struct Entry {
     pub timestamp_ns: u64,
 }
 
+/// Where an entry wrote, without its data ([`Replog::extents_from`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryExtent {
+    pub lsn: Lsn,
+    pub device: u32,
+    pub offset: u64,
+    pub len: u64,
+    pub kind: EntryKind,
+    /// Ring bytes the entry holds (header, payload, padding).
+    pub record_bytes: u64,
+}
+
 /// Where and how big a new replog is.
 #[derive(Debug, Clone, Default)]
 pub struct CreateOptions {
@@ -244,9 +256,35 @@ pub(crate) struct Inner {
     /// Batch tickets are polled with this: it finishes batches on the I/O thread.
     pub completion_waker: Waker,
     pub meta: Mutex<MetaState>,
+    /// The last read buffer, kept for the next read (a slink that reads back entries reads
+    /// continually; a fresh buffer each time cost an allocation and zeroing of every byte).
+    /// At most [`READ_BUFFER_KEEP_MAX`] bytes are kept.
+    pub read_buffer: Mutex<Option<AlignedBuf>>,
 }
 
+/// Largest read buffer a replog keeps between reads.
+const READ_BUFFER_KEEP_MAX: usize = 32 << 20;
+
 impl Inner {
+    /// A buffer of `len` visible bytes: the kept one when it is large enough.
+    fn take_read_buffer(&self, len: usize) -> AlignedBuf {
+        if let Some(mut buf) = lock(&self.read_buffer).take() {
+            if buf.capacity() >= len && buf.set_len(len).is_ok() {
+                return buf;
+            }
+        }
+        AlignedBuf::zeroed(len)
+    }
+
+    fn keep_read_buffer(&self, buf: AlignedBuf) {
+        if buf.capacity() <= READ_BUFFER_KEEP_MAX {
+            let mut kept = lock(&self.read_buffer);
+            if kept.as_ref().is_none_or(|k| k.capacity() < buf.capacity()) {
+                *kept = Some(buf);
+            }
+        }
+    }
+
     pub fn ring_start(&self) -> u64 {
         self.base + META_AREA_BYTES
     }
@@ -475,6 +513,7 @@ impl Replog {
                 registered: m.registered,
                 cursors: m.cursors,
             }),
+            read_buffer: Mutex::new(None),
         });
         // Bump the generation durably before any append (this sync also makes the scanned
         // chain durable, so nothing this writer builds on can vanish).
@@ -800,7 +839,7 @@ impl Replog {
             let Some(last) = group.last() else { break };
             let start = round_down(first.vpos, BLOCK_BYTES);
             let end = round_up(last.vpos + last.record_bytes, BLOCK_BYTES);
-            let buf = AlignedBuf::zeroed(usize::try_from(end - start).unwrap_or(0));
+            let buf = inner.take_read_buffer(usize::try_from(end - start).unwrap_or(0));
             let buf = inner
                 .storage
                 .read_at(inner.ring_start() + start % ring, buf)
@@ -810,6 +849,7 @@ impl Replog {
                 match decode_entry(inner, &buf, at, e) {
                     Some(entry) => out.push(entry),
                     None => {
+                        inner.keep_read_buffer(buf);
                         let reclaimed = lock(&inner.state).tail_vpos > e.vpos;
                         return Err(if reclaimed {
                             Error::NotFound { lsn: e.lsn }
@@ -824,8 +864,31 @@ impl Replog {
                     }
                 }
             }
+            inner.keep_read_buffer(buf);
         }
         Ok(out)
+    }
+
+    /// Where the retained, written entries from `lsn` on wrote (lsn order, at most `max`), from
+    /// the in-memory index: no I/O. For a caller that needs the regions entries cover but not
+    /// their data (overflow marks them dirty).
+    pub fn extents_from(&self, lsn: Lsn, max: usize) -> Vec<EntryExtent> {
+        let st = lock(&self.inner.state);
+        st.index
+            .iter_from(st.index.position_from(lsn))
+            .take_while(|e| e.lsn <= st.written_lsn)
+            .filter_map(|e| {
+                Some(EntryExtent {
+                    lsn: e.lsn,
+                    device: e.device,
+                    offset: e.offset,
+                    len: e.len,
+                    kind: EntryKind::from_record(e.kind)?,
+                    record_bytes: e.record_bytes,
+                })
+            })
+            .take(max)
+            .collect()
     }
 
     /// Lowest retained lsn (0 when empty).

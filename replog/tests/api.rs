@@ -73,6 +73,31 @@ fn append_read_reopen() {
         (5, 2, 5 * 4096, EntryKind::Write)
     );
     assert_eq!(e.data, payload(5, 5001));
+    // The index alone says where entries wrote (what overflow marks dirty), without reading.
+    let extents = log.extents_from(19, 10);
+    let seen: Vec<_> = extents
+        .iter()
+        .map(|x| (x.lsn, x.device, x.offset, x.len, x.kind))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (19, 1, 19 * 4096, 1001, EntryKind::Write),
+            (20, 2, 20 * 4096, 2001, EntryKind::Write),
+            (21, 1, 0, 1 << 30, EntryKind::Zeroes),
+        ]
+    );
+    assert!(extents.iter().all(|x| x.record_bytes >= 128));
+    assert_eq!(log.extents_from(1, 2).len(), 2);
+    // Reads of different sizes one after another (the read buffer is reused) return the right
+    // bytes every time.
+    for (lsn, len) in [(8usize, 8001usize), (1, 1001), (20, 2001), (9, 1)] {
+        let e = log.read(lsn as u64).unwrap();
+        assert_eq!(e.data, payload(lsn as u64, len), "lsn {lsn}");
+    }
+    let batch = log.read_from(1, 100, 1 << 30).unwrap();
+    assert_eq!(batch.len(), 21);
+    assert_eq!(batch[7].data, payload(8, 8001));
     let z = log.read(21).unwrap();
     assert_eq!(
         (z.kind, z.len, z.data.len()),

@@ -823,11 +823,10 @@ impl Group {
         let mut freed = 0u64;
         let mut from = first.max(1);
         let mut touched: Vec<(u32, u64, u64, Lsn)> = Vec::new();
+        // From the replog's index: which regions the entries cover is all this needs, and
+        // reading their data here (under the overflow lock, with writers waiting) was slow.
         'scan: while freed < want && target < primary_cursor {
-            let batch = self
-                .replog
-                .read_from(from, 256, 32 << 20)
-                .map_err(|e| CoreError::replog(&self.replog_path, e))?;
+            let batch = self.replog.extents_from(from, 4096);
             if batch.is_empty() {
                 break;
             }
@@ -835,7 +834,7 @@ impl Group {
                 if e.lsn > primary_cursor || freed >= want {
                     break 'scan;
                 }
-                freed += e.len + 4096;
+                freed += e.record_bytes;
                 target = e.lsn;
                 from = e.lsn + 1;
                 touched.push((e.device, e.offset, e.len, e.lsn));

@@ -27,7 +27,7 @@ use super::policy::{Fallbehind, Mode, PolicyKind};
 use super::queue::{EntryFeed, MemEntry, Wakeup};
 
 /// Bytes of entries a slink's in-memory feed may hold before it reads from the replog instead.
-pub const FEED_BYTES_MAX: usize = 256 << 20;
+pub const FEED_BYTES_MAX: usize = 64 << 20;
 /// Entries applied per round of the applier loop.
 const APPLY_BATCH_MAX: usize = 256;
 /// Entries read back from the replog per read when a feed has a gap.

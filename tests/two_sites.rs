@@ -63,21 +63,49 @@ fn write_key(dir: &std::path::Path, key: &str) {
     std::fs::write(dir.join("key"), key).unwrap();
 }
 
-/// A secondary daemon, then a primary whose link goes directly or through the emulator.
-fn sites(emulated: Option<LinkParams>, primary_key: &str, allow: &str) -> Sites {
-    let listen = format!("127.0.0.1:{}", free_port());
-    let mut s = Daemon::prepare(&[
+/// A running receiving daemon: site `site_id` listening for slinks at `listen`, allowing `allow`.
+fn receiving_site(site_id: &str, listen: &str, allow: &str) -> Daemon {
+    let mut d = Daemon::prepare(&[
         "--site-id",
-        "siteB",
+        site_id,
         "--psk-file",
         "{dir}/key",
         "--slink-listen",
-        &listen,
+        listen,
         "--allow",
         allow,
     ]);
-    write_key(&s.dir, KEY);
-    s.spawn();
+    write_key(&d.dir, KEY);
+    d.spawn();
+    d
+}
+
+/// The in-repo link emulator in front of `upstream`; returns its address and what keeps it
+/// running.
+fn emulated_link(
+    upstream: &str,
+    params: LinkParams,
+) -> (String, (tokio::runtime::Runtime, Arc<LinkEmulator>)) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let eport = free_port();
+    let e = rt
+        .block_on(LinkEmulator::start(
+            format!("127.0.0.1:{eport}").parse::<SocketAddr>().unwrap(),
+            upstream.to_string(),
+            params,
+        ))
+        .unwrap();
+    (format!("127.0.0.1:{eport}"), (rt, Arc::new(e)))
+}
+
+/// A secondary daemon, then a primary whose link goes directly or through the emulator.
+fn sites(emulated: Option<LinkParams>, primary_key: &str, allow: &str) -> Sites {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let s = receiving_site("siteB", &listen, allow);
     let (link, emu) = match emulated {
         None => {
             eprintln!("link path: direct loopback TCP");
@@ -87,20 +115,8 @@ fn sites(emulated: Option<LinkParams>, primary_key: &str, allow: &str) -> Sites 
             eprintln!(
                 "link path: in-repo link emulator (slink::linkemu) over loopback TCP: {params:?}"
             );
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap();
-            let eport = free_port();
-            let e = rt
-                .block_on(LinkEmulator::start(
-                    format!("127.0.0.1:{eport}").parse::<SocketAddr>().unwrap(),
-                    listen.clone(),
-                    params,
-                ))
-                .unwrap();
-            (format!("127.0.0.1:{eport}"), Some((rt, Arc::new(e))))
+            let (link, emu) = emulated_link(&listen, params);
+            (link, Some(emu))
         }
     };
     let peer = format!("siteB@{link}");
@@ -660,48 +676,16 @@ fn fan_out_to_a_near_sync_site_and_a_far_async_site() {
     }
     let near_listen = format!("127.0.0.1:{}", free_port());
     let far_listen = format!("127.0.0.1:{}", free_port());
-    let mut near = Daemon::prepare(&[
-        "--site-id",
-        "near",
-        "--psk-file",
-        "{dir}/key",
-        "--slink-listen",
-        &near_listen,
-        "--allow",
-        "siteA",
-    ]);
-    write_key(&near.dir, KEY);
-    near.spawn();
-    let mut far = Daemon::prepare(&[
-        "--site-id",
-        "far",
-        "--psk-file",
-        "{dir}/key",
-        "--slink-listen",
-        &far_listen,
-        "--allow",
-        "siteA",
-    ]);
-    write_key(&far.dir, KEY);
-    far.spawn();
+    let near = receiving_site("near", &near_listen, "siteA");
+    let far = receiving_site("far", &far_listen, "siteA");
     eprintln!("link path: near = direct loopback TCP; far = in-repo link emulator, 50 ms one-way");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let eport = free_port();
-    let _emu = rt
-        .block_on(LinkEmulator::start(
-            format!("127.0.0.1:{eport}").parse().unwrap(),
-            far_listen.clone(),
-            LinkParams {
-                delay: Duration::from_millis(50),
-                ..Default::default()
-            },
-        ))
-        .unwrap();
-    let far_link = format!("127.0.0.1:{eport}");
+    let (far_link, _emu) = emulated_link(
+        &far_listen,
+        LinkParams {
+            delay: Duration::from_millis(50),
+            ..Default::default()
+        },
+    );
     let peers = [format!("near@{near_listen}"), format!("far@{far_link}")];
     let mut p = Daemon::prepare(&[
         "--site-id",

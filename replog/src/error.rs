@@ -29,9 +29,16 @@ pub enum Error {
         expected: u64,
         found: u64,
     },
-    /// A metadata slot of a format version this code does not read.
-    #[error("unsupported replog format version {found} (supported: {supported})")]
+    /// A metadata slot of a format version this code does not read (a newer build wrote it).
+    #[error("unsupported replog format version {found}: this build reads versions 1 to {supported} (a newer build wrote this replog; open it with that build)")]
     UnsupportedVersion { found: u16, supported: u16 },
+    /// A metadata slot with feature bits this code does not know (a newer build set them).
+    #[error("{what}: unknown replog feature bits {bits:#x} (this build knows {known:#x}; a newer build wrote this replog; open it with that build)")]
+    UnsupportedFeatures { what: String, bits: u64, known: u64 },
+    /// A metadata value the format cannot hold or that breaks its rules (epoch order, bounds,
+    /// unknown feature bits); nothing was written.
+    #[error("invalid metadata: {what}")]
+    InvalidMetadata { what: String },
     /// No retained entry has this lsn (never appended, reclaimed, or lost in a crash).
     #[error("lsn {lsn} not in the replog")]
     NotFound { lsn: Lsn },

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::format::{round_down, MetaSlot, BLOCK_BYTES, FORMAT_VERSION};
+use crate::format::{feature_names, round_down, EpochStart, MetaSlot, Role, BLOCK_BYTES};
 use crate::index::{Index, IndexEntry, Lag};
 use crate::log::{scan_start, Replog};
 use crate::meta::{self, SlotStatus};
@@ -20,6 +20,15 @@ pub struct SlinkInspection {
     pub slink: u8,
     pub cursor: Lsn,
     pub lag: Lag,
+    /// Resync sequence high-water mark.
+    pub resync_seq: u64,
+}
+
+/// The peer group binding as seen on disk, uuid in hex.
+#[derive(Debug, Clone, Serialize)]
+pub struct BindingInspection {
+    pub peer_group_uuid: String,
+    pub peer_site_id: String,
 }
 
 /// What a replog holds, as recovery would see it.
@@ -27,9 +36,23 @@ pub struct SlinkInspection {
 pub struct Inspection {
     pub path: String,
     pub offset: u64,
+    /// Format version of the chosen metadata slot on disk (1: the next open upgrades it).
     pub format_version: u16,
     /// Hex of the 16 uuid bytes.
     pub uuid: String,
+    pub role: Role,
+    /// The last of `epochs`; None before the first epoch began.
+    pub current_epoch: Option<EpochStart>,
+    /// Oldest first.
+    pub epochs: Vec<EpochStart>,
+    /// None when unbound.
+    pub binding: Option<BindingInspection>,
+    /// Feature bits and their names.
+    pub features: u64,
+    pub feature_names: Vec<&'static str>,
+    pub activity_log_extent_bytes: u64,
+    /// Hot extents: (device, extent index), sorted.
+    pub activity_log: Vec<(u32, u64)>,
     /// The metadata slot recovery would use.
     pub metadata_slot: usize,
     pub metadata: MetaSlot,
@@ -77,10 +100,10 @@ pub fn inspect_storage(
         });
     }
     let loaded = meta::load(storage, offset)?;
-    let m = loaded.meta;
+    let m = &loaded.meta;
     let scanned = {
         let mut reader = RingReader::new(storage, offset, m.ring_bytes);
-        recovery::scan(&mut reader, &scan_start(&m), usize::MAX)?
+        recovery::scan(&mut reader, &scan_start(m), usize::MAX)?
     };
     let mut index = Index::default();
     for e in &scanned.entries {
@@ -94,16 +117,28 @@ pub fn inspect_storage(
                 slink: u8::try_from(i).ok()?,
                 cursor,
                 lag: index.lag_above(cursor),
+                resync_seq: m.resync_seqs.get(i).copied().unwrap_or(0),
             })
         })
         .collect();
     Ok(Inspection {
         path: storage.describe(),
         offset,
-        format_version: FORMAT_VERSION,
+        format_version: loaded.version,
         uuid: hex(&m.uuid),
+        role: m.identity.role,
+        current_epoch: m.identity.current_epoch(),
+        epochs: m.identity.epochs.clone(),
+        binding: m.identity.binding.as_ref().map(|b| BindingInspection {
+            peer_group_uuid: hex(&b.peer_group_uuid),
+            peer_site_id: b.peer_site_id.clone(),
+        }),
+        features: m.features,
+        feature_names: feature_names(m.features),
+        activity_log_extent_bytes: m.activity_log.extent_bytes,
+        activity_log: m.activity_log.extents.clone(),
         metadata_slot: loaded.slot,
-        metadata: m,
+        metadata: m.clone(),
         slots: loaded.slots,
         capacity_bytes: m.ring_bytes,
         used_bytes: scanned

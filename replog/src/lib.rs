@@ -16,7 +16,9 @@
 //!   of an earlier lap, another replog or a pre-crash write never validates (FORMAT.md).
 //! - Recovery is an explicit decision table (`recovery::DECISION_TABLE`).
 //!
-//! Code map: `format` owns the bytes, `meta` the metadata slots, `recovery` the scan, `index` the
+//! Code map: `format` owns the bytes, `meta` the metadata slots, `persisted` the group state
+//! kept in them for the core (role, epochs, binding, resync marks, features, activity log),
+//! `recovery` the scan, `index` the
 //! in-memory entry index and lag, `log` the public `Replog`, `writer` the group commit (batch pipeline),
 //! `storage` the storage trait (with an in-memory crash-image disk for tests), `inspect` the
 //! read-only inspection.
@@ -31,18 +33,21 @@ pub mod index;
 mod inspect;
 mod log;
 pub mod meta;
+mod persisted;
 pub mod recovery;
 pub mod storage;
 mod writer;
 
 pub use appending::Appending;
 pub use error::{Error, Result};
+pub use format::{ActivityLogState, Binding, EpochStart, Identity, Role};
 pub use index::Lag;
-pub use inspect::{inspect_storage, Inspection, SlinkInspection};
+pub use inspect::{inspect_storage, BindingInspection, Inspection, SlinkInspection};
 pub use log::{
     CreateOptions, Durability, Entry, EntryExtent, EntryKind, OpenOptions, Record, RecoveryReport,
     Replog, Space, BATCHES_IN_FLIGHT_MAX, BATCH_BUFFER_BYTES_MAX, MAX_RECORD_BYTES,
 };
+pub use persisted::IdentityUpdate;
 
 /// Log sequence number: one counter per group. The first entry has lsn 1; 0 means "nothing".
 pub type Lsn = u64;

@@ -26,8 +26,8 @@ use serde::Serialize;
 use crate::appending::{self, Appending, Waiter};
 use crate::error::{Error, Result};
 use crate::format::{
-    record_bytes_for, round_down, round_up, EntryHeader, MetaSlot, RecordKind, BLOCK_BYTES,
-    ENTRY_HEADER_BYTES, MAX_DATA_BYTES, META_AREA_BYTES, MIN_RING_BYTES,
+    record_bytes_for, round_down, round_up, ActivityLogState, EntryHeader, Identity, MetaSlot,
+    RecordKind, BLOCK_BYTES, ENTRY_HEADER_BYTES, MAX_DATA_BYTES, META_AREA_BYTES, MIN_RING_BYTES,
 };
 use crate::index::{Index, IndexEntry, Lag};
 use crate::io::{self, AlignedBuf};
@@ -171,6 +171,8 @@ pub struct RecoveryReport {
     pub stop: Finding,
     /// Block-boundary jumps over the ends of earlier generations.
     pub jumps: u64,
+    /// Format version the metadata was in before this open (1: this open upgraded it to 2).
+    pub metadata_version_found: u16,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -211,6 +213,8 @@ pub(crate) struct State {
     pub index: Index,
     /// Entries with lsn <= this have completed writes.
     pub written_lsn: Lsn,
+    /// Entries with lsn <= this are durable: a sync completed after their writes.
+    pub durable_lsn: Lsn,
     pub tail_vpos: u64,
     pub tail_lsn: Lsn,
     pub tail_generation: u32,
@@ -231,11 +235,33 @@ pub(crate) struct State {
 }
 
 /// Authoritative metadata fields not derived from `State` (serialised by the meta lock).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct MetaState {
     pub sequence: u64,
     pub registered: u16,
     pub cursors: [Lsn; MAX_SLINKS],
+    pub persisted: Persisted,
+}
+
+/// The format-2 fields: what the group's identity needs across restarts, plus the activity
+/// log. Written with every metadata write; changed only through `Replog::update_persisted`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Persisted {
+    pub resync_seqs: [u64; MAX_SLINKS],
+    pub features: u64,
+    pub identity: Identity,
+    pub activity_log: ActivityLogState,
+}
+
+impl Persisted {
+    fn from_slot(m: &MetaSlot) -> Persisted {
+        Persisted {
+            resync_seqs: m.resync_seqs,
+            features: m.features,
+            identity: m.identity.clone(),
+            activity_log: m.activity_log.clone(),
+        }
+    }
 }
 
 pub(crate) struct Inner {
@@ -256,6 +282,9 @@ pub(crate) struct Inner {
     /// Batch tickets are polled with this: it finishes batches on the I/O thread.
     pub completion_waker: Waker,
     pub meta: Mutex<MetaState>,
+    /// The last durable `MetaState::persisted`, for readers: a getter never waits behind a
+    /// metadata write (the meta lock is held across the write). Lock order: meta, then this.
+    pub published: Mutex<Persisted>,
     /// The last read buffer, kept for the next read (a slink that reads back entries reads
     /// continually; a fresh buffer each time cost an allocation and zeroing of every byte).
     /// At most [`READ_BUFFER_KEEP_MAX`] bytes are kept.
@@ -311,11 +340,15 @@ impl Inner {
             created_ns: self.created_ns,
             registered: meta.registered,
             cursors: meta.cursors,
+            resync_seqs: meta.persisted.resync_seqs,
+            features: meta.persisted.features,
+            identity: meta.persisted.identity.clone(),
+            activity_log: meta.persisted.activity_log.clone(),
         }
     }
 
     /// Durably writes `next` (with the tail fields of `st_tail`) as the new metadata.
-    fn commit_meta(
+    pub(crate) fn commit_meta(
         &self,
         current: &mut MetaState,
         mut next: MetaState,
@@ -333,6 +366,9 @@ impl Inner {
             slot.tail_generation = generation;
         }
         meta::write(self.storage.as_ref(), self.base, &slot, sync)?;
+        if next.persisted != current.persisted {
+            *lock(&self.published) = next.persisted.clone();
+        }
         *current = next;
         Ok(())
     }
@@ -398,29 +434,14 @@ impl Replog {
         storage
             .preallocate_zeroed(offset, size)
             .map_err(|e| Error::io("preallocate", &path, e))?;
-        let slot = MetaSlot {
-            uuid: rand::random(),
-            sequence: 1,
-            replog_bytes: size,
-            ring_offset: META_AREA_BYTES,
-            ring_bytes,
-            block_bytes: BLOCK_BYTES as u32,
-            generation: 1,
-            tail_generation: 1,
-            tail_vpos: 0,
-            tail_lsn: 0,
-            head_hint_vpos: 0,
-            created_ns: now_ns(),
-            registered: 0,
-            cursors: [0; MAX_SLINKS],
-        };
+        let slot = MetaSlot::fresh(rand::random(), ring_bytes, now_ns());
         meta::write(storage.as_ref(), offset, &slot, MetaSync::WholeFile)?;
         meta::write(
             storage.as_ref(),
             offset,
             &MetaSlot {
                 sequence: 2,
-                ..slot
+                ..slot.clone()
             },
             MetaSync::WholeFile,
         )?;
@@ -495,6 +516,8 @@ impl Replog {
                 },
                 index,
                 written_lsn: last_lsn,
+                // The generation bump below syncs the whole file: the recovered chain is durable.
+                durable_lsn: last_lsn,
                 tail_vpos: m.tail_vpos,
                 tail_lsn: m.tail_lsn,
                 tail_generation: m.tail_generation,
@@ -512,14 +535,18 @@ impl Replog {
                 sequence,
                 registered: m.registered,
                 cursors: m.cursors,
+                persisted: Persisted::from_slot(&m),
             }),
+            published: Mutex::new(Persisted::from_slot(&m)),
             read_buffer: Mutex::new(None),
         });
         // Bump the generation durably before any append (this sync also makes the scanned
-        // chain durable, so nothing this writer builds on can vanish).
+        // chain durable, so nothing this writer builds on can vanish). A format-1 replog is
+        // upgraded by this same write: it is written in format 2 with every field format 1
+        // had, and the defaults (FORMAT.md "Version history") for the rest.
         {
             let mut meta_state = lock(&inner.meta);
-            let next = *meta_state;
+            let next = meta_state.clone();
             inner.commit_meta(&mut meta_state, next, None, MetaSync::WholeFile)?;
         }
         let report = {
@@ -538,9 +565,14 @@ impl Replog {
                 findings: scanned.findings,
                 stop: scanned.stop,
                 jumps: scanned.jumps,
+                metadata_version_found: loaded.version,
             }
         };
         Ok((Replog { inner }, report))
+    }
+
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.inner
     }
 
     /// This replog's uuid.
@@ -568,6 +600,13 @@ impl Replog {
     /// crash); 0 when nothing was written. Moves in batch completion order.
     pub fn written_lsn(&self) -> Lsn {
         lock(&self.inner.state).written_lsn
+    }
+
+    /// Highest lsn such that it and every lower lsn is durable (survives a power loss): moved by
+    /// every completed batch that synced (a Durable append, a flush) and by open, which syncs
+    /// the recovered chain. Never above `written_lsn`.
+    pub fn durable_lsn(&self) -> Lsn {
+        lock(&self.inner.state).durable_lsn
     }
 
     /// Assigns the next lsn synchronously, in call order, and queues the entry for writing.
@@ -920,7 +959,7 @@ impl Replog {
     fn set_slink(&self, slink: u8, value: Option<Lsn>) -> Result<()> {
         let i = Replog::check_slink(slink)?;
         let mut meta_state = lock(&self.inner.meta);
-        let mut next = *meta_state;
+        let mut next = meta_state.clone();
         match value {
             Some(lsn) => {
                 next.registered |= 1 << i;
@@ -981,7 +1020,7 @@ impl Replog {
         if lsn == current {
             return Ok(());
         }
-        let mut next = *meta_state;
+        let mut next = meta_state.clone();
         if let Some(c) = next.cursors.get_mut(i) {
             *c = lsn;
         }
@@ -1025,7 +1064,7 @@ impl Replog {
             }
             (bound, new_tail, st.tail_vpos)
         };
-        let next = *meta_state;
+        let next = meta_state.clone();
         inner.commit_meta(&mut meta_state, next, Some(new_tail), MetaSync::SlotOnly)?;
         let mut st = lock(&inner.state);
         st.tail_vpos = new_tail.0;

@@ -5,8 +5,8 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::format::{
-    HeaderFault, MetaSlot, FORMAT_VERSION, META_AREA_BYTES, META_ENCODED_BYTES, META_SLOT_BYTES,
-    RECORD_GRANULE,
+    HeaderFault, MetaSlot, FEATURES_KNOWN, FORMAT_VERSION, META_AREA_BYTES, META_ENCODED_BYTES,
+    META_SLOT_BYTES, RECORD_GRANULE,
 };
 use crate::io::AlignedBuf;
 use crate::storage::Storage;
@@ -18,6 +18,8 @@ pub struct SlotStatus {
     /// None when the slot decoded; otherwise why not.
     pub fault: Option<String>,
     pub sequence: Option<u64>,
+    /// Format version the slot was written in (1 or 2) when it decoded.
+    pub version: Option<u16>,
 }
 
 /// The chosen metadata and what each slot held.
@@ -25,6 +27,8 @@ pub struct SlotStatus {
 pub struct LoadedMeta {
     pub meta: MetaSlot,
     pub slot: usize,
+    /// Format version of the chosen slot: 1 means the next metadata write upgrades it.
+    pub version: u16,
     pub slots: Vec<SlotStatus>,
 }
 
@@ -48,30 +52,45 @@ pub fn load(storage: &dyn Storage, base: u64) -> Result<LoadedMeta> {
     for slot in 0..2usize {
         let at = slot * META_SLOT_BYTES as usize;
         let bytes = buf.get(at..at + META_ENCODED_BYTES).unwrap_or_default();
-        let result = MetaSlot::decode(bytes);
+        let result = MetaSlot::decode_versioned(bytes);
         slots.push(SlotStatus {
             slot,
             fault: result.as_ref().err().map(|f| f.to_string()),
-            sequence: result.as_ref().ok().map(|m| m.sequence),
+            sequence: result.as_ref().ok().map(|(m, _)| m.sequence),
+            version: result.as_ref().ok().map(|(_, v)| *v),
         });
         decoded.push(result);
     }
-    // A slot of another version may be newer than ours: refuse rather than roll back.
-    for result in &decoded {
-        if let Err(HeaderFault::UnsupportedVersion(found)) = result {
-            return Err(Error::UnsupportedVersion {
-                found: *found,
-                supported: FORMAT_VERSION,
-            });
+    // A crc-valid slot of another version, or with features this code does not know, was
+    // written by a newer build and may be newer than the other slot: refuse rather than roll
+    // back to the other slot silently.
+    for (i, result) in decoded.iter().enumerate() {
+        match result {
+            Err(HeaderFault::UnsupportedVersion(found)) => {
+                return Err(Error::UnsupportedVersion {
+                    found: *found,
+                    supported: FORMAT_VERSION,
+                });
+            }
+            Err(HeaderFault::UnknownFeatures(bits)) => {
+                return Err(Error::UnsupportedFeatures {
+                    what: format!("{path} at offset {base}: metadata slot {i}"),
+                    bits: *bits,
+                    known: FEATURES_KNOWN,
+                });
+            }
+            _ => {}
         }
     }
     let best = decoded
         .iter()
         .enumerate()
-        .filter_map(|(i, r)| r.as_ref().ok().map(|m| (i, *m)))
-        .max_by_key(|(_, m)| m.sequence);
-    let Some((slot, meta)) = best else {
-        let all_zero = decoded.iter().all(|r| *r == Err(HeaderFault::Zeroed));
+        .filter_map(|(i, r)| r.as_ref().ok().map(|(m, v)| (i, m, *v)))
+        .max_by_key(|(_, m, _)| m.sequence);
+    let Some((slot, meta, version)) = best else {
+        let all_zero = decoded
+            .iter()
+            .all(|r| matches!(r, Err(HeaderFault::Zeroed)));
         let what = if all_zero {
             format!("{path} at offset {base}: both metadata slots are all zero (not a replog, or never created)")
         } else {
@@ -108,7 +127,12 @@ pub fn load(storage: &dyn Storage, base: u64) -> Result<LoadedMeta> {
             found: len,
         });
     }
-    Ok(LoadedMeta { meta, slot, slots })
+    Ok(LoadedMeta {
+        meta: meta.clone(),
+        slot,
+        version,
+        slots,
+    })
 }
 
 /// How much a metadata write makes durable.
@@ -121,12 +145,17 @@ pub enum MetaSync {
     SlotOnly,
 }
 
-/// Writes `meta` into slot `sequence % 2` and makes it durable as `sync` says.
+/// Writes `meta` (always in the current format, every field) into slot `sequence % 2` and
+/// makes it durable as `sync` says. A slot that decode would refuse is never written.
 pub fn write(storage: &dyn Storage, base: u64, meta: &MetaSlot, sync: MetaSync) -> Result<()> {
     let path = storage.describe();
+    meta.check().map_err(|what| Error::InvalidMetadata {
+        what: format!("{path}: refusing to write metadata: {what}"),
+    })?;
     let mut buf = AlignedBuf::zeroed(META_SLOT_BYTES as usize);
-    if let Some(dst) = buf.get_mut(..META_ENCODED_BYTES) {
-        dst.copy_from_slice(&meta.encode());
+    let encoded = meta.encode();
+    if let Some(dst) = buf.get_mut(..encoded.len()) {
+        dst.copy_from_slice(&encoded);
     }
     let at = base + (meta.sequence % 2) * META_SLOT_BYTES;
     match sync {

@@ -203,7 +203,7 @@ pub fn classify(
                 HeaderFault::BadMagic => Finding::BadMagic,
                 HeaderFault::BadCrc => Finding::BadHeaderCrc,
                 HeaderFault::UnsupportedVersion(_) => Finding::ForeignVersion,
-                HeaderFault::Malformed(_) => Finding::Malformed,
+                HeaderFault::Malformed(_) | HeaderFault::UnknownFeatures(_) => Finding::Malformed,
             };
             return Ok((finding, None));
         }

@@ -53,6 +53,8 @@ pub(crate) struct InFlight {
     result: Option<BatchResult>,
     waiters: Vec<Waiter>,
     last_lsn: Lsn,
+    /// The batch ends with a sync (which covers every earlier write: the storage's contract).
+    sync: bool,
 }
 
 /// Finished batches whose waiters are still to be resolved (outside the state lock).
@@ -133,7 +135,7 @@ pub(crate) fn pump(inner: &Inner, st: &mut State) -> Finished {
                 st,
                 batch.result,
                 batch.waiters,
-                batch.last_lsn,
+                (batch.last_lsn, batch.sync),
             ));
             room_made = true;
         }
@@ -153,6 +155,7 @@ pub(crate) fn pump(inner: &Inner, st: &mut State) -> Finished {
             result: None,
             waiters: closed.waiters,
             last_lsn: closed.last_lsn,
+            sync: closed.sync,
         });
         // Loop: a synchronous storage completed it already (and the next may go now).
     }
@@ -218,7 +221,7 @@ fn lead_when(inner: &Inner, batch: u64, sync_allowed: bool) -> bool {
             &mut st,
             Some(result),
             closed.waiters,
-            closed.last_lsn,
+            (closed.last_lsn, closed.sync),
         );
         let mut finished = pump(inner, &mut st);
         finished.batches.insert(0, own);
@@ -232,18 +235,23 @@ fn lead_when(inner: &Inner, batch: u64, sync_allowed: bool) -> bool {
     true
 }
 
-/// Books a completed batch: moves `written_lsn`, recycles buffers, or fails the log.
+/// Books a completed batch: moves `written_lsn` (and `durable_lsn` when it synced: batches
+/// complete in submit order, so its sync covered every earlier batch), recycles buffers, or
+/// fails the log.
 fn finish(
     inner: &Inner,
     st: &mut State,
     result: Option<BatchResult>,
     waiters: Vec<Waiter>,
-    last_lsn: Lsn,
+    (last_lsn, synced): (Lsn, bool),
 ) -> (Vec<Waiter>, Result<(), String>) {
     match result {
         Some(Ok(bufs)) => {
             if st.failed.is_none() {
                 st.written_lsn = st.written_lsn.max(last_lsn);
+                if synced {
+                    st.durable_lsn = st.durable_lsn.max(last_lsn);
+                }
             }
             for mut buf in bufs {
                 let full = usize::try_from(inner.batch_buffer_bytes).unwrap_or(0);

@@ -88,23 +88,57 @@ fn truncated_files_are_refused() {
 #[test]
 fn other_format_version_is_refused() {
     let mut image = valid_image();
-    for slot in 0..2 {
-        let at = slot * 4096;
-        image[at + 8] = 2; // version 2
-        let crc = crc32c::crc32c(&image[at..at + 508]);
-        image[at + 508..at + 512].copy_from_slice(&crc.to_le_bytes());
-    }
-    let err = open_image(image).err().unwrap();
+    // Only the newest slot says version 3: the other, older one is valid, and open must still
+    // refuse rather than roll back to it.
+    let s0 = MetaSlot::decode(&image[..4096]).unwrap();
+    let s1 = MetaSlot::decode(&image[4096..8192]).unwrap();
+    let at = if s0.sequence > s1.sequence { 0 } else { 4096 };
+    image[at + 8] = 3; // version 3
+    let crc = crc32c::crc32c(&image[at..at + 4092]);
+    image[at + 4092..at + 4096].copy_from_slice(&crc.to_le_bytes());
+    let err = open_image(image.clone()).err().unwrap();
     assert!(
         matches!(
             err,
             Error::UnsupportedVersion {
-                found: 2,
-                supported: 1
+                found: 3,
+                supported: 2
             }
         ),
         "{err}"
     );
+    assert!(err.to_string().contains("version 3"), "{err}");
+    assert!(err.to_string().contains("newer build"), "{err}");
+    let disk = MemDisk::from_image(image, 512);
+    let err = replog::inspect_storage(disk.as_ref(), 0, 10).err().unwrap();
+    assert!(
+        matches!(err, Error::UnsupportedVersion { found: 3, .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_feature_bits_are_refused() {
+    let mut image = valid_image();
+    let s0 = MetaSlot::decode(&image[..4096]).unwrap();
+    let s1 = MetaSlot::decode(&image[4096..8192]).unwrap();
+    let at = if s0.sequence > s1.sequence { 0 } else { 4096 };
+    image[at + 368] = 0x81; // feature bits 0 (known) and 7 (unknown)
+    let crc = crc32c::crc32c(&image[at..at + 4092]);
+    image[at + 4092..at + 4096].copy_from_slice(&crc.to_le_bytes());
+    let err = open_image(image).err().unwrap();
+    assert!(
+        matches!(
+            err,
+            Error::UnsupportedFeatures {
+                bits: 0x80,
+                known: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("0x80"), "{err}");
 }
 
 #[test]
@@ -121,8 +155,8 @@ fn garbage_and_zeroes_are_refused() {
 fn one_damaged_slot_falls_back_to_the_other() {
     let image = valid_image();
     let (s0, s1) = (
-        MetaSlot::decode(&image[..512]).unwrap(),
-        MetaSlot::decode(&image[4096..4608]).unwrap(),
+        MetaSlot::decode(&image[..4096]).unwrap(),
+        MetaSlot::decode(&image[4096..8192]).unwrap(),
     );
     let newest = if s0.sequence > s1.sequence { 0 } else { 1 };
     let mut damaged = image.clone();
@@ -153,9 +187,9 @@ fn bad_geometry_is_named() {
     let mut image = valid_image();
     for slot in 0..2 {
         let at = slot * 4096;
-        let mut m = MetaSlot::decode(&image[at..at + 512]).unwrap();
+        let mut m = MetaSlot::decode(&image[at..at + 4096]).unwrap();
         m.ring_bytes = 12345;
-        image[at..at + 512].copy_from_slice(&m.encode());
+        image[at..at + 4096].copy_from_slice(&m.encode());
     }
     let err = open_image(image).err().unwrap();
     assert!(

@@ -8,7 +8,10 @@
     clippy::panic
 )]
 
-use replog::format::{EntryHeader, MetaSlot, RecordKind};
+use replog::format::{
+    ActivityLogState, Binding, EntryHeader, EpochStart, Identity, MetaSlot, RecordKind, Role,
+    FEATURE_ACTIVITY_LOG,
+};
 
 fn unhex(s: &str) -> Vec<u8> {
     let s: String = s.chars().filter(|c| c.is_ascii_hexdigit()).collect();
@@ -40,7 +43,9 @@ const HEADER_HEX: &str = "
     00000000 00000000 00000000 00000000 00000000 00000000 00000000 be63a1c8
 ";
 
-fn golden_meta() -> MetaSlot {
+/// The format-1 slot vector: what a format-1 build wrote. This build decodes it (format-2
+/// fields at their defaults) and, only to build upgrade-test images, can still encode it.
+fn golden_meta_v1() -> MetaSlot {
     MetaSlot {
         uuid: *b"0123456789abcdef",
         sequence: 42,
@@ -56,10 +61,14 @@ fn golden_meta() -> MetaSlot {
         created_ns: 1_700_000_000_000_000_000,
         registered: 0b1000_0000_0000_0101,
         cursors: [1000, 0, 1500, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1234],
+        resync_seqs: [0; 16],
+        features: 0,
+        identity: Identity::default(),
+        activity_log: ActivityLogState::default(),
     }
 }
 
-const META_HEX: &str = "
+const META_V1_HEX: &str = "
     52504c47 4d455441 01000000 00100000 30313233 34353637 38396162 63646566
     2a000000 00000000 00201000 00000000 00200000 00000000 00001000 00000000
     09000000 08000000 80002000 00000000 e8030000 00000000 00402000 00000000
@@ -105,11 +114,26 @@ fn entry_header_vector() {
 }
 
 #[test]
-fn metadata_slot_vector() {
-    let bytes = unhex(META_HEX);
+fn metadata_slot_v1_vector() {
+    let bytes = unhex(META_V1_HEX);
     assert_eq!(bytes.len(), 512);
-    assert_eq!(golden_meta().encode().to_vec(), bytes, "encode");
-    assert_eq!(MetaSlot::decode(&bytes).unwrap(), golden_meta(), "decode");
+    assert_eq!(
+        golden_meta_v1().encode_v1().unwrap().to_vec(),
+        bytes,
+        "encode"
+    );
+    assert_eq!(
+        MetaSlot::decode_versioned(&bytes).unwrap(),
+        (golden_meta_v1(), 1),
+        "decode"
+    );
+    let mut block = bytes.clone();
+    block.resize(4096, 0);
+    assert_eq!(
+        MetaSlot::decode_versioned(&block).unwrap(),
+        (golden_meta_v1(), 1),
+        "decode as the 4096-byte block format-1 code wrote"
+    );
     assert_eq!(&bytes[0..8], b"RPLGMETA");
     assert_eq!(&bytes[8..10], &[1, 0]);
     assert_eq!(&bytes[32..40], &42u64.to_le_bytes());
@@ -119,5 +143,167 @@ fn metadata_slot_vector() {
     assert_eq!(
         &bytes[508..512],
         &crc32c::crc32c(&bytes[..508]).to_le_bytes()
+    );
+}
+
+fn golden_meta_v2() -> MetaSlot {
+    let mut resync_seqs = [0u64; 16];
+    resync_seqs[0] = 7;
+    resync_seqs[2] = 0x0102_0304_0506_0708;
+    resync_seqs[15] = 99;
+    MetaSlot {
+        sequence: 43,
+        generation: 10,
+        resync_seqs,
+        features: FEATURE_ACTIVITY_LOG,
+        identity: Identity {
+            role: Role::Secondary,
+            epochs: vec![
+                EpochStart {
+                    epoch: 1,
+                    start_lsn: 1,
+                },
+                EpochStart {
+                    epoch: 2,
+                    start_lsn: 1001,
+                },
+                EpochStart {
+                    epoch: 5,
+                    start_lsn: 0x1_0000_0000,
+                },
+            ],
+            binding: Some(Binding {
+                peer_group_uuid: *b"fedcba9876543210",
+                peer_site_id: "paris-2".to_string(),
+            }),
+        },
+        activity_log: ActivityLogState {
+            extent_bytes: 4 << 20,
+            extents: vec![(0, 0), (0, 5), (3, 0x1_0000_0000)],
+        },
+        ..golden_meta_v1()
+    }
+}
+
+/// The format-2 slot vector: (offset, bytes) rows; every byte not listed is zero.
+const META_V2_ROWS: &[(usize, &str)] = &[
+    (
+        0,
+        "52504c47 4d455441 02000000 00100000 30313233 34353637 38396162 63646566",
+    ),
+    (
+        32,
+        "2b000000 00000000 00201000 00000000 00200000 00000000 00001000 00000000",
+    ),
+    (
+        64,
+        "0a000000 08000000 80002000 00000000 e8030000 00000000 00402000 00000000",
+    ),
+    (
+        96,
+        "00002a36 fe9c9717 05800000 00000000 e8030000 00000000 00000000 00000000",
+    ),
+    (
+        128,
+        "dc050000 00000000 00000000 00000000 00000000 00000000 00000000 00000000",
+    ),
+    (
+        224,
+        "00000000 00000000 d2040000 00000000 07000000 00000000 00000000 00000000",
+    ),
+    (
+        256,
+        "08070605 04030201 00000000 00000000 00000000 00000000 00000000 00000000",
+    ),
+    (
+        352,
+        "00000000 00000000 63000000 00000000 01000000 00000000 02010703 03000000",
+    ),
+    (
+        384,
+        "66656463 62613938 37363534 33323130 70617269 732d3200 00000000 00000000",
+    ),
+    (
+        448,
+        "00000000 00000000 00000000 00000000 00004000 00000000 00000000 00000000",
+    ),
+    (
+        480,
+        "01000000 00000000 01000000 00000000 02000000 00000000 e9030000 00000000",
+    ),
+    (
+        512,
+        "05000000 00000000 00000000 01000000 00000000 00000000 00000000 00000000",
+    ),
+    (
+        992,
+        "00000000 00000000 00000000 00000000 05000000 00000000 03000000 00000000",
+    ),
+    (
+        1024,
+        "01000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000",
+    ),
+    (
+        4064,
+        "00000000 00000000 00000000 00000000 00000000 00000000 00000000 2c8a656f",
+    ),
+];
+
+fn meta_v2_bytes() -> Vec<u8> {
+    let mut bytes = vec![0u8; 4096];
+    for (at, row) in META_V2_ROWS {
+        let row = unhex(row);
+        bytes[*at..*at + row.len()].copy_from_slice(&row);
+    }
+    bytes
+}
+
+#[test]
+fn metadata_slot_v2_vector() {
+    let bytes = meta_v2_bytes();
+    assert_eq!(golden_meta_v2().encode(), bytes, "encode");
+    assert_eq!(
+        MetaSlot::decode_versioned(&bytes).unwrap(),
+        (golden_meta_v2(), 2),
+        "decode"
+    );
+    // Spot checks against FORMAT.md offsets (little-endian).
+    assert_eq!(&bytes[0..8], b"RPLGMETA");
+    assert_eq!(&bytes[8..10], &[2, 0]);
+    // The format-1 fields keep their format-1 offsets.
+    assert_eq!(&bytes[16..32], b"0123456789abcdef");
+    assert_eq!(&bytes[32..40], &43u64.to_le_bytes());
+    assert_eq!(&bytes[112..120], &1000u64.to_le_bytes());
+    assert_eq!(&bytes[240..248], &7u64.to_le_bytes(), "resync_seqs[0]");
+    assert_eq!(&bytes[256..264], &0x0102_0304_0506_0708u64.to_le_bytes());
+    assert_eq!(&bytes[360..368], &99u64.to_le_bytes(), "resync_seqs[15]");
+    assert_eq!(&bytes[368..376], &1u64.to_le_bytes(), "features");
+    assert_eq!(bytes[376], 2, "role secondary");
+    assert_eq!(bytes[377], 1, "bound");
+    assert_eq!(bytes[378], 7, "peer site id length");
+    assert_eq!(bytes[379], 3, "epoch count");
+    assert_eq!(&bytes[380..382], &3u16.to_le_bytes(), "activity log count");
+    assert_eq!(&bytes[384..400], b"fedcba9876543210");
+    assert_eq!(&bytes[400..407], b"paris-2");
+    assert!(bytes[407..464].iter().all(|b| *b == 0));
+    assert_eq!(
+        &bytes[464..472],
+        &(4u64 << 20).to_le_bytes(),
+        "extent bytes"
+    );
+    assert_eq!(&bytes[480..488], &1u64.to_le_bytes(), "epochs[0].epoch");
+    assert_eq!(
+        &bytes[504..512],
+        &1001u64.to_le_bytes(),
+        "epochs[1].start_lsn"
+    );
+    assert_eq!(&bytes[512..520], &5u64.to_le_bytes(), "epochs[2].epoch");
+    assert_eq!(&bytes[1004..1008], &0u32.to_le_bytes(), "al[1].device");
+    assert_eq!(&bytes[1008..1016], &5u64.to_le_bytes(), "al[1].extent");
+    assert_eq!(&bytes[1016..1020], &3u32.to_le_bytes(), "al[2].device");
+    assert_eq!(&bytes[1020..1028], &0x1_0000_0000u64.to_le_bytes());
+    assert_eq!(
+        &bytes[4092..4096],
+        &crc32c::crc32c(&bytes[..4092]).to_le_bytes()
     );
 }

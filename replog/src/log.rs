@@ -945,7 +945,7 @@ impl Replog {
         lock(&self.inner.state).last_lsn + 1
     }
 
-    fn check_slink(slink: u8) -> Result<usize> {
+    pub(crate) fn check_slink(slink: u8) -> Result<usize> {
         let i = usize::from(slink);
         if i >= MAX_SLINKS {
             return Err(Error::BadSlink {

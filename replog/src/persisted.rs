@@ -20,7 +20,7 @@ use crate::format::{
 };
 use crate::log::{lock, Persisted, Replog};
 use crate::meta::MetaSync;
-use crate::{Lsn, MAX_SLINKS};
+use crate::Lsn;
 
 /// Identity changes applied together by one durable metadata write.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -131,21 +131,10 @@ impl Replog {
         })
     }
 
-    fn slink_index(slink: u8) -> Result<usize> {
-        let i = usize::from(slink);
-        if i >= MAX_SLINKS {
-            return Err(Error::BadSlink {
-                slink,
-                max: MAX_SLINKS - 1,
-            });
-        }
-        Ok(i)
-    }
-
     /// A slink's resync sequence high-water mark (0 until raised). Kept across unregister: a
     /// floor that is too high never hurts, one that went back could reuse a sequence.
     pub fn resync_seq(&self, slink: u8) -> Result<u64> {
-        let i = Replog::slink_index(slink)?;
+        let i = Replog::check_slink(slink)?;
         Ok(lock(&self.inner().published)
             .resync_seqs
             .get(i)
@@ -156,7 +145,7 @@ impl Replog {
     /// Raises a slink's resync sequence high-water mark to at least `seq` (a lower `seq`
     /// changes nothing) and returns the mark. Durable when it returns.
     pub fn raise_resync_seq(&self, slink: u8, seq: u64) -> Result<u64> {
-        let i = Replog::slink_index(slink)?;
+        let i = Replog::check_slink(slink)?;
         let mut mark = 0;
         self.update_persisted(|p| {
             if let Some(current) = p.resync_seqs.get_mut(i) {

@@ -85,14 +85,19 @@ fn truncated_files_are_refused() {
     assert!(matches!(err, Error::Io { op: "open", .. }), "{err}");
 }
 
+/// The metadata slot (0 or 1) holding the newest state.
+fn newest_slot(image: &[u8]) -> usize {
+    let s0 = MetaSlot::decode(&image[..4096]).unwrap();
+    let s1 = MetaSlot::decode(&image[4096..8192]).unwrap();
+    usize::from(s1.sequence > s0.sequence)
+}
+
 #[test]
 fn other_format_version_is_refused() {
     let mut image = valid_image();
     // Only the newest slot says version 3: the other, older one is valid, and open must still
     // refuse rather than roll back to it.
-    let s0 = MetaSlot::decode(&image[..4096]).unwrap();
-    let s1 = MetaSlot::decode(&image[4096..8192]).unwrap();
-    let at = if s0.sequence > s1.sequence { 0 } else { 4096 };
+    let at = newest_slot(&image) * 4096;
     image[at + 8] = 3; // version 3
     let crc = crc32c::crc32c(&image[at..at + 4092]);
     image[at + 4092..at + 4096].copy_from_slice(&crc.to_le_bytes());
@@ -120,9 +125,7 @@ fn other_format_version_is_refused() {
 #[test]
 fn unknown_feature_bits_are_refused() {
     let mut image = valid_image();
-    let s0 = MetaSlot::decode(&image[..4096]).unwrap();
-    let s1 = MetaSlot::decode(&image[4096..8192]).unwrap();
-    let at = if s0.sequence > s1.sequence { 0 } else { 4096 };
+    let at = newest_slot(&image) * 4096;
     image[at + 368] = 0x81; // feature bits 0 (known) and 7 (unknown)
     let crc = crc32c::crc32c(&image[at..at + 4092]);
     image[at + 4092..at + 4096].copy_from_slice(&crc.to_le_bytes());
@@ -154,11 +157,7 @@ fn garbage_and_zeroes_are_refused() {
 #[test]
 fn one_damaged_slot_falls_back_to_the_other() {
     let image = valid_image();
-    let (s0, s1) = (
-        MetaSlot::decode(&image[..4096]).unwrap(),
-        MetaSlot::decode(&image[4096..8192]).unwrap(),
-    );
-    let newest = if s0.sequence > s1.sequence { 0 } else { 1 };
+    let newest = newest_slot(&image);
     let mut damaged = image.clone();
     damaged[newest * 4096 + 100] ^= 0xFF;
     let (log, report) = open_image(damaged).unwrap();

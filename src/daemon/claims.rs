@@ -218,7 +218,19 @@ fn lock(r: &Resolved) -> Result<Option<OsLock>, String> {
             Ok(Some(OsLock::Exclusive(file)))
         }
         FileId::Inode { dev, ino } => {
-            let file = File::open(&r.canonical)
+            // A fifo would block this open, a character device or directory is no device.
+            let meta = std::fs::metadata(&r.canonical)
+                .map_err(|e| format!("{}: stat: {e}", r.describe()))?;
+            if !meta.is_file() {
+                return Err(format!(
+                    "{} is neither a regular file nor a block device",
+                    r.describe()
+                ));
+            }
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&r.canonical)
                 .map_err(|e| format!("{}: opening to claim it: {e}", r.describe()))?;
             same_as_resolved(&file, r)?;
             // SAFETY: flock on an fd this function owns; no pointers.
@@ -704,6 +716,31 @@ mod tests {
         second
             .take("b", &table(t.path(), "r", "p", "s"), true)
             .unwrap();
+    }
+
+    #[test]
+    fn a_fifo_or_directory_is_refused_without_blocking() {
+        let t = tempfile::tempdir().unwrap();
+        let fifo = std::ffi::CString::new(t.path().join("p").to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid C string, in our temp dir.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        std::fs::create_dir(t.path().join("s")).unwrap();
+        let mut book = Book::default();
+        let e = book
+            .take("d", &table(t.path(), "r", "p", "x"), false)
+            .unwrap_err();
+        assert!(
+            e.contains("neither a regular file nor a block device"),
+            "{e}"
+        );
+        let e = book
+            .take("d", &table(t.path(), "r", "q", "s"), false)
+            .unwrap_err();
+        assert!(
+            e.contains("neither a regular file nor a block device"),
+            "{e}"
+        );
+        assert!(book.held.is_empty() && book.groups.is_empty());
     }
 
     #[test]

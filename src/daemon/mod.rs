@@ -5,6 +5,7 @@
 //! let in-flight requests finish, flush every replog, let the appliers drain, exit 0.
 
 pub mod allocator;
+pub mod claims;
 pub mod control_server;
 pub mod export;
 pub mod link;

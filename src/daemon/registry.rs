@@ -1,18 +1,21 @@
 //! The daemon's devices and groups, by name: what `create` adds and `remove` takes away.
 //!
-//! Tables that name the same replog (same canonical path) form one group; each table is one
-//! device of it, exported over NBD under its name.
+//! Tables that name the same replog (the same file, however it is named) form one group; each
+//! table is one device of it, exported over NBD under its name. Every file a table uses is
+//! claimed ([`super::claims`]) before any of them is opened for writing.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use crate::control::{DeviceStatus, ReplogStatus, SlinkStatus};
-use crate::engine::group::{replog_key, Group, Role};
+use crate::engine::group::{Group, Role};
 use crate::engine::slink::Health;
 use crate::engine::spec::{self, ReplogOpen};
 use crate::engine::tcp::LinkSettings;
 use crate::table;
+
+use super::claims::{self, Book, GroupTag, Ticket};
 
 #[derive(Clone)]
 pub struct DeviceHandle {
@@ -26,7 +29,10 @@ pub struct DeviceHandle {
 #[derive(Default)]
 pub struct Registry {
     devices: RwLock<BTreeMap<String, DeviceHandle>>,
-    groups: RwLock<BTreeMap<PathBuf, Arc<Group>>>,
+    /// Keyed by the tag the claim book gave the group's replog claim.
+    groups: RwLock<BTreeMap<GroupTag, Arc<Group>>>,
+    /// Who owns which file; held only for the claim steps, never across a group's I/O.
+    claims: Mutex<Book>,
     pub event_hook: Option<String>,
     pub links: Option<Arc<LinkSettings>>,
 }
@@ -105,49 +111,26 @@ impl Registry {
             ));
         }
         let (gspec, dspec) = spec::from_target(target, cwd, reopen);
-        let key = replog_key(&gspec.replog_path);
-        let existing = self.groups.read().ok().and_then(|g| g.get(&key).cloned());
-        let group = match existing {
-            Some(g) => {
-                if let ReplogOpen::Create { .. } = gspec.open {
-                    return Err(format!(
-                        "{source}: replog {} is in use by a group; join it with `open`, not `create`",
-                        gspec.replog_path.display()
-                    ));
-                }
-                if g.role() != role {
-                    return Err(format!(
-                        "{source}: replog {} belongs to a {:?} group; this device was created as {:?}",
-                        gspec.replog_path.display(),
-                        g.role(),
-                        role
-                    ));
-                }
-                g.add_device(&gspec, &dspec, name, table_text)
-                    .map_err(|e| e.to_string())?;
-                g.device_joined().map_err(|e| e.to_string())?;
-                g
-            }
-            None => {
-                let g = Group::open(
-                    &gspec,
-                    &dspec,
-                    name,
-                    table_text,
-                    self.event_hook.clone(),
-                    role,
-                    self.links.clone(),
-                )
-                .map_err(|e| e.to_string())?;
-                if let Ok(mut groups) = self.groups.write() {
-                    groups.insert(replog_key(&gspec.replog_path), g.clone());
-                }
-                g
+        // Claims first: a refused table must not have opened (let alone created) any file.
+        let may_join = !matches!(gspec.open, ReplogOpen::Create { .. });
+        let files = claims::files_of(&gspec, &dspec);
+        let ticket = self
+            .book()
+            .take(name, &files, may_join)
+            .map_err(|e| format!("{source}: {e}"))?;
+        let group = match self.open_claimed(&ticket, &gspec, &dspec, name, table_text, role) {
+            Ok(g) => g,
+            Err(e) => {
+                self.book().release(&ticket);
+                return Err(e);
             }
         };
         if !reopen {
             // A daemon restoring its groups starts them once every device is back (start_all).
-            group.start().map_err(|e| e.to_string())?;
+            if let Err(e) = group.start() {
+                self.undo(&ticket, &group, dspec.dev_nr);
+                return Err(e.to_string());
+            }
         }
         let handle = DeviceHandle {
             name: name.to_string(),
@@ -162,6 +145,90 @@ impl Registry {
         Ok(handle)
     }
 
+    /// Open the group of a table whose files are claimed (or add the device to the group it
+    /// joins), then lock the files that opening created.
+    fn open_claimed(
+        &self,
+        ticket: &Ticket,
+        gspec: &spec::GroupSpec,
+        dspec: &spec::DeviceSpec,
+        name: &str,
+        table_text: &str,
+        role: Role,
+    ) -> Result<Arc<Group>, String> {
+        let group = if ticket.joins {
+            let g = self
+                .groups
+                .read()
+                .ok()
+                .and_then(|g| g.get(&ticket.group).cloned())
+                .ok_or_else(|| {
+                    format!(
+                        "replog {} is still being opened by another `create`; try again",
+                        gspec.replog_path.display()
+                    )
+                })?;
+            if g.role() != role {
+                return Err(format!(
+                    "replog {} belongs to a {:?} group; this device was created as {:?}",
+                    gspec.replog_path.display(),
+                    g.role(),
+                    role
+                ));
+            }
+            g.add_device(gspec, dspec, name, table_text)
+                .map_err(|e| e.to_string())?;
+            g
+        } else {
+            let g = Group::open(
+                gspec,
+                dspec,
+                name,
+                table_text,
+                self.event_hook.clone(),
+                role,
+                self.links.clone(),
+            )
+            .map_err(|e| e.to_string())?;
+            if let Ok(mut groups) = self.groups.write() {
+                groups.insert(ticket.group, g.clone());
+            }
+            g
+        };
+        let settled = self.book().settle(ticket);
+        let joined = settled.and_then(|()| group.device_joined().map_err(|e| e.to_string()));
+        if let Err(e) = joined {
+            self.unlink_group(ticket, &group, dspec.dev_nr);
+            return Err(e);
+        }
+        Ok(group)
+    }
+
+    /// Take a device that did not come up out of its group (and the group out of the registry
+    /// when it was its only device), then give its claims back.
+    fn undo(&self, ticket: &Ticket, group: &Arc<Group>, dev_nr: u32) {
+        self.unlink_group(ticket, group, dev_nr);
+        self.book().release(ticket);
+    }
+
+    fn unlink_group(&self, ticket: &Ticket, group: &Arc<Group>, dev_nr: u32) {
+        if group.remove_device(dev_nr) {
+            if let Ok(mut g) = self.groups.write() {
+                g.remove(&ticket.group);
+            }
+            group.shutdown();
+        }
+    }
+
+    /// The claim book. Its lock is only held for a claim step; a panic there is a bug, not a
+    /// state to carry on from.
+    fn book(&self) -> MutexGuard<'_, Book> {
+        match self.claims.lock() {
+            Ok(b) => b,
+            Err(_) => panic!("the claim book's lock is poisoned: a claim step panicked"),
+        }
+    }
+
     /// Flush and forget a device; the group goes with its last device.
     pub async fn remove(&self, name: &str) -> Result<(), String> {
         let handle = self
@@ -172,15 +239,16 @@ impl Registry {
             d.remove(name);
         }
         if handle.group.remove_device(handle.dev_nr) {
-            let key = replog_key(&handle.group.replog_path);
             if let Ok(mut g) = self.groups.write() {
-                g.remove(&key);
+                g.retain(|_, g| !Arc::ptr_eq(g, &handle.group));
             }
             let group = handle.group.clone();
-            tokio::task::spawn_blocking(move || group.shutdown())
-                .await
-                .map_err(|e| e.to_string())?;
+            let stopped = tokio::task::spawn_blocking(move || group.shutdown()).await;
+            // The files are closed or idle either way; a failed join must not keep them claimed.
+            self.book().release_device(name);
+            return stopped.map_err(|e| e.to_string());
         }
+        self.book().release_device(name);
         Ok(())
     }
 
@@ -203,6 +271,7 @@ impl Registry {
         for g in self.groups() {
             g.shutdown();
         }
+        self.book().release_all();
     }
 }
 

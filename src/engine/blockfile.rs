@@ -22,12 +22,15 @@ pub struct BlockFile {
 impl BlockFile {
     /// Open a device for a site. A missing regular file is created sparse with `size` bytes; an
     /// existing one shorter than `size` is refused (its data would not cover the device).
+    ///
+    /// A missing file is created exclusively (`O_CREAT|O_EXCL`): if another process creates it
+    /// between the check and the open, this open fails instead of sizing and sharing that file.
     pub fn open(path: &Path, size: u64, writable: bool) -> io::Result<BlockFile> {
         let exists = path.exists();
         let file = OpenOptions::new()
             .read(true)
             .write(writable)
-            .create(writable && !exists)
+            .create_new(writable && !exists)
             .truncate(false)
             .open(path)
             .map_err(|e| with_path(e, "open", path))?;

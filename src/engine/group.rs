@@ -135,7 +135,10 @@ pub struct Group {
     links: Option<Arc<LinkSettings>>,
     senders: Mutex<Vec<super::tcp::TcpLink>>,
     role: std::sync::atomic::AtomicU8,
-    /// Secondary: the highest resync seq stored in this session.
+    /// Secondary: the highest resync seq stored durably since this daemon started. Reported in
+    /// the handshake with the written lsn ([`Group::stored_position`]): a primary that restarted
+    /// (its own seq back at 0) continues above it, and never gets an ack for a seq it did not
+    /// send.
     resync_seq: AtomicU64,
     pub events: Arc<Events>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -982,10 +985,17 @@ impl Group {
             }
         }
         self.complete_replicated(appended).await?;
-        Ok(slink::Position {
+        Ok(self.stored_position())
+    }
+
+    /// Secondary: how far this site holds the primary's stream durably (what the handshake
+    /// reports and what `store_replicated` acknowledges): the written lsn and the highest resync
+    /// seq stored. The two must agree, or a reconnecting sender sees acks beyond what it sent.
+    pub fn stored_position(&self) -> slink::Position {
+        slink::Position {
             lsn: self.written_lsn(),
             resync_seq: self.resync_seq.load(Ordering::Acquire),
-        })
+        }
     }
 
     /// Wait for the appended entries' writes, make them durable with one flush, apply them.

@@ -284,6 +284,10 @@ impl EntrySource for TcpSource {
                 }
                 st.piece = None;
             }
+            // Resync seqs only grow at the site: after a restart of this primary (its seq back
+            // at 0) `after` carries the highest seq the site has stored (from the handshake), and
+            // new chunks go above it. A seq at or below it would be refused by the receiver, and
+            // its acks would name seqs this process never sent.
             st.next_seq = st.next_seq.max(after.resync_seq);
             let mut next = after.lsn + 1;
             let skip = self.slink.skip_to.load(Ordering::Acquire);

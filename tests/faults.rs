@@ -301,3 +301,101 @@ fn a_primary_restarted_after_a_resync_keeps_its_link_up_under_writes() {
     pair.converge_and_compare(2);
     assert_eq!(pair.slink1("dev0")["link"]["sessions"].as_u64(), Some(1));
 }
+
+/// The primary's slink 1 state for `dev`, from status.
+fn slink1_state(pair: &Pair, dev: &str) -> String {
+    pair.slink1(dev)["state"].as_str().unwrap_or("").to_string()
+}
+
+const DEAD_AFTER: Duration = Duration::from_secs(2);
+/// Time a test allows on top of a deadline for qemu-io start-up and the link watcher's poll.
+const MARGIN: Duration = Duration::from_secs(3);
+
+/// A sync site that is killed: the next write waits for it no longer than the link's dead
+/// timeout (the default `down_wait`), the site is then out of date (status `outdated`, letter
+/// `O`, event), and once it is back and has caught up it is a sync site again.
+#[test]
+fn a_sync_site_that_is_down_is_waited_for_only_its_down_wait_then_marked_out_of_date() {
+    if !have_tools() {
+        return;
+    }
+    let mut pair = Pair::start(&["--link-dead-after", "2s"]);
+    pair.create(1, 64, "sync", "disk 3 128 s1-dev{dev}.dirty nosync");
+    pair.wait_slink1("dev0", "link up", Duration::from_secs(20), |s| {
+        s["link"]["state"] == "up"
+    });
+    let uri = pair.p.uri("dev0");
+    timed_write(&uri, "write -P 1 0 64k");
+    pair.s.kill9();
+    let waited = timed_write(&uri, "write -P 2 64k 64k");
+    assert!(
+        waited < DEAD_AFTER + MARGIN,
+        "a write waited {waited:?} for a sync site that is down (down_wait {DEAD_AFTER:?})"
+    );
+    assert!(
+        waited >= DEAD_AFTER - Duration::from_millis(500),
+        "the write did not wait for the sync site at all: {waited:?}"
+    );
+    assert_eq!(slink1_state(&pair, "dev0"), "outdated");
+    let line = pair.p.ok(&["status", "dev0"]);
+    assert!(line.contains(" 1 OA sync "), "status letter O: {line}");
+    assert_eq!(count(&pair.p.log(), "\"slink-outdated\""), 1);
+    // Out of date: writes go on without waiting for it.
+    for i in 0..5u64 {
+        let quick = timed_write(&uri, &format!("write -P 3 {}k 64k", 128 + i * 64));
+        assert!(quick < Duration::from_secs(1), "write {i} waited {quick:?}");
+    }
+    pair.s.spawn();
+    pair.wait_slink1("dev0", "back to a current sync site", LAG_TIMEOUT, |s| {
+        s["state"] == "up" && s["lag_ios"] == 0
+    });
+    assert_eq!(count(&pair.p.log(), "\"slink-uptodate\""), 1);
+    // Current again: a write waits for it (the secondary holds it once acknowledged).
+    timed_write(&uri, "write -P 4 1M 64k");
+    let p_last = pair.p.status("dev0")["replog"]["last_lsn"]
+        .as_u64()
+        .unwrap();
+    let s_last = pair.s.status("dev0")["replog"]["last_lsn"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        s_last >= p_last,
+        "sync again: primary {p_last}, secondary {s_last}"
+    );
+    pair.converge_and_compare(1);
+}
+
+/// `down_wait=forever`: RPO 0 above availability. A write waits for a sync site that is down
+/// for as long as it takes, and completes once the site is back.
+#[test]
+fn with_down_wait_forever_a_write_waits_until_the_sync_site_is_back() {
+    if !have_tools() {
+        return;
+    }
+    let mut pair = Pair::start(&["--link-dead-after", "2s"]);
+    pair.create(
+        1,
+        64,
+        "sync down_wait=forever",
+        "disk 3 128 s1-dev{dev}.dirty nosync",
+    );
+    pair.wait_slink1("dev0", "link up", Duration::from_secs(20), |s| {
+        s["link"]["state"] == "up"
+    });
+    let uri = pair.p.uri("dev0");
+    timed_write(&uri, "write -P 1 0 64k");
+    pair.s.kill9();
+    let uri2 = uri.clone();
+    let writer = std::thread::spawn(move || timed_write(&uri2, "write -P 2 64k 64k"));
+    std::thread::sleep(DEAD_AFTER + MARGIN);
+    assert!(
+        !writer.is_finished(),
+        "a write finished while its down_wait=forever sync site was down"
+    );
+    assert_eq!(slink1_state(&pair, "dev0"), "down");
+    assert_eq!(count(&pair.p.log(), "\"slink-outdated\""), 0);
+    pair.s.spawn();
+    let waited = writer.join().unwrap();
+    assert!(waited >= DEAD_AFTER + MARGIN, "{waited:?}");
+    pair.converge_and_compare(1);
+}

@@ -11,9 +11,10 @@
 //! 4. Every slink currently in sync mode has applied it.
 //!
 //! When the ring is full: appliers are asked to checkpoint (save cursors, reclaim); if that is not
-//! enough, entries are dropped for async slinks with a dirty log (their regions marked dirty and
-//! persisted first, then their cursor moved, then the space reclaimed); `stall` slinks, slinks
-//! without a dirty log and slink 0 are never dropped: writes wait for them.
+//! enough, entries are dropped for async slinks with a dirty log, and for sync ones that are not
+//! waited for now (paused, out of date) with a dirty log (`Slink::droppable`: their regions marked
+//! dirty and persisted first, then their cursor moved, then the space reclaimed); `stall` slinks,
+//! slinks without a dirty log and slink 0 are never dropped: writes wait for them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -204,7 +205,8 @@ impl Group {
             };
             slinks.push(Arc::new(
                 Slink::new(s.nr, s.transport, s.policy, s.fallbehind, cursor)
-                    .with_remote(s.remote_addr.clone()),
+                    .with_remote(s.remote_addr.clone())
+                    .with_down_wait(s.down_wait),
             ));
         }
         let write_latency = crate::metrics::write_latency().with_label_values(&[spec
@@ -845,7 +847,7 @@ impl Group {
         }
         let mut dropped_any = false;
         for s in &self.slinks {
-            if s.nr == 0 || s.policy != PolicyKind::Async || !s.has_dirty_log() {
+            if !s.droppable() {
                 continue;
             }
             let cursor = self.replog.cursor(s.nr).unwrap_or(0);

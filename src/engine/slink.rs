@@ -23,7 +23,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::blockfile::BlockFile;
-use super::policy::{Fallbehind, Mode, PolicyKind};
+use super::policy::{DownWait, Fallbehind, Mode, PolicyKind};
 use super::queue::{EntryFeed, MemEntry, Wakeup};
 
 /// Bytes of entries a slink's in-memory feed may hold before it reads from the replog instead.
@@ -148,6 +148,10 @@ pub enum SlinkState {
     Stopped,
     /// The link to the site is down (connecting, or waiting to reconnect).
     Down,
+    /// A site in sync mode that was down for longer than its `down_wait`: writes no longer wait
+    /// for it; what it misses stays in the ring (or, once the ring overflows, its regions go
+    /// dirty). Current again once it has caught up (`policy::caught_up`).
+    Outdated,
 }
 
 pub struct Slink {
@@ -157,6 +161,9 @@ pub struct Slink {
     pub remote_addr: Option<String>,
     pub policy: PolicyKind,
     pub fallbehind: Fallbehind,
+    /// `tcp` slinks: how long writes wait for the site in sync mode while its link is down
+    /// (table `down_wait=`); `None`: the daemon's dead-peer timeout (`--link-dead-after`).
+    pub down_wait: Option<DownWait>,
     mode: AtomicU8,
     pub feed: EntryFeed,
     applied: watch::Sender<Lsn>,
@@ -218,6 +225,7 @@ impl Slink {
             remote_addr: None,
             policy,
             fallbehind,
+            down_wait: None,
             mode: AtomicU8::new(initial_mode as u8),
             feed: EntryFeed::new(FEED_BYTES_MAX),
             applied: watch::channel(applied).0,
@@ -238,6 +246,11 @@ impl Slink {
 
     pub fn with_remote(mut self, addr: Option<String>) -> Self {
         self.remote_addr = addr;
+        self
+    }
+
+    pub fn with_down_wait(mut self, down_wait: Option<DownWait>) -> Self {
+        self.down_wait = down_wait;
         self
     }
 
@@ -351,9 +364,24 @@ impl Slink {
         changed
     }
 
-    /// Whether writes may wait for this site (sync mode): not when paused, faulty or stopping.
+    /// Whether writes may wait for this site (sync mode): not when paused, faulty, out of date
+    /// or stopping.
     pub fn waitable(&self) -> bool {
-        !self.paused() && !self.stopping() && self.state() != SlinkState::Faulty
+        !self.paused()
+            && !self.stopping()
+            && !matches!(self.state(), SlinkState::Faulty | SlinkState::Outdated)
+    }
+
+    /// Whether the ring may drop entries for this site when it overflows (their regions marked
+    /// dirty instead): an async site, or any site not waited for now (paused or out of date) that
+    /// is not `stall`; always with a dirty log to record the loss. Never slink 0.
+    pub fn droppable(&self) -> bool {
+        let policy_allows = match self.policy {
+            PolicyKind::Async => true,
+            PolicyKind::Sync => self.paused() || matches!(self.state(), SlinkState::Outdated),
+            PolicyKind::Stall => false,
+        };
+        self.nr != 0 && policy_allows && self.has_dirty_log()
     }
 
     pub fn paused(&self) -> bool {

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use replog::Lsn;
@@ -21,7 +21,7 @@ use slink::{
 
 use super::group::Group;
 use super::link_thread::{LinkThread, ASYNC_LINK_NICE};
-use super::policy::PolicyKind;
+use super::policy::{caught_up, outdated_after, DownWait, Mode, PolicyKind};
 use super::queue::MemEntry;
 use super::slink::{Slink, SlinkState};
 
@@ -377,8 +377,13 @@ pub fn spawn_link(
     let weak = Arc::downgrade(group);
     let sl = slink.clone();
     let addr = addr.to_string();
+    let down_wait = slink
+        .down_wait
+        .unwrap_or(DownWait::For(settings.site.dead_peer_timeout));
     tokio::spawn(async move {
         let mut last_state = None;
+        // Since when the link is down while the site is in sync mode (writes wait for it).
+        let mut down_in_sync_since: Option<Instant> = None;
         loop {
             let st = status.borrow_and_update().clone();
             let Some(g) = weak.upgrade() else { return };
@@ -401,32 +406,41 @@ pub fn spawn_link(
             }
             sl.publish_applied(st.acked.lsn);
             clear_acked_regions(&g, &sl, st.acked.resync_seq).await;
+            if st.state == LinkState::Stopped {
+                return;
+            }
+            let link_up = st.state == LinkState::Up;
             if last_state != Some(st.state) {
                 last_state = Some(st.state);
-                match st.state {
-                    LinkState::Up => {
-                        sl.set_state(SlinkState::Up);
-                        g.events
-                            .raise("slink-up", format!("slink {} connected to {addr}", sl.nr));
-                    }
-                    LinkState::Down | LinkState::Connecting => {
-                        if sl.set_state(SlinkState::Down) {
-                            g.events.raise(
-                                "slink-down",
-                                format!(
-                                    "slink {} to {addr} down: {}",
-                                    sl.nr,
-                                    st.last_error.as_deref().unwrap_or("connecting")
-                                ),
-                            );
-                        }
-                    }
-                    LinkState::Stopped => return,
+                let input = if link_up {
+                    LinkInput::LinkUp
+                } else {
+                    LinkInput::LinkDown
+                };
+                transition(&g, &sl, input, &addr, st.last_error.as_deref());
+            }
+            down_in_sync_since = match down_in_sync_since {
+                _ if link_up || sl.mode() != Mode::Sync => None,
+                None => Some(Instant::now()),
+                since => since,
+            };
+            if let Some(since) = down_in_sync_since {
+                if outdated_after(down_wait, since.elapsed()) {
+                    transition(&g, &sl, LinkInput::DownWaitOver, &addr, None);
                 }
             }
+            if sl.state() == SlinkState::Outdated
+                && caught_up(link_up, &g.lag(&sl), sl.dirty_bytes())
+            {
+                transition(&g, &sl, LinkInput::CaughtUp, &addr, None);
+            }
+            // While the link is down or the site out of date, time passes without status
+            // changes: look again every OUTDATED_POLL.
+            let poll = !link_up || sl.state() == SlinkState::Outdated;
             drop(g);
-            if status.changed().await.is_err() {
-                return;
+            tokio::select! {
+                changed = status.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(OUTDATED_POLL), if poll => {}
             }
         }
     });
@@ -434,6 +448,64 @@ pub fn spawn_link(
         _sender: sender,
         _thread: thread,
     })
+}
+
+/// How often a link watcher looks at a down or out-of-date site (for `down_wait=` and catch-up).
+const OUTDATED_POLL: Duration = Duration::from_millis(50);
+
+/// What moves a tcp slink between `Up`/`Resync`, `Down` and `Outdated`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LinkInput {
+    LinkUp,
+    LinkDown,
+    /// The link has been down, with the site in sync mode, for its `down_wait`.
+    DownWaitOver,
+    /// An out-of-date site is back and close enough (`policy::caught_up`).
+    CaughtUp,
+}
+
+/// The state a tcp slink moves to on `input`, and the event that says so (`None`: no change).
+/// Out of date is left only by catching up: a link that comes up (or goes down again) does not
+/// make writes wait for a site that is still behind.
+fn next_link_state(current: SlinkState, input: LinkInput) -> Option<(SlinkState, &'static str)> {
+    use SlinkState::*;
+    match (current, input) {
+        (Stopped | Faulty, _) => None,
+        (Outdated, LinkInput::CaughtUp) => Some((Up, "slink-uptodate")),
+        (Outdated, _) => None,
+        (Down, LinkInput::LinkUp) => Some((Up, "slink-up")),
+        (Up | Resync, LinkInput::LinkDown) => Some((Down, "slink-down")),
+        (Down, LinkInput::DownWaitOver) => Some((Outdated, "slink-outdated")),
+        _ => None,
+    }
+}
+
+/// Applies [`next_link_state`] to the slink and raises its event.
+fn transition(g: &Group, sl: &Slink, input: LinkInput, addr: &str, error: Option<&str>) {
+    let Some((state, event)) = next_link_state(sl.state(), input) else {
+        if input == LinkInput::LinkUp {
+            g.events
+                .raise("slink-up", format!("slink {} connected to {addr}", sl.nr));
+        }
+        return;
+    };
+    if !sl.set_state(state) {
+        return;
+    }
+    let detail = match input {
+        LinkInput::LinkUp => format!("slink {} connected to {addr}", sl.nr),
+        LinkInput::LinkDown => format!(
+            "slink {} to {addr} down: {}",
+            sl.nr,
+            error.unwrap_or("connecting")
+        ),
+        LinkInput::DownWaitOver => format!(
+            "slink {} to {addr} out of date: down for its down_wait, writes no longer wait for it",
+            sl.nr
+        ),
+        LinkInput::CaughtUp => format!("slink {} to {addr} caught up: a sync site again", sl.nr),
+    };
+    g.events.raise(event, detail);
 }
 
 /// Regions whose chunks the site acknowledged are clean (durably) for it.
@@ -477,5 +549,39 @@ async fn clear_acked_regions(g: &Arc<Group>, sl: &Arc<Slink>, acked_seq: u64) {
         sl.set_state(SlinkState::Resync);
         g.events
             .raise("resync-start", format!("slink {} resync started", sl.nr));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_out_of_date_site_stays_out_of_date_until_it_has_caught_up() {
+        use LinkInput::*;
+        use SlinkState::*;
+        assert_eq!(next_link_state(Up, LinkDown), Some((Down, "slink-down")));
+        assert_eq!(
+            next_link_state(Resync, LinkDown),
+            Some((Down, "slink-down"))
+        );
+        assert_eq!(next_link_state(Down, LinkUp), Some((Up, "slink-up")));
+        assert_eq!(
+            next_link_state(Down, DownWaitOver),
+            Some((Outdated, "slink-outdated"))
+        );
+        assert_eq!(next_link_state(Up, DownWaitOver), None, "only a down link");
+        assert_eq!(next_link_state(Outdated, LinkUp), None);
+        assert_eq!(next_link_state(Outdated, LinkDown), None);
+        assert_eq!(next_link_state(Outdated, DownWaitOver), None);
+        assert_eq!(
+            next_link_state(Outdated, CaughtUp),
+            Some((Up, "slink-uptodate"))
+        );
+        assert_eq!(next_link_state(Up, CaughtUp), None);
+        for input in [LinkUp, LinkDown, DownWaitOver, CaughtUp] {
+            assert_eq!(next_link_state(Faulty, input), None);
+            assert_eq!(next_link_state(Stopped, input), None);
+        }
     }
 }

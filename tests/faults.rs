@@ -399,3 +399,54 @@ fn with_down_wait_forever_a_write_waits_until_the_sync_site_is_back() {
     assert!(waited >= DEAD_AFTER + MARGIN, "{waited:?}");
     pair.converge_and_compare(1);
 }
+
+/// `message NAME 0 pause 1` stops shipping to a tcp site: the secondary gets nothing and the
+/// lag grows; `resume 1` ships the backlog and the sites end byte-equal.
+#[test]
+fn a_paused_tcp_site_gets_nothing_until_resumed() {
+    if !have_tools() {
+        return;
+    }
+    let pair = Pair::start(&[]);
+    pair.create(1, 64, "async", "disk 3 128 s1-dev{dev}.dirty nosync");
+    let uri = pair.p.uri("dev0");
+    timed_write(&uri, "write -P 1 0 64k");
+    pair.p.wait_lag_zero("dev0", LAG_TIMEOUT);
+    pair.s.wait_lag_zero("dev0", LAG_TIMEOUT);
+    pair.p.ok(&["message", "dev0", "0", "pause", "1"]);
+    let secondary_last = || {
+        pair.s.status("dev0")["replog"]["last_lsn"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = secondary_last();
+    let image = std::fs::read(pair.s.path("sdev0.img")).unwrap();
+    let mut lags = Vec::new();
+    for round in 0..2u64 {
+        for i in 0..4u64 {
+            timed_write(
+                &uri,
+                &format!("write -P {} {}k 64k", 2 + round, (round * 4 + i) * 64),
+            );
+        }
+        // Time for a link that ships to have shipped.
+        std::thread::sleep(Duration::from_millis(700));
+        lags.push(pair.slink1("dev0")["lag_ios"].as_u64().unwrap());
+    }
+    assert_eq!(secondary_last(), before, "the paused site received entries");
+    assert!(
+        std::fs::read(pair.s.path("sdev0.img")).unwrap() == image,
+        "the paused site's device changed"
+    );
+    assert!(
+        lags[0] >= 4 && lags[1] > lags[0],
+        "the lag grows while paused: {lags:?}"
+    );
+    assert_eq!(
+        pair.slink1("dev0")["link"]["state"],
+        "up",
+        "paused, not disconnected"
+    );
+    pair.p.ok(&["message", "dev0", "0", "resume", "1"]);
+    pair.converge_and_compare(1);
+}

@@ -25,7 +25,8 @@ use super::policy::{caught_up, outdated_after, DownWait, Mode, PolicyKind};
 use super::queue::MemEntry;
 use super::slink::{Slink, SlinkState};
 
-/// How long `next_items` waits for new entries before it looks at dirty regions again.
+/// How long `next_items` waits for new entries before it looks at dirty regions (or a resume
+/// after a pause) again.
 const IDLE_POLL: Duration = Duration::from_millis(100);
 
 /// The daemon's identity and keys for its links (from `replicator daemon` flags).
@@ -275,6 +276,14 @@ impl EntrySource for TcpSource {
             let Some(g) = self.group.upgrade() else {
                 return Err("group removed".into());
             };
+            if self.slink.paused() {
+                // Operator pause: nothing is shipped (entries stay in the ring, or their regions
+                // go dirty if it overflows); the link stays up with keepalives. Resume is seen
+                // within one poll.
+                drop(g);
+                tokio::time::sleep(IDLE_POLL).await;
+                continue;
+            }
             let mut st = self.state.lock().await;
             if after.lsn < st.handed.lsn || after.resync_seq < st.handed.resync_seq {
                 // The link resends after a reconnect: chunks it never got acknowledged go back to

@@ -625,6 +625,20 @@ impl Group {
         Ok(())
     }
 
+    /// The primary's pending set. A poisoned lock (a thread panicked holding it) stops the
+    /// process: read as "nothing pending", it would let overlapping writes reach the devices out
+    /// of lsn order.
+    fn pending_primary(&self) -> std::sync::MutexGuard<'_, BTreeMap<Lsn, Extent>> {
+        match self.pending_primary.lock() {
+            Ok(p) => p,
+            Err(_) => stop_the_process(&format!(
+                "group {}: the primary's pending-write set is poisoned (a thread panicked \
+                 holding it); the write order on the primary's devices can no longer be kept",
+                self.replog_path.display()
+            )),
+        }
+    }
+
     /// Apply a written entry to the primary's devices (slink 0), after every lower pending lsn
     /// that overlaps it.
     async fn apply_primary(&self, e: &MemEntry) -> CoreResult<()> {
@@ -637,10 +651,10 @@ impl Group {
             let changed = self.pending_primary_changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let blocked = match self.pending_primary.lock() {
-                Ok(p) => p.range(..e.lsn).any(|(_, x)| x.overlaps(&me)),
-                Err(_) => false,
-            };
+            let blocked = self
+                .pending_primary()
+                .range(..e.lsn)
+                .any(|(_, x)| x.overlaps(&me));
             if !blocked {
                 break;
             }
@@ -669,15 +683,13 @@ impl Group {
     /// An entry is done with the primary (applied, or failed): unblock overlapping successors
     /// and move slink 0's applied lsn to the end of the contiguous applied prefix.
     fn finish_primary(&self, lsn: Lsn) {
-        let prefix = match self.pending_primary.lock() {
-            Ok(mut p) => {
-                p.remove(&lsn);
-                match p.keys().next() {
-                    Some(first) => first.saturating_sub(1),
-                    None => self.replog.next_lsn().saturating_sub(1),
-                }
+        let prefix = {
+            let mut p = self.pending_primary();
+            p.remove(&lsn);
+            match p.keys().next() {
+                Some(first) => first.saturating_sub(1),
+                None => self.replog.next_lsn().saturating_sub(1),
             }
-            Err(_) => return,
         };
         if let Some(p) = self.primary_slink() {
             p.publish_applied(prefix);
@@ -736,16 +748,14 @@ impl Group {
         };
         let lsn = pending.lsn();
         self.index.push(lsn, w.len, w.timestamp_ns);
-        if let Ok(mut p) = self.pending_primary.lock() {
-            p.insert(
-                lsn,
-                Extent {
-                    device: w.device,
-                    offset: w.offset,
-                    len: w.len,
-                },
-            );
-        }
+        self.pending_primary().insert(
+            lsn,
+            Extent {
+                device: w.device,
+                offset: w.offset,
+                len: w.len,
+            },
+        );
         let entry = Arc::new(MemEntry {
             lsn,
             device: w.device,
@@ -1095,6 +1105,14 @@ impl ApplySource for Group {
         let s = self.replog.space();
         s.used_bytes.saturating_mul(100) >= s.capacity_bytes.saturating_mul(RING_PRESSURE_PERCENT)
     }
+}
+
+/// A broken invariant: log it and stop the process. Not a panic: inside a tokio task a panic
+/// ends only that task, and the daemon would go on with the broken state.
+fn stop_the_process(what: &str) -> ! {
+    tracing::error!("invariant broken, stopping: {what}");
+    eprintln!("replicator: invariant broken, stopping: {what}");
+    std::process::abort()
 }
 
 fn open_replog(spec: &GroupSpec) -> CoreResult<Replog> {

@@ -450,3 +450,36 @@ fn a_paused_tcp_site_gets_nothing_until_resumed() {
     pair.p.ok(&["message", "dev0", "0", "resume", "1"]);
     pair.converge_and_compare(1);
 }
+
+/// An out-of-date sync site with a dirty log is dropped for when the ring overflows, like an
+/// async site: writes go on, its regions go dirty, and when it is back a resync repairs them and
+/// it is a current sync site again.
+#[test]
+fn an_out_of_date_sync_site_is_dropped_for_on_overflow_and_resynced_when_back() {
+    if !have_tools() {
+        return;
+    }
+    let mut pair = Pair::start(&["--link-dead-after", "2s"]);
+    pair.create(1, 4, "sync", "disk 3 128 s1-dev{dev}.dirty nosync");
+    pair.wait_slink1("dev0", "link up", Duration::from_secs(20), |s| {
+        s["link"]["state"] == "up"
+    });
+    let uri = pair.p.uri("dev0");
+    pair.s.kill9();
+    // 8 MiB through a 4 MiB ring while the site is away.
+    for i in 0..8u64 {
+        timed_write(&uri, &format!("write -P {} {}M 1M", i + 1, i));
+    }
+    assert_eq!(slink1_state(&pair, "dev0"), "outdated");
+    let s = pair.slink1("dev0");
+    assert!(
+        s["dirty_bytes"].as_u64().unwrap() > 0,
+        "the ring overflowed: {s:#}"
+    );
+    assert!(count(&pair.p.log(), "\"overflow\"") >= 1);
+    pair.s.spawn();
+    pair.wait_slink1("dev0", "back to a current sync site", LAG_TIMEOUT, |s| {
+        s["state"] == "up" && s["lag_ios"] == 0 && s["dirty_bytes"] == 0
+    });
+    pair.converge_and_compare(1);
+}

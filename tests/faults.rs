@@ -106,6 +106,16 @@ impl Pair {
         }
     }
 
+    /// Both daemons, the devices, and slink 1's link up.
+    fn up(primary_flags: &[&str], devs: u32, ring_mib: u64, policy: &str, dirty: &str) -> Pair {
+        let pair = Pair::start(primary_flags);
+        pair.create(devs, ring_mib, policy, dirty);
+        pair.wait_slink1("dev0", "link up", Duration::from_secs(20), |s| {
+            s["link"]["state"] == "up"
+        });
+        pair
+    }
+
     fn slink1(&self, dev: &str) -> serde_json::Value {
         self.p.status(dev)["slinks"][1].clone()
     }
@@ -319,11 +329,13 @@ fn a_sync_site_that_is_down_is_waited_for_only_its_down_wait_then_marked_out_of_
     if !have_tools() {
         return;
     }
-    let mut pair = Pair::start(&["--link-dead-after", "2s"]);
-    pair.create(1, 64, "sync", "disk 3 128 s1-dev{dev}.dirty nosync");
-    pair.wait_slink1("dev0", "link up", Duration::from_secs(20), |s| {
-        s["link"]["state"] == "up"
-    });
+    let mut pair = Pair::up(
+        &["--link-dead-after", "2s"],
+        1,
+        64,
+        "sync",
+        "disk 3 128 s1-dev{dev}.dirty nosync",
+    );
     let uri = pair.p.uri("dev0");
     timed_write(&uri, "write -P 1 0 64k");
     pair.s.kill9();
@@ -372,16 +384,13 @@ fn with_down_wait_forever_a_write_waits_until_the_sync_site_is_back() {
     if !have_tools() {
         return;
     }
-    let mut pair = Pair::start(&["--link-dead-after", "2s"]);
-    pair.create(
+    let mut pair = Pair::up(
+        &["--link-dead-after", "2s"],
         1,
         64,
         "sync down_wait=forever",
         "disk 3 128 s1-dev{dev}.dirty nosync",
     );
-    pair.wait_slink1("dev0", "link up", Duration::from_secs(20), |s| {
-        s["link"]["state"] == "up"
-    });
     let uri = pair.p.uri("dev0");
     timed_write(&uri, "write -P 1 0 64k");
     pair.s.kill9();
@@ -459,11 +468,13 @@ fn an_out_of_date_sync_site_is_dropped_for_on_overflow_and_resynced_when_back() 
     if !have_tools() {
         return;
     }
-    let mut pair = Pair::start(&["--link-dead-after", "2s"]);
-    pair.create(1, 4, "sync", "disk 3 128 s1-dev{dev}.dirty nosync");
-    pair.wait_slink1("dev0", "link up", Duration::from_secs(20), |s| {
-        s["link"]["state"] == "up"
-    });
+    let mut pair = Pair::up(
+        &["--link-dead-after", "2s"],
+        1,
+        4,
+        "sync",
+        "disk 3 128 s1-dev{dev}.dirty nosync",
+    );
     let uri = pair.p.uri("dev0");
     pair.s.kill9();
     // 8 MiB through a 4 MiB ring while the site is away.

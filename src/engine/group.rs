@@ -917,7 +917,16 @@ impl Group {
                 let _ = h.join();
             }
         }
-        let _ = self.replog.flush().wait();
+        // No promise is broken if this fails (writes a FLUSH or FUA covered are durable already;
+        // the others were never promised durable), but the operator must know the log did not
+        // sync on the way down.
+        if let Err(e) = self.replog.flush().wait() {
+            tracing::error!(replog = %self.replog_path.display(), "final replog flush failed: {e}");
+            self.events.raise(
+                "replog-error",
+                format!("final flush on shutdown failed: {e}"),
+            );
+        }
         self.events.raise("group-down", "group stopped");
     }
 

@@ -298,7 +298,11 @@ impl Group {
                     s.nr
                 ))
             })?;
-            s.set_state(super::slink::SlinkState::Down);
+            // A site that is out of date stays so across a restart of its link (a device
+            // joined): only catching up makes writes wait for it again.
+            if s.state() != super::slink::SlinkState::Outdated {
+                s.set_state(super::slink::SlinkState::Down);
+            }
             let sender =
                 super::tcp::spawn_link(self, s, addr, settings).map_err(CoreError::Invalid)?;
             senders.push(sender);

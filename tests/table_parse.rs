@@ -43,7 +43,11 @@ fn local(
     SlinkParams {
         transport: Transport::Local,
         slink_nr,
-        policy: Policy { mode, fallbehind },
+        policy: Policy {
+            mode,
+            fallbehind,
+            down_wait: None,
+        },
         device: DeviceParams {
             dev_nr,
             path: path.to_owned(),
@@ -327,7 +331,8 @@ fn every_policy_form() {
             t.slinks[1].policy,
             Policy {
                 mode,
-                fallbehind: Fallbehind::default()
+                fallbehind: Fallbehind::default(),
+                down_wait: None,
             },
             "{text}"
         );
@@ -1006,13 +1011,18 @@ fn policy() -> impl Strategy<Value = Policy> {
     prop_oneof![
         Just(Policy {
             mode: PolicyMode::Sync,
-            fallbehind: Fallbehind::default()
+            fallbehind: Fallbehind::default(),
+            down_wait: None,
         }),
         (
             prop_oneof![Just(PolicyMode::Async), Just(PolicyMode::Stall)],
             fallbehind()
         )
-            .prop_map(|(mode, fallbehind)| Policy { mode, fallbehind }),
+            .prop_map(|(mode, fallbehind)| Policy {
+                mode,
+                fallbehind,
+                down_wait: None,
+            }),
     ]
 }
 
@@ -1215,4 +1225,120 @@ proptest! {
     fn arbitrary_unicode_never_panics(text in any::<String>()) {
         let _ = parse(&text, "u");
     }
+}
+
+// ---------------------------------------------------------------- down_wait (tcp slinks)
+
+fn tcp_slink1(policy_tokens: &str, count: u32) -> Target {
+    one(&format!(
+        "0 8 replicator default 3 r 0 open local 2 0 async 2 0 d0 - 0 \
+         tcp {count} 1 {policy_tokens} h:7410 2 0 dev0 - 0\n"
+    ))
+}
+
+#[test]
+fn down_wait_parses_after_sync_and_async_and_round_trips() {
+    use replicator::table::DownWait;
+    let cases = [
+        (
+            "sync down_wait=forever",
+            4,
+            PolicyMode::Sync,
+            Fallbehind::default(),
+            DownWait::Forever,
+        ),
+        (
+            "sync down_wait=10s",
+            4,
+            PolicyMode::Sync,
+            Fallbehind::default(),
+            DownWait::For(Duration::from_secs(10)),
+        ),
+        (
+            "sync down_wait=0",
+            3,
+            PolicyMode::Sync,
+            Fallbehind::default(),
+            DownWait::For(Duration::ZERO),
+        ),
+        (
+            "async ios=5 down_wait=1500ms",
+            5,
+            PolicyMode::Async,
+            ios(5),
+            DownWait::For(Duration::from_millis(1500)),
+        ),
+        (
+            "stall down_wait=2m ios=5",
+            3,
+            PolicyMode::Stall,
+            ios(5),
+            DownWait::For(Duration::from_secs(120)),
+        ),
+    ];
+    for (tokens, count, mode, fallbehind, wait) in cases {
+        let t = tcp_slink1(tokens, count);
+        assert_eq!(
+            t.slinks[1].policy,
+            Policy {
+                mode,
+                fallbehind,
+                down_wait: Some(wait),
+            },
+            "{tokens}"
+        );
+        let canonical = t.to_string();
+        assert!(canonical.contains("down_wait="), "{canonical}");
+        assert_eq!(
+            one(&canonical),
+            t,
+            "canonical text parses back: {canonical}"
+        );
+    }
+    assert_eq!(tcp_slink1("sync", 3).slinks[1].policy.down_wait, None);
+}
+
+#[test]
+fn malformed_down_wait_names_the_token_and_its_place() {
+    let text = |tokens: &str| {
+        format!(
+            "0 8 replicator \\\n  default 3 r 0 open \\\n  local 2 0 async 2 0 d0 - 0 \\\n  tcp 4 1 {tokens} h:7410 2 0 dev0 - 0\n"
+        )
+    };
+    refused(
+        &text("sync down_wait=5"),
+        4,
+        16,
+        Some("down_wait=5"),
+        "`down_wait=forever`",
+    );
+    refused(
+        &text("sync down_wait=never"),
+        4,
+        16,
+        Some("down_wait=never"),
+        "`down_wait=DURATION`",
+    );
+    refused(
+        &text("sync down_wait=1s down_wait=2s"),
+        4,
+        29,
+        Some("down_wait=2s"),
+        "each fallbehind key once (`down_wait=` is already given at 4:16)",
+    );
+    // Still no fallbehind threshold on a sync slink.
+    refused(
+        &text("sync ios=1"),
+        4,
+        16,
+        Some("ios=1"),
+        "no fallbehind threshold after `sync`",
+    );
+    refused(
+        "0 8 replicator default 3 r 0 open local 2 0 async 2 0 d0 - 0 local 3 1 sync down_wait=1s 2 0 d1 - 0\n",
+        1,
+        77,
+        Some("down_wait=1s"),
+        "no `down_wait=` on a `local` slink",
+    );
 }

@@ -236,9 +236,18 @@ impl<S: EntrySource> Link<S> {
         });
     }
 
+    /// Connects and handshakes; returns the connection and the position the receiver reports
+    /// durable, where this connection's shipping starts.
     async fn connect(
         &mut self,
-    ) -> Result<(FrameReader<tokio::net::tcp::OwnedReadHalf>, OwnedWriteHalf), LinkError> {
+    ) -> Result<
+        (
+            FrameReader<tokio::net::tcp::OwnedReadHalf>,
+            OwnedWriteHalf,
+            Position,
+        ),
+        LinkError,
+    > {
         Counters::inc(&self.counters.connections);
         let addrs = tokio::net::lookup_host(self.addr.as_str())
             .await
@@ -271,7 +280,7 @@ impl<S: EntrySource> Link<S> {
                         s.features = accepted.features;
                         s.sessions = s.sessions.saturating_add(1);
                     });
-                    return Ok((rd, wr));
+                    return Ok((rd, wr, accepted.durable));
                 }
                 Err(e) => last = e,
             }
@@ -286,7 +295,7 @@ impl<S: EntrySource> Link<S> {
             r = tokio::time::timeout(timeout, self.connect()) => r,
             _ = stop.changed() => return End::Stopped,
         };
-        let (reader, writer) = match connected {
+        let (reader, writer, start) = match connected {
             Ok(Ok(pair)) => pair,
             Ok(Err(error)) => {
                 return End::Failed {
@@ -305,17 +314,21 @@ impl<S: EntrySource> Link<S> {
             }
         };
         let mut progressed = false;
-        match self.ship(reader, writer, &mut progressed).await {
+        match self.ship(reader, writer, start, &mut progressed).await {
             Ok(()) => End::Stopped,
             Err(error) => End::Failed { error, progressed },
         }
     }
 
-    /// Runs an authenticated connection until it fails or the link stops (`Ok`).
+    /// Runs an authenticated connection until it fails or the link stops (`Ok`). `start` is the
+    /// position the receiver reported in this connection's handshake: what was sent and
+    /// acknowledged before it (by this process or by an earlier one, before a restart) counts
+    /// only through it, so an ack is checked against what this receiver really has.
     async fn ship(
         &mut self,
         mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
         mut writer: OwnedWriteHalf,
+        start: Position,
         progressed: &mut bool,
     ) -> Result<(), LinkError> {
         let (queue, mut queued) = mpsc::channel::<Bytes>(WRITER_QUEUE_FRAMES_MAX);
@@ -328,7 +341,6 @@ impl<S: EntrySource> Link<S> {
         }));
         let mut writer_task = writer_task;
 
-        let start = self.status.borrow().acked;
         let mut acked = start;
         let mut sent = start;
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();

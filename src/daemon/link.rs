@@ -153,10 +153,7 @@ impl SiteSink for SecondarySink {
         );
         Ok(Admission {
             epoch: peer.epoch,
-            durable: Position {
-                lsn: g.written_lsn(),
-                resync_seq: 0,
-            },
+            durable: g.stored_position(),
         })
     }
 

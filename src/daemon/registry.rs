@@ -283,6 +283,7 @@ fn state_letter(s: crate::engine::slink::SlinkState) -> char {
         Resync => 'R',
         Faulty => 'F',
         Stopped => 'S',
+        Outdated => 'O',
     }
 }
 

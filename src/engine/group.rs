@@ -11,9 +11,10 @@
 //! 4. Every slink currently in sync mode has applied it.
 //!
 //! When the ring is full: appliers are asked to checkpoint (save cursors, reclaim); if that is not
-//! enough, entries are dropped for async slinks with a dirty log (their regions marked dirty and
-//! persisted first, then their cursor moved, then the space reclaimed); `stall` slinks, slinks
-//! without a dirty log and slink 0 are never dropped: writes wait for them.
+//! enough, entries are dropped for async slinks with a dirty log, and for sync ones that are not
+//! waited for now (paused, out of date) with a dirty log (`Slink::droppable`: their regions marked
+//! dirty and persisted first, then their cursor moved, then the space reclaimed); `stall` slinks,
+//! slinks without a dirty log and slink 0 are never dropped: writes wait for them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -135,7 +136,10 @@ pub struct Group {
     links: Option<Arc<LinkSettings>>,
     senders: Mutex<Vec<super::tcp::TcpLink>>,
     role: std::sync::atomic::AtomicU8,
-    /// Secondary: the highest resync seq stored in this session.
+    /// Secondary: the highest resync seq stored durably since this daemon started. Reported in
+    /// the handshake with the written lsn ([`Group::stored_position`]): a primary that restarted
+    /// (its own seq back at 0) continues above it, and never gets an ack for a seq it did not
+    /// send.
     resync_seq: AtomicU64,
     pub events: Arc<Events>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -201,7 +205,8 @@ impl Group {
             };
             slinks.push(Arc::new(
                 Slink::new(s.nr, s.transport, s.policy, s.fallbehind, cursor)
-                    .with_remote(s.remote_addr.clone()),
+                    .with_remote(s.remote_addr.clone())
+                    .with_down_wait(s.down_wait),
             ));
         }
         let write_latency = crate::metrics::write_latency().with_label_values(&[spec
@@ -293,7 +298,11 @@ impl Group {
                     s.nr
                 ))
             })?;
-            s.set_state(super::slink::SlinkState::Down);
+            // A site that is out of date stays so across a restart of its link (a device
+            // joined): only catching up makes writes wait for it again.
+            if s.state() != super::slink::SlinkState::Outdated {
+                s.set_state(super::slink::SlinkState::Down);
+            }
             let sender =
                 super::tcp::spawn_link(self, s, addr, settings).map_err(CoreError::Invalid)?;
             senders.push(sender);
@@ -620,6 +629,20 @@ impl Group {
         Ok(())
     }
 
+    /// The primary's pending set. A poisoned lock (a thread panicked holding it) stops the
+    /// process: read as "nothing pending", it would let overlapping writes reach the devices out
+    /// of lsn order.
+    fn pending_primary(&self) -> std::sync::MutexGuard<'_, BTreeMap<Lsn, Extent>> {
+        match self.pending_primary.lock() {
+            Ok(p) => p,
+            Err(_) => stop_the_process(&format!(
+                "group {}: the primary's pending-write set is poisoned (a thread panicked \
+                 holding it); the write order on the primary's devices can no longer be kept",
+                self.replog_path.display()
+            )),
+        }
+    }
+
     /// Apply a written entry to the primary's devices (slink 0), after every lower pending lsn
     /// that overlaps it.
     async fn apply_primary(&self, e: &MemEntry) -> CoreResult<()> {
@@ -632,10 +655,10 @@ impl Group {
             let changed = self.pending_primary_changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let blocked = match self.pending_primary.lock() {
-                Ok(p) => p.range(..e.lsn).any(|(_, x)| x.overlaps(&me)),
-                Err(_) => false,
-            };
+            let blocked = self
+                .pending_primary()
+                .range(..e.lsn)
+                .any(|(_, x)| x.overlaps(&me));
             if !blocked {
                 break;
             }
@@ -664,15 +687,13 @@ impl Group {
     /// An entry is done with the primary (applied, or failed): unblock overlapping successors
     /// and move slink 0's applied lsn to the end of the contiguous applied prefix.
     fn finish_primary(&self, lsn: Lsn) {
-        let prefix = match self.pending_primary.lock() {
-            Ok(mut p) => {
-                p.remove(&lsn);
-                match p.keys().next() {
-                    Some(first) => first.saturating_sub(1),
-                    None => self.replog.next_lsn().saturating_sub(1),
-                }
+        let prefix = {
+            let mut p = self.pending_primary();
+            p.remove(&lsn);
+            match p.keys().next() {
+                Some(first) => first.saturating_sub(1),
+                None => self.replog.next_lsn().saturating_sub(1),
             }
-            Err(_) => return,
         };
         if let Some(p) = self.primary_slink() {
             p.publish_applied(prefix);
@@ -731,16 +752,14 @@ impl Group {
         };
         let lsn = pending.lsn();
         self.index.push(lsn, w.len, w.timestamp_ns);
-        if let Ok(mut p) = self.pending_primary.lock() {
-            p.insert(
-                lsn,
-                Extent {
-                    device: w.device,
-                    offset: w.offset,
-                    len: w.len,
-                },
-            );
-        }
+        self.pending_primary().insert(
+            lsn,
+            Extent {
+                device: w.device,
+                offset: w.offset,
+                len: w.len,
+            },
+        );
         let entry = Arc::new(MemEntry {
             lsn,
             device: w.device,
@@ -842,7 +861,7 @@ impl Group {
         }
         let mut dropped_any = false;
         for s in &self.slinks {
-            if s.nr == 0 || s.policy != PolicyKind::Async || !s.has_dirty_log() {
+            if !s.droppable() {
                 continue;
             }
             let cursor = self.replog.cursor(s.nr).unwrap_or(0);
@@ -902,7 +921,16 @@ impl Group {
                 let _ = h.join();
             }
         }
-        let _ = self.replog.flush().wait();
+        // No promise is broken if this fails (writes a FLUSH or FUA covered are durable already;
+        // the others were never promised durable), but the operator must know the log did not
+        // sync on the way down.
+        if let Err(e) = self.replog.flush().wait() {
+            tracing::error!(replog = %self.replog_path.display(), "final replog flush failed: {e}");
+            self.events.raise(
+                "replog-error",
+                format!("final flush on shutdown failed: {e}"),
+            );
+        }
         self.events.raise("group-down", "group stopped");
     }
 
@@ -982,10 +1010,17 @@ impl Group {
             }
         }
         self.complete_replicated(appended).await?;
-        Ok(slink::Position {
+        Ok(self.stored_position())
+    }
+
+    /// Secondary: how far this site holds the primary's stream durably (what the handshake
+    /// reports and what `store_replicated` acknowledges): the written lsn and the highest resync
+    /// seq stored. The two must agree, or a reconnecting sender sees acks beyond what it sent.
+    pub fn stored_position(&self) -> slink::Position {
+        slink::Position {
             lsn: self.written_lsn(),
             resync_seq: self.resync_seq.load(Ordering::Acquire),
-        })
+        }
     }
 
     /// Wait for the appended entries' writes, make them durable with one flush, apply them.
@@ -1083,6 +1118,14 @@ impl ApplySource for Group {
         let s = self.replog.space();
         s.used_bytes.saturating_mul(100) >= s.capacity_bytes.saturating_mul(RING_PRESSURE_PERCENT)
     }
+}
+
+/// A broken invariant: log it and stop the process. Not a panic: inside a tokio task a panic
+/// ends only that task, and the daemon would go on with the broken state.
+fn stop_the_process(what: &str) -> ! {
+    tracing::error!("invariant broken, stopping: {what}");
+    eprintln!("replicator: invariant broken, stopping: {what}");
+    std::process::abort()
 }
 
 fn open_replog(spec: &GroupSpec) -> CoreResult<Replog> {

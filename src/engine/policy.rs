@@ -104,9 +104,65 @@ pub fn next_mode(policy: PolicyKind, fb: &Fallbehind, current: Mode, lag: &Lag) 
     }
 }
 
+/// How long writes wait for a site in sync mode whose link is down (table `down_wait=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DownWait {
+    /// Writes wait until the site is back (RPO 0 above availability).
+    Forever,
+    /// After this long down, the site is out of date: writes stop waiting for it.
+    For(Duration),
+}
+
+/// An out-of-date site is current again (a sync site, waited for) once its link is up, nothing is
+/// dirty for it and it lags by at most this many entries. Not exactly 0: writes do not wait for an
+/// out-of-date site, so under steady writes at queue depth above 1 its lag rarely reads 0 at the
+/// moment it is looked at; this close, the first write that waits for it again waits for at most
+/// this many earlier entries (about one round trip).
+pub const CAUGHT_UP_LAG_IOS_MAX: u64 = 32;
+
+/// Whether a site in sync mode whose link has been down for `down_for` is out of date now.
+pub fn outdated_after(wait: DownWait, down_for: Duration) -> bool {
+    match wait {
+        DownWait::Forever => false,
+        DownWait::For(limit) => down_for >= limit,
+    }
+}
+
+/// Whether an out-of-date site has caught up (see [`CAUGHT_UP_LAG_IOS_MAX`]).
+pub fn caught_up(link_up: bool, lag: &Lag, dirty_bytes: u64) -> bool {
+    link_up && dirty_bytes == 0 && lag.ios <= CAUGHT_UP_LAG_IOS_MAX
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_down_site_is_out_of_date_after_its_wait_and_never_with_forever() {
+        let wait = DownWait::For(Duration::from_secs(5));
+        assert!(!outdated_after(wait, Duration::from_millis(4999)));
+        assert!(outdated_after(wait, Duration::from_secs(5)));
+        assert!(outdated_after(
+            DownWait::For(Duration::ZERO),
+            Duration::ZERO
+        ));
+        assert!(!outdated_after(
+            DownWait::Forever,
+            Duration::from_secs(1 << 40)
+        ));
+    }
+
+    #[test]
+    fn an_out_of_date_site_is_caught_up_only_when_up_clean_and_close() {
+        let close = lag(CAUGHT_UP_LAG_IOS_MAX, 1 << 20, 0);
+        assert!(caught_up(true, &close, 0));
+        assert!(!caught_up(false, &close, 0), "link down");
+        assert!(!caught_up(true, &close, 4096), "regions dirty");
+        assert!(
+            !caught_up(true, &lag(CAUGHT_UP_LAG_IOS_MAX + 1, 0, 0), 0),
+            "too far behind"
+        );
+    }
 
     fn lag(ios: u64, bytes: u64, ms: u64) -> Lag {
         Lag {

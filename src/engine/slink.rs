@@ -23,7 +23,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::blockfile::BlockFile;
-use super::policy::{Fallbehind, Mode, PolicyKind};
+use super::policy::{DownWait, Fallbehind, Mode, PolicyKind};
 use super::queue::{EntryFeed, MemEntry, Wakeup};
 
 /// Bytes of entries a slink's in-memory feed may hold before it reads from the replog instead.
@@ -148,6 +148,10 @@ pub enum SlinkState {
     Stopped,
     /// The link to the site is down (connecting, or waiting to reconnect).
     Down,
+    /// A site in sync mode that was down for longer than its `down_wait`: writes no longer wait
+    /// for it; what it misses stays in the ring (or, once the ring overflows, its regions go
+    /// dirty). Current again once it has caught up (`policy::caught_up`).
+    Outdated,
 }
 
 pub struct Slink {
@@ -157,6 +161,9 @@ pub struct Slink {
     pub remote_addr: Option<String>,
     pub policy: PolicyKind,
     pub fallbehind: Fallbehind,
+    /// `tcp` slinks: how long writes wait for the site in sync mode while its link is down
+    /// (table `down_wait=`); `None`: the daemon's dead-peer timeout (`--link-dead-after`).
+    pub down_wait: Option<DownWait>,
     mode: AtomicU8,
     pub feed: EntryFeed,
     applied: watch::Sender<Lsn>,
@@ -218,6 +225,7 @@ impl Slink {
             remote_addr: None,
             policy,
             fallbehind,
+            down_wait: None,
             mode: AtomicU8::new(initial_mode as u8),
             feed: EntryFeed::new(FEED_BYTES_MAX),
             applied: watch::channel(applied).0,
@@ -238,6 +246,11 @@ impl Slink {
 
     pub fn with_remote(mut self, addr: Option<String>) -> Self {
         self.remote_addr = addr;
+        self
+    }
+
+    pub fn with_down_wait(mut self, down_wait: Option<DownWait>) -> Self {
+        self.down_wait = down_wait;
         self
     }
 
@@ -351,9 +364,24 @@ impl Slink {
         changed
     }
 
-    /// Whether writes may wait for this site (sync mode): not when paused, faulty or stopping.
+    /// Whether writes may wait for this site (sync mode): not when paused, faulty, out of date
+    /// or stopping.
     pub fn waitable(&self) -> bool {
-        !self.paused() && !self.stopping() && self.state() != SlinkState::Faulty
+        !self.paused()
+            && !self.stopping()
+            && !matches!(self.state(), SlinkState::Faulty | SlinkState::Outdated)
+    }
+
+    /// Whether the ring may drop entries for this site when it overflows (their regions marked
+    /// dirty instead): an async site, or any site not waited for now (paused or out of date) that
+    /// is not `stall`; always with a dirty log to record the loss. Never slink 0.
+    pub fn droppable(&self) -> bool {
+        let policy_allows = match self.policy {
+            PolicyKind::Async => true,
+            PolicyKind::Sync => self.paused() || matches!(self.state(), SlinkState::Outdated),
+            PolicyKind::Stall => false,
+        };
+        self.nr != 0 && policy_allows && self.has_dirty_log()
     }
 
     pub fn paused(&self) -> bool {
@@ -382,10 +410,22 @@ pub trait ApplySource: Send + Sync {
     fn ring_pressure(&self) -> bool;
 }
 
+/// How applying one entry to a site ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use = "an entry that failed without a durable dirty mark must not be moved past"]
 enum Applied {
     Ok,
+    /// The write failed, and its region is durably dirty for this site: moving past the entry
+    /// loses nothing (a resync copies the region).
+    Dirty,
+    /// The write failed and nothing durable records it (no dirty log, or its persist failed):
+    /// the applier must stay at this entry, or the site would silently miss it.
     Failed,
 }
+
+/// How long an applier that is stuck at an entry it could not apply (nor record as dirty)
+/// waits before it tries that entry again.
+const FAILED_APPLY_RETRY: Duration = Duration::from_secs(1);
 
 /// Apply one entry to a device.
 pub fn apply_entry(
@@ -440,11 +480,33 @@ pub fn run_local_applier(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
     let mut dirty_since_checkpoint = false;
     let mut was_resyncing = false;
     let mut background = BackgroundCheckpoint::default();
+    // Set when an entry could not be applied nor recorded dirty: the applier stays at `next`
+    // (the slink is Faulty, its applied lsn and cursor stay below the entry) and retries later.
+    let mut stuck_since: Option<Instant> = None;
     loop {
         let skip = slink.skip_to.load(Ordering::Acquire);
         if next <= skip {
             next = skip + 1;
             slink.publish_applied(skip);
+            stuck_since = None;
+        }
+
+        if let Some(since) = stuck_since {
+            if slink.stopping() {
+                background.wait();
+                checkpoint(&*source, &slink, next - 1);
+                slink.set_state(SlinkState::Stopped);
+                return;
+            }
+            if since.elapsed() < FAILED_APPLY_RETRY {
+                if slink.checkpoint_requested.swap(false, Ordering::AcqRel) {
+                    background.wait();
+                    checkpoint(&*source, &slink, next - 1);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            stuck_since = None;
         }
 
         if slink.paused() && !slink.stopping() {
@@ -459,32 +521,50 @@ pub fn run_local_applier(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
             .feed
             .pop_batch(APPLY_BATCH_MAX, Duration::from_millis(10));
         let mut progressed = false;
+        let mut stuck = false;
         for e in batch {
             if e.lsn < next {
                 continue;
             }
             if e.lsn > next {
                 // The feed dropped entries (budget): read them back from the replog.
-                replay_range(&*source, &slink, &mut next, e.lsn - 1);
+                let before = next;
+                stuck = !replay_range(&*source, &slink, &mut next, e.lsn - 1);
+                progressed |= next > before;
+                if stuck {
+                    break;
+                }
             }
             if e.lsn != next && next <= e.lsn {
                 // The replog could not give the gap yet (not written): wait for it.
                 wait_written(&*source, &slink, e.lsn);
-                replay_range(&*source, &slink, &mut next, e.lsn - 1);
+                let before = next;
+                stuck = !replay_range(&*source, &slink, &mut next, e.lsn - 1);
+                progressed |= next > before;
+                if stuck {
+                    break;
+                }
             }
             if e.lsn < next {
                 continue;
             }
             wait_written(&*source, &slink, e.lsn);
-            apply_mem_entry(&*source, &slink, &e);
+            if apply_mem_entry(&*source, &slink, &e) == Applied::Failed {
+                stuck = true;
+                break;
+            }
             next = e.lsn + 1;
             progressed = true;
         }
         // Entries the feed never got (dropped when full) are read back from the replog.
         let written = source.written_lsn();
-        if written >= next {
-            replay_range(&*source, &slink, &mut next, written);
-            progressed = true;
+        if !stuck && written >= next {
+            let before = next;
+            stuck = !replay_range(&*source, &slink, &mut next, written);
+            progressed |= next > before;
+        }
+        if stuck {
+            stuck_since = Some(Instant::now());
         }
         if progressed {
             slink.publish_applied(next - 1);
@@ -573,10 +653,10 @@ fn wait_written(source: &dyn ApplySource, slink: &Slink, lsn: Lsn) {
         .wait_until(|| source.written_lsn() >= lsn, Duration::from_secs(1));
 }
 
-fn apply_mem_entry(source: &dyn ApplySource, slink: &Slink, e: &MemEntry) {
+fn apply_mem_entry(source: &dyn ApplySource, slink: &Slink, e: &MemEntry) -> Applied {
     apply_one(
         source, slink, e.lsn, e.device, e.kind, e.offset, e.len, &e.data,
-    );
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -613,22 +693,44 @@ fn apply_one(
                     ),
                 );
             }
-            // Keep the site correct for a later resync: its region is dirty.
-            if let Some(d) = &dev.dirty {
-                if let Ok(mut d) = d.lock() {
-                    d.mark_range(offset, len);
-                    let _ = d.persist();
+            // The site may move past the entry only once its region is durably dirty (a resync
+            // repairs it). Without that record (no dirty log, a poisoned one, or a persist that
+            // failed) moving on would lose the write for this site silently: it stays behind.
+            let recorded = match dev.dirty.as_ref().map(|d| d.lock()) {
+                None | Some(Err(_)) => false,
+                Some(Ok(mut d)) => {
+                    d.mark_range(offset, len.max(1));
+                    match d.persist() {
+                        Ok(()) => true,
+                        Err(pe) => {
+                            source.event(
+                                "dirtylog-error",
+                                format!(
+                                    "slink {} device {} dirty log not persisted at lsn {lsn}: {pe}; \
+                                     the site stays behind",
+                                    slink.nr, device
+                                ),
+                            );
+                            false
+                        }
+                    }
                 }
-            }
+            };
             if slink.set_state(SlinkState::Faulty) {
                 source.event("slink-faulty", format!("slink {} faulty", slink.nr));
             }
-            Applied::Failed
+            if recorded {
+                Applied::Dirty
+            } else {
+                Applied::Failed
+            }
         }
     }
 }
 
-fn replay_range(source: &dyn ApplySource, slink: &Slink, next: &mut Lsn, upto: Lsn) {
+/// Applies written entries `*next..=upto` from the replog. Returns false when it stopped at an
+/// entry that failed without a durable dirty mark (`*next` is that entry).
+fn replay_range(source: &dyn ApplySource, slink: &Slink, next: &mut Lsn, upto: Lsn) -> bool {
     while *next <= upto {
         let skip = slink.skip_to.load(Ordering::Acquire);
         if *next <= skip {
@@ -642,25 +744,29 @@ fn replay_range(source: &dyn ApplySource, slink: &Slink, next: &mut Lsn, upto: L
                     "replog-read-error",
                     format!("slink {} reading lsn {}: {e}", slink.nr, *next),
                 );
-                return;
+                return true;
             }
         };
         if entries.is_empty() {
-            return;
+            return true;
         }
         for e in entries {
             if e.lsn > upto {
-                return;
+                return true;
             }
             if e.lsn < *next {
                 continue;
             }
-            apply_one(
+            let applied = apply_one(
                 source, slink, e.lsn, e.device, e.kind, e.offset, e.len, &e.data,
             );
+            if applied == Applied::Failed {
+                return false;
+            }
             *next = e.lsn + 1;
         }
     }
+    true
 }
 
 fn checkpoint(source: &dyn ApplySource, slink: &Slink, applied: Lsn) {
@@ -754,7 +860,19 @@ fn resync_step(source: &dyn ApplySource, slink: &Slink, applied: Lsn) -> bool {
             }
             if let Ok(mut d) = dirty.lock() {
                 d.clear_region(region);
-                let _ = d.persist();
+                // A failed persist after a clear leaves the region dirty on disk: more dirty
+                // than memory, never less, so nothing is lost (it is copied again after a
+                // restart). Say so and go on.
+                if let Err(e) = d.persist() {
+                    source.event(
+                        "dirtylog-error",
+                        format!(
+                            "slink {} device {} dirty log not persisted after region {region} \
+                             was copied: {e}",
+                            slink.nr, dev.dev_nr
+                        ),
+                    );
+                }
             }
             slink
                 .resync_regions_copied_total
@@ -763,4 +881,184 @@ fn resync_step(source: &dyn ApplySource, slink: &Slink, applied: Lsn) -> bool {
         }
     }
     any_dirty
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    /// A group as the applier sees it: entries 1..=n written, cursors and events recorded.
+    struct FakeGroup {
+        entries: Vec<replog::Entry>,
+        primary: Arc<Slink>,
+        cursors: Mutex<Vec<(u8, Lsn)>>,
+        events: Mutex<Vec<(&'static str, String)>>,
+    }
+
+    impl FakeGroup {
+        fn new(n: u64) -> Arc<FakeGroup> {
+            let entries = (1..=n)
+                .map(|lsn| replog::Entry {
+                    lsn,
+                    device: 0,
+                    offset: (lsn - 1) * 4096,
+                    kind: EntryKind::Write,
+                    len: 4096,
+                    data: vec![lsn as u8; 4096],
+                    timestamp_ns: 0,
+                })
+                .collect();
+            let primary = Arc::new(Slink::new(
+                0,
+                "local",
+                PolicyKind::Sync,
+                Fallbehind::default(),
+                n,
+            ));
+            Arc::new(FakeGroup {
+                entries,
+                primary,
+                cursors: Mutex::new(Vec::new()),
+                events: Mutex::new(Vec::new()),
+            })
+        }
+
+        fn events(&self) -> Vec<&'static str> {
+            self.events
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(k, _)| *k)
+                .collect()
+        }
+    }
+
+    impl ApplySource for FakeGroup {
+        fn written_lsn(&self) -> Lsn {
+            self.entries.len() as Lsn
+        }
+        fn read_entries(&self, from: Lsn) -> Result<Vec<replog::Entry>, String> {
+            Ok(self
+                .entries
+                .iter()
+                .filter(|e| e.lsn >= from)
+                .cloned()
+                .collect())
+        }
+        fn save_cursor(&self, slink: u8, lsn: Lsn) -> Result<(), String> {
+            self.cursors.lock().unwrap().push((slink, lsn));
+            Ok(())
+        }
+        fn primary(&self) -> Arc<Slink> {
+            self.primary.clone()
+        }
+        fn event(&self, kind: &'static str, detail: String) {
+            self.events.lock().unwrap().push((kind, detail));
+        }
+        fn ring_pressure(&self) -> bool {
+            false
+        }
+    }
+
+    /// Slink 1 whose device 0 refuses every write (a file opened read-only), with `dirty`.
+    fn failing_site(dir: &Path, dirty: Option<DirtyLog>) -> Arc<Slink> {
+        let path = dir.join("site1.img");
+        drop(BlockFile::open(&path, 1 << 20, true).unwrap());
+        let read_only = BlockFile::open(&path, 1 << 20, false).unwrap();
+        let slink = Arc::new(Slink::new(
+            1,
+            "local",
+            PolicyKind::Async,
+            Fallbehind::default(),
+            0,
+        ));
+        slink.add_device(SiteDevice::local(0, read_only, dirty));
+        slink
+    }
+
+    /// Runs the applier until `done` holds (or 10 s), then stops it.
+    fn run_until(group: &Arc<FakeGroup>, slink: &Arc<Slink>, done: impl Fn() -> bool) {
+        let (g, s) = (group.clone(), slink.clone());
+        let applier = std::thread::spawn(move || run_local_applier(g, s));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        slink.request_stop();
+        applier.join().unwrap();
+    }
+
+    #[test]
+    fn a_failed_apply_without_a_dirty_log_keeps_the_site_behind_the_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let group = FakeGroup::new(3);
+        let slink = failing_site(dir.path(), None);
+        // Stopped as soon as the first write failed: an applier that ignores the failure goes on
+        // through entries 2 and 3 before it sees the stop, and saves cursor 3.
+        run_until(&group, &slink, || group.events().contains(&"slink-faulty"));
+        assert_eq!(
+            slink.applied(),
+            0,
+            "applied lsn moved past an entry nothing records"
+        );
+        assert_eq!(slink.state(), SlinkState::Stopped);
+        let cursors = group.cursors.lock().unwrap().clone();
+        assert!(
+            cursors.iter().all(|(nr, lsn)| *nr == 1 && *lsn == 0),
+            "the cursor stays below the failed entry: {cursors:?}"
+        );
+        let dev = slink.device(0).unwrap();
+        assert_eq!(Health::letter(dev.health.load(Ordering::Relaxed)), 'D');
+        let events = group.events();
+        assert!(events.contains(&"device-fault"), "{events:?}");
+    }
+
+    #[test]
+    fn a_stuck_applier_retries_the_entry_and_stays_faulty_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let group = FakeGroup::new(2);
+        let slink = failing_site(dir.path(), None);
+        let (g, s) = (group.clone(), slink.clone());
+        let applier = std::thread::spawn(move || run_local_applier(g, s));
+        std::thread::sleep(FAILED_APPLY_RETRY + Duration::from_millis(500));
+        assert_eq!(slink.state(), SlinkState::Faulty);
+        assert_eq!(slink.applied(), 0);
+        // One fault event for the device and one for the slink, not one per retry.
+        let events = group.events();
+        assert_eq!(
+            events.iter().filter(|k| **k == "device-fault").count(),
+            1,
+            "{events:?}"
+        );
+        assert_eq!(
+            events.iter().filter(|k| **k == "slink-faulty").count(),
+            1,
+            "{events:?}"
+        );
+        slink.request_stop();
+        applier.join().unwrap();
+        assert_eq!(slink.applied(), 0);
+    }
+
+    #[test]
+    fn a_failed_apply_with_a_dirty_log_moves_on_with_its_region_durably_dirty() {
+        let dir = tempfile::tempdir().unwrap();
+        let group = FakeGroup::new(3);
+        let log_path = dir.path().join("site1.dirty");
+        let dirty = DirtyLog::open_or_create_disk(&log_path, 1 << 20, 4096, false).unwrap();
+        let slink = failing_site(dir.path(), Some(dirty));
+        run_until(&group, &slink, || slink.applied() == 3);
+        assert_eq!(
+            slink.applied(),
+            3,
+            "every failed entry is recorded dirty: the site moves on"
+        );
+        assert_eq!(slink.dirty_bytes(), 3 * 4096);
+        // Durably: the log on disk says so too.
+        drop(slink);
+        let reopened = DirtyLog::open_or_create_disk(&log_path, 1 << 20, 4096, false).unwrap();
+        assert_eq!(reopened.dirty_regions().collect::<Vec<_>>(), vec![0, 1, 2]);
+    }
 }

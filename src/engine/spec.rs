@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::table;
 
-use super::policy::{Fallbehind, PolicyKind};
+use super::policy::{DownWait, Fallbehind, PolicyKind};
 
 pub const SECTOR: u64 = 512;
 
@@ -48,6 +48,8 @@ pub struct SlinkSpec {
     pub remote_addr: Option<String>,
     pub policy: PolicyKind,
     pub fallbehind: Fallbehind,
+    /// `down_wait=`; `None`: the daemon's default.
+    pub down_wait: Option<DownWait>,
     pub devices: Vec<SiteDeviceSpec>,
 }
 
@@ -158,6 +160,10 @@ pub fn from_target(t: &table::Target, base: &Path, reopen: bool) -> (GroupSpec, 
                     timeout: s.policy.fallbehind.timeout,
                 }
                 .normalized(),
+                down_wait: s.policy.down_wait.map(|w| match w {
+                    table::DownWait::Forever => DownWait::Forever,
+                    table::DownWait::For(d) => DownWait::For(d),
+                }),
                 devices: vec![SiteDeviceSpec {
                     dev_nr: s.device.dev_nr,
                     // A remote device is named at its site, not a path here.

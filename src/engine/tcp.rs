@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use replog::Lsn;
@@ -21,11 +21,12 @@ use slink::{
 
 use super::group::Group;
 use super::link_thread::{LinkThread, ASYNC_LINK_NICE};
-use super::policy::PolicyKind;
+use super::policy::{caught_up, outdated_after, DownWait, Mode, PolicyKind};
 use super::queue::MemEntry;
 use super::slink::{Slink, SlinkState};
 
-/// How long `next_items` waits for new entries before it looks at dirty regions again.
+/// How long `next_items` waits for new entries before it looks at dirty regions (or a resume
+/// after a pause) again.
 const IDLE_POLL: Duration = Duration::from_millis(100);
 
 /// The daemon's identity and keys for its links (from `replicator daemon` flags).
@@ -275,6 +276,14 @@ impl EntrySource for TcpSource {
             let Some(g) = self.group.upgrade() else {
                 return Err("group removed".into());
             };
+            if self.slink.paused() {
+                // Operator pause: nothing is shipped (entries stay in the ring, or their regions
+                // go dirty if it overflows); the link stays up with keepalives. Resume is seen
+                // within one poll.
+                drop(g);
+                tokio::time::sleep(IDLE_POLL).await;
+                continue;
+            }
             let mut st = self.state.lock().await;
             if after.lsn < st.handed.lsn || after.resync_seq < st.handed.resync_seq {
                 // The link resends after a reconnect: chunks it never got acknowledged go back to
@@ -284,6 +293,10 @@ impl EntrySource for TcpSource {
                 }
                 st.piece = None;
             }
+            // Resync seqs only grow at the site: after a restart of this primary (its seq back
+            // at 0) `after` carries the highest seq the site has stored (from the handshake), and
+            // new chunks go above it. A seq at or below it would be refused by the receiver, and
+            // its acks would name seqs this process never sent.
             st.next_seq = st.next_seq.max(after.resync_seq);
             let mut next = after.lsn + 1;
             let skip = self.slink.skip_to.load(Ordering::Acquire);
@@ -373,8 +386,13 @@ pub fn spawn_link(
     let weak = Arc::downgrade(group);
     let sl = slink.clone();
     let addr = addr.to_string();
+    let down_wait = slink
+        .down_wait
+        .unwrap_or(DownWait::For(settings.site.dead_peer_timeout));
     tokio::spawn(async move {
         let mut last_state = None;
+        // Since when the link is down while the site is in sync mode (writes wait for it).
+        let mut down_in_sync_since: Option<Instant> = None;
         loop {
             let st = status.borrow_and_update().clone();
             let Some(g) = weak.upgrade() else { return };
@@ -397,32 +415,41 @@ pub fn spawn_link(
             }
             sl.publish_applied(st.acked.lsn);
             clear_acked_regions(&g, &sl, st.acked.resync_seq).await;
+            if st.state == LinkState::Stopped {
+                return;
+            }
+            let link_up = st.state == LinkState::Up;
             if last_state != Some(st.state) {
                 last_state = Some(st.state);
-                match st.state {
-                    LinkState::Up => {
-                        sl.set_state(SlinkState::Up);
-                        g.events
-                            .raise("slink-up", format!("slink {} connected to {addr}", sl.nr));
-                    }
-                    LinkState::Down | LinkState::Connecting => {
-                        if sl.set_state(SlinkState::Down) {
-                            g.events.raise(
-                                "slink-down",
-                                format!(
-                                    "slink {} to {addr} down: {}",
-                                    sl.nr,
-                                    st.last_error.as_deref().unwrap_or("connecting")
-                                ),
-                            );
-                        }
-                    }
-                    LinkState::Stopped => return,
+                let input = if link_up {
+                    LinkInput::LinkUp
+                } else {
+                    LinkInput::LinkDown
+                };
+                transition(&g, &sl, input, &addr, st.last_error.as_deref());
+            }
+            down_in_sync_since = match down_in_sync_since {
+                _ if link_up || sl.mode() != Mode::Sync => None,
+                None => Some(Instant::now()),
+                since => since,
+            };
+            if let Some(since) = down_in_sync_since {
+                if outdated_after(down_wait, since.elapsed()) {
+                    transition(&g, &sl, LinkInput::DownWaitOver, &addr, None);
                 }
             }
+            if sl.state() == SlinkState::Outdated
+                && caught_up(link_up, &g.lag(&sl), sl.dirty_bytes())
+            {
+                transition(&g, &sl, LinkInput::CaughtUp, &addr, None);
+            }
+            // While the link is down or the site out of date, time passes without status
+            // changes: look again every OUTDATED_POLL.
+            let poll = !link_up || sl.state() == SlinkState::Outdated;
             drop(g);
-            if status.changed().await.is_err() {
-                return;
+            tokio::select! {
+                changed = status.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(OUTDATED_POLL), if poll => {}
             }
         }
     });
@@ -430,6 +457,64 @@ pub fn spawn_link(
         _sender: sender,
         _thread: thread,
     })
+}
+
+/// How often a link watcher looks at a down or out-of-date site (for `down_wait=` and catch-up).
+const OUTDATED_POLL: Duration = Duration::from_millis(50);
+
+/// What moves a tcp slink between `Up`/`Resync`, `Down` and `Outdated`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LinkInput {
+    LinkUp,
+    LinkDown,
+    /// The link has been down, with the site in sync mode, for its `down_wait`.
+    DownWaitOver,
+    /// An out-of-date site is back and close enough (`policy::caught_up`).
+    CaughtUp,
+}
+
+/// The state a tcp slink moves to on `input`, and the event that says so (`None`: no change).
+/// Out of date is left only by catching up: a link that comes up (or goes down again) does not
+/// make writes wait for a site that is still behind.
+fn next_link_state(current: SlinkState, input: LinkInput) -> Option<(SlinkState, &'static str)> {
+    use SlinkState::*;
+    match (current, input) {
+        (Stopped | Faulty, _) => None,
+        (Outdated, LinkInput::CaughtUp) => Some((Up, "slink-uptodate")),
+        (Outdated, _) => None,
+        (Down, LinkInput::LinkUp) => Some((Up, "slink-up")),
+        (Up | Resync, LinkInput::LinkDown) => Some((Down, "slink-down")),
+        (Down, LinkInput::DownWaitOver) => Some((Outdated, "slink-outdated")),
+        _ => None,
+    }
+}
+
+/// Applies [`next_link_state`] to the slink and raises its event.
+fn transition(g: &Group, sl: &Slink, input: LinkInput, addr: &str, error: Option<&str>) {
+    let Some((state, event)) = next_link_state(sl.state(), input) else {
+        if input == LinkInput::LinkUp {
+            g.events
+                .raise("slink-up", format!("slink {} connected to {addr}", sl.nr));
+        }
+        return;
+    };
+    if !sl.set_state(state) {
+        return;
+    }
+    let detail = match input {
+        LinkInput::LinkUp => format!("slink {} connected to {addr}", sl.nr),
+        LinkInput::LinkDown => format!(
+            "slink {} to {addr} down: {}",
+            sl.nr,
+            error.unwrap_or("connecting")
+        ),
+        LinkInput::DownWaitOver => format!(
+            "slink {} to {addr} out of date: down for its down_wait, writes no longer wait for it",
+            sl.nr
+        ),
+        LinkInput::CaughtUp => format!("slink {} to {addr} caught up: a sync site again", sl.nr),
+    };
+    g.events.raise(event, detail);
 }
 
 /// Regions whose chunks the site acknowledged are clean (durably) for it.
@@ -445,7 +530,8 @@ async fn clear_acked_regions(g: &Arc<Group>, sl: &Arc<Slink>, acked_seq: u64) {
         return;
     }
     let sl2 = sl.clone();
-    let _ = tokio::task::spawn_blocking(move || {
+    let cleared = tokio::task::spawn_blocking(move || {
+        let mut unsaved = Vec::new();
         for (_, (dev_nr, region, last)) in done {
             if !last {
                 continue;
@@ -454,15 +540,32 @@ async fn clear_acked_regions(g: &Arc<Group>, sl: &Arc<Slink>, acked_seq: u64) {
                 if let Some(d) = &dev.dirty {
                     if let Ok(mut d) = d.lock() {
                         d.clear_region(region);
-                        let _ = d.persist();
+                        if let Err(e) = d.persist() {
+                            unsaved.push(format!("device {dev_nr} region {region}: {e}"));
+                        }
                     }
                 }
             }
             sl2.resync_regions_copied_total
                 .fetch_add(1, Ordering::Relaxed);
         }
+        unsaved
     })
     .await;
+    // A failed persist after a clear leaves the region dirty on disk: more dirty than memory,
+    // never less, so nothing is lost (it is copied again after a restart). It is said, and the
+    // link goes on.
+    let unsaved = cleared.unwrap_or_else(|e| vec![format!("clearing task failed: {e}")]);
+    if let Some(first) = unsaved.first() {
+        g.events.raise(
+            "dirtylog-error",
+            format!(
+                "slink {} dirty log not persisted after {} resynced region(s) ({first})",
+                sl.nr,
+                unsaved.len()
+            ),
+        );
+    }
     let dirty = sl.dirty_bytes();
     let resyncing = sl.state() == SlinkState::Resync;
     if dirty == 0 && resyncing {
@@ -473,5 +576,39 @@ async fn clear_acked_regions(g: &Arc<Group>, sl: &Arc<Slink>, acked_seq: u64) {
         sl.set_state(SlinkState::Resync);
         g.events
             .raise("resync-start", format!("slink {} resync started", sl.nr));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_out_of_date_site_stays_out_of_date_until_it_has_caught_up() {
+        use LinkInput::*;
+        use SlinkState::*;
+        assert_eq!(next_link_state(Up, LinkDown), Some((Down, "slink-down")));
+        assert_eq!(
+            next_link_state(Resync, LinkDown),
+            Some((Down, "slink-down"))
+        );
+        assert_eq!(next_link_state(Down, LinkUp), Some((Up, "slink-up")));
+        assert_eq!(
+            next_link_state(Down, DownWaitOver),
+            Some((Outdated, "slink-outdated"))
+        );
+        assert_eq!(next_link_state(Up, DownWaitOver), None, "only a down link");
+        assert_eq!(next_link_state(Outdated, LinkUp), None);
+        assert_eq!(next_link_state(Outdated, LinkDown), None);
+        assert_eq!(next_link_state(Outdated, DownWaitOver), None);
+        assert_eq!(
+            next_link_state(Outdated, CaughtUp),
+            Some((Up, "slink-uptodate"))
+        );
+        assert_eq!(next_link_state(Up, CaughtUp), None);
+        for input in [LinkUp, LinkDown, DownWaitOver, CaughtUp] {
+            assert_eq!(next_link_state(Faulty, input), None);
+            assert_eq!(next_link_state(Stopped, input), None);
+        }
     }
 }

@@ -27,9 +27,9 @@ use std::path::Path;
 pub use error::{LoadTableError, TableError, TableWarning};
 pub use lexer::MAX_TABLE_BYTES;
 pub use model::{
-    sectors_to_bytes, DeviceParams, DirtyLogParams, DirtyLogSync, Fallbehind, Policy, PolicyMode,
-    ReplogMode, ReplogParams, SlinkParams, Table, Target, Transport, MAX_SECTORS, MAX_SLINKS,
-    MIN_REGION_SECTORS, SECTOR_BYTES,
+    sectors_to_bytes, DeviceParams, DirtyLogParams, DirtyLogSync, DownWait, Fallbehind, Policy,
+    PolicyMode, ReplogMode, ReplogParams, SlinkParams, Table, Target, Transport, MAX_SECTORS,
+    MAX_SLINKS, MIN_REGION_SECTORS, SECTOR_BYTES,
 };
 
 /// Parses table text. `source` names the text in errors and warnings (usually the file name).

@@ -198,7 +198,7 @@ pub struct SlinkParams {
 
 impl fmt::Display for SlinkParams {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let fallbehind = self.policy.fallbehind.tokens();
+        let fallbehind = self.policy.tokens();
         let (name, base_count) = match &self.transport {
             Transport::Local => ("local", 2),
             Transport::Tcp { .. } => ("tcp", 3),
@@ -242,16 +242,42 @@ pub struct Policy {
     pub mode: PolicyMode,
     /// Always unbounded for `Sync` (the parser refuses thresholds on a sync slink).
     pub fallbehind: Fallbehind,
+    /// `down_wait=`: `tcp` slinks only; `None` when the table does not say (the daemon's
+    /// `--link-dead-after` applies).
+    pub down_wait: Option<DownWait>,
+}
+
+impl Policy {
+    /// The canonical `key=value` tokens after the mode: fallbehind, then `down_wait`.
+    pub fn tokens(&self) -> Vec<String> {
+        let mut tokens = self.fallbehind.tokens();
+        match self.down_wait {
+            None => {}
+            Some(DownWait::Forever) => tokens.push("down_wait=forever".to_owned()),
+            Some(DownWait::For(d)) => tokens.push(format!("down_wait={}", format_duration(d))),
+        }
+        tokens
+    }
 }
 
 impl fmt::Display for Policy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.mode)?;
-        for token in self.fallbehind.tokens() {
+        for token in self.tokens() {
             write!(f, " {token}")?;
         }
         Ok(())
     }
+}
+
+/// How long writes wait for a site in sync mode whose link is down before it is marked out of
+/// date and no longer waited for (`down_wait=DURATION`), or that they always wait
+/// (`down_wait=forever`: RPO 0 above availability).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownWait {
+    Forever,
+    /// Millisecond resolution; 0: out of date as soon as the link is down.
+    For(Duration),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

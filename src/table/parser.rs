@@ -12,8 +12,9 @@ use std::path::PathBuf;
 use super::error::{Fault, Note, Pos};
 use super::lexer::{push_note, Lexed, Token};
 use super::model::{
-    DeviceParams, DirtyLogParams, DirtyLogSync, Fallbehind, Policy, PolicyMode, ReplogMode,
-    ReplogParams, SlinkParams, Target, Transport, MAX_SECTORS, MAX_SLINKS, MIN_REGION_SECTORS,
+    DeviceParams, DirtyLogParams, DirtyLogSync, DownWait, Fallbehind, Policy, PolicyMode,
+    ReplogMode, ReplogParams, SlinkParams, Target, Transport, MAX_SECTORS, MAX_SLINKS,
+    MIN_REGION_SECTORS,
 };
 use super::units::{is_decimal, parse_decimal, parse_duration, parse_size_bytes, NumError};
 
@@ -275,7 +276,7 @@ impl<'t> Parser<'t> {
             "stall" => PolicyMode::Stall,
             _ => return Err(fault(policy_token, "a policy `sync`, `async` or `stall`")),
         };
-        let (fallbehind, fallbehind_count) = self.fallbehind(mode)?;
+        let (fallbehind, down_wait, fallbehind_count) = self.fallbehind(mode, is_tcp)?;
 
         let transport = if is_tcp {
             let token = self.take("the remote address `host:port`")?;
@@ -328,7 +329,11 @@ impl<'t> Parser<'t> {
         let slink = SlinkParams {
             transport,
             slink_nr,
-            policy: Policy { mode, fallbehind },
+            policy: Policy {
+                mode,
+                fallbehind,
+                down_wait,
+            },
             device: DeviceParams { dev_nr, path },
             dirty_log,
         };
@@ -341,30 +346,38 @@ impl<'t> Parser<'t> {
         Ok((slink, seen_slink))
     }
 
-    /// Fallbehind tokens after the policy: every following token of the form `key=value`.
-    /// Returns the thresholds and how many tokens there were.
-    fn fallbehind(&mut self, mode: PolicyMode) -> Result<(Fallbehind, u64), Fault> {
-        const KEYS: &str = "fallbehind `ios=N`, `size=BYTES` or `timeout=DURATION`";
+    /// Policy tokens after the policy: every following token of the form `key=value`, the
+    /// fallbehind thresholds and `down_wait=` (tcp slinks). Returns them and how many tokens
+    /// there were.
+    fn fallbehind(
+        &mut self,
+        mode: PolicyMode,
+        is_tcp: bool,
+    ) -> Result<(Fallbehind, Option<DownWait>, u64), Fault> {
+        const KEYS: &str =
+            "fallbehind `ios=N`, `size=BYTES` or `timeout=DURATION`, or `down_wait=DURATION|forever`";
         let mut fallbehind = Fallbehind::default();
-        let mut seen: [Option<Pos>; 3] = [None; 3];
+        let mut down_wait = None;
+        let mut seen: [Option<Pos>; 4] = [None; 4];
         let mut count = 0;
         while let Some(token) = self.peek().filter(|t| t.text.contains('=')) {
             self.next += 1;
             count += 1;
-            if mode == PolicyMode::Sync {
+            let (key, value) = token
+                .text
+                .split_once('=')
+                .unwrap_or((token.text.as_str(), ""));
+            if mode == PolicyMode::Sync && key != "down_wait" {
                 return Err(fault(
                     token,
                     "no fallbehind threshold after `sync` (a sync slink never falls behind)",
                 ));
             }
-            let (key, value) = token
-                .text
-                .split_once('=')
-                .unwrap_or((token.text.as_str(), ""));
             let slot = match key {
                 "ios" => 0,
                 "size" => 1,
                 "timeout" => 2,
+                "down_wait" => 3,
                 _ => return Err(fault(token, KEYS)),
             };
             if let Some(Some(earlier)) = seen.get(slot) {
@@ -381,6 +394,29 @@ impl<'t> Parser<'t> {
             }
             // A threshold of 0 means "no bound" (the seed gives the local slink `ios=0`).
             match key {
+                "down_wait" => {
+                    if !is_tcp {
+                        return Err(fault(
+                            token,
+                            "no `down_wait=` on a `local` slink (only a `tcp` site's link goes down)",
+                        ));
+                    }
+                    down_wait = Some(if value == "forever" {
+                        DownWait::Forever
+                    } else {
+                        DownWait::For(parse_duration(value).map_err(|e| {
+                            fault(
+                                token,
+                                describe(
+                                    e,
+                                    "`down_wait=DURATION` with DURATION a number and unit ms, s, m or h (0: \
+                                     not at all), or `down_wait=forever`",
+                                    "`down_wait=DURATION` with DURATION in milliseconds",
+                                ),
+                            )
+                        })?)
+                    });
+                }
                 "ios" => {
                     let ios = parse_decimal(value).map_err(|e| {
                         fault(
@@ -423,7 +459,7 @@ impl<'t> Parser<'t> {
                 }
             }
         }
-        Ok((fallbehind, count))
+        Ok((fallbehind, down_wait, count))
     }
 
     /// `- 0` | `core <1|2> <region> [sync|nosync]` | `disk <2|3> <region> <path> [sync|nosync]`

@@ -234,7 +234,8 @@ pub enum Command {
     ResyncPiece { slink: u8, piece: Piece },
     /// The site's resync is complete (a marker in its stream, with a sequence number).
     ResyncComplete { slink: u8, seq: u64 },
-    /// Make the site's local devices durable (if any), then persist its cursor.
+    /// Make the site's local devices durable (if any), then persist its cursor. Cursors only
+    /// move forward: a drive persists `max(persisted, lsn)` (a drop may have passed it).
     Checkpoint { slink: u8, lsn: Lsn, sync_devices: bool },
     /// Persist dirty marks of a slink (before anything depends on them); report the token.
     MarkDirty {

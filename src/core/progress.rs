@@ -131,8 +131,11 @@ impl Core {
                     break;
                 }
                 if s.dirty.is_clean() {
-                    if s.resync_running && s.dirty.pieces_in_flight() == 0 {
-                        s.resync_running = false;
+                    if s.resync_running
+                        && s.dirty.pieces_in_flight() == 0
+                        && s.complete_in_flight.is_none()
+                    {
+                        s.complete_in_flight = Some(s.next_seq);
                         out.push(Command::ResyncComplete {
                             slink: s.nr(),
                             seq: s.next_seq,
@@ -272,9 +275,9 @@ impl Core {
         assert_eq!(asked, Some(lsn), "checkpoint of slink {slink} not asked for");
         match result {
             Ok(()) => {
+                // An overflow drop may have moved the cursor past this checkpoint meanwhile.
                 let s = &mut self.slinks[i];
-                assert!(lsn >= s.cursor, "cursor of slink {slink} moved back");
-                s.cursor = lsn;
+                s.cursor = s.cursor.max(lsn);
                 s.last_checkpoint = self.now;
                 out.push(Command::Reclaim);
             }
@@ -342,6 +345,10 @@ impl Core {
             return;
         }
         s.acked = s.acked.max(pos.lsn);
+        if s.complete_in_flight.is_some_and(|c| pos.resync_seq >= c) {
+            s.complete_in_flight = None;
+            s.resync_running = false;
+        }
         let clean = s.dirty.acked(pos.resync_seq);
         for (device, region) in clean {
             out.push(Command::ClearDirty {
@@ -374,6 +381,10 @@ impl Core {
         let s = &mut self.slinks[i];
         s.dirty.forget_in_flight();
         s.next_seq = s.next_seq.max(peer.resync_seq + 1);
+        // The site may have persisted that it is inconsistent (a marker lost with a session, or
+        // with a restart of this site): every session ends its repair with a completion marker.
+        s.resync_running = true;
+        s.complete_in_flight = None;
         if peer.lsn < s.cursor {
             // The site lost entries this ring no longer holds: a full resync, or nothing.
             if s.cfg.region_bytes.is_some() {

@@ -83,9 +83,14 @@ impl Core {
             }
         }
         let mut planned = false;
+        let pending: Vec<u8> = self
+            .room
+            .as_ref()
+            .map(|r| r.marks.values().map(|(nr, _)| *nr).collect())
+            .unwrap_or_default();
         for i in 1..self.slinks.len() {
             let s = &self.slinks[i];
-            if !s.droppable() || s.cursor >= target {
+            if !s.droppable() || s.cursor >= target || pending.contains(&s.nr()) {
                 continue;
             }
             let nr = s.nr();
@@ -113,7 +118,7 @@ impl Core {
             planned = true;
         }
         if let Some(room) = &mut self.room {
-            room.stuck = !planned;
+            room.stuck = !planned && room.marks.is_empty();
         }
     }
 
@@ -140,7 +145,7 @@ impl Core {
                 s.cursor = s.cursor.max(target);
                 out.push(Command::DropTo {
                     slink: nr,
-                    lsn: target,
+                    lsn: s.cursor,
                 });
                 let now_dirty = !s.dirty.is_clean();
                 self.slink_changed(

@@ -113,8 +113,11 @@ pub struct SlinkCore {
     pub next_seq: u64,
     pub seq_reserved: u64,
     pub seq_reserving: bool,
-    /// A resync ran and its completion was not yet handed to the site.
+    /// The site may be inconsistent (a resync ran, or it reconnected): it gets a completion
+    /// marker once clean, and this stays set until the site acknowledged the marker.
     pub resync_running: bool,
+    /// The sequence number of the completion marker on its way.
+    pub complete_in_flight: Option<u64>,
     pub checkpoint_in_flight: Option<Lsn>,
     pub last_checkpoint: Nanos,
     connected: bool,
@@ -146,6 +149,7 @@ impl SlinkCore {
             seq_reserved: seq_persisted,
             seq_reserving: false,
             resync_running: false,
+            complete_in_flight: None,
             checkpoint_in_flight: None,
             last_checkpoint: now,
             connected: local,

@@ -196,6 +196,8 @@ struct World {
     /// The primary's history by lsn (index lsn - 1), truncated when a primary restart recovers
     /// fewer entries (a power loss took unflushed ones; no site ever got them).
     history: Vec<HistoryWrite>,
+    /// Where histories start: zeros, and the primary's devices after each restart's recovery.
+    bases: Vec<check::Base>,
     next_id: u64,
     pending: BTreeMap<u64, Pending>,
     flush_requests: BTreeMap<u64, u64>,
@@ -325,6 +327,7 @@ impl World {
             links,
             stats: Stats::default(),
             history: Vec::new(),
+            bases: vec![check::zero_base(&DEVICES)],
             next_id: 1,
             pending: BTreeMap::new(),
             flush_requests: BTreeMap::new(),
@@ -417,6 +420,18 @@ impl World {
             // Entries above `last` were lost with the power: no site has them (R1).
             self.history.truncate(last as usize);
             self.max_acked = self.max_acked.min(last);
+            let devs: BTreeMap<u32, Vec<u8>> = self.sites[PRIMARY]
+                .devices
+                .iter()
+                .map(|(d, disk)| (*d, disk.current_image()))
+                .collect();
+            match check::recovered_images(self.sites[PRIMARY].log_disk.current_image(), &devs) {
+                Ok((lsn, images)) => {
+                    self.bases.retain(|b| b.lsn <= lsn);
+                    self.bases.push(check::Base { lsn, images });
+                }
+                Err(e) => self.fail(format!("primary recovery image: {e}")),
+            }
         }
         let mut retained = Vec::new();
         let mut from = log.first_lsn().max(1);
@@ -1190,10 +1205,22 @@ impl World {
                 ));
                 return;
             }
-            let expected = check::replay(&self.history, last, &DEVICES);
-            if let Some(diff) = check::first_difference(&images, &expected) {
+            let mut diff = None;
+            for base in self.bases.iter().filter(|b| b.lsn <= last) {
+                let expected = check::replay(&self.history, base, last);
+                match check::first_difference(&images, &expected) {
+                    None => {
+                        diff = None;
+                        break;
+                    }
+                    Some(d) => {
+                        diff.get_or_insert(format!("(from lsn {}) {d}", base.lsn));
+                    }
+                }
+            }
+            if let Some(diff) = diff {
                 self.fail(format!(
-                    "site {i} after a {kind} {when}: not the prefix up to lsn {last}: {diff}"
+                    "site {i} after a {kind} {when}: not a prefix up to lsn {last}: {diff}"
                 ));
                 return;
             }
@@ -1221,30 +1248,50 @@ impl World {
             }
             let c = self.sites[*s].core.as_ref().ok_or("secondary down")?;
             if !c.consistent() {
-                return Err(format!("site {s} not consistent"));
+                return Err(format!(
+                    "site {s} not consistent (primary's slink {slink}: resync running {}, marker {:?}, shipped {}, resync high {}, applied0 {}, state {:?})",
+                    sl.resync_running,
+                    sl.complete_in_flight,
+                    sl.shipped,
+                    sl.resync_high,
+                    p.applied0(),
+                    sl.state()
+                ));
             }
-            if c.applied0() < p.written_lsn() && c.secondary_position().lsn < p.written_lsn() {
-                return Err(format!("site {s} behind"));
+            if c.applied0() < p.written_lsn() {
+                return Err(format!(
+                    "site {s} applied {} of {}",
+                    c.applied0(),
+                    p.written_lsn()
+                ));
             }
         }
         Ok(())
     }
 
     fn final_check(&mut self) {
+        let primary: BTreeMap<u32, Vec<u8>> = self.sites[PRIMARY]
+            .devices
+            .iter()
+            .map(|(d, disk)| (*d, disk.current_image()))
+            .collect();
         for s in SECONDARIES {
             self.check_site(s, "at the end");
-            for (dev, disk) in &self.sites[s].devices {
-                let mine = self.sites[PRIMARY].devices.get(dev).map(|d| d.current_image());
-                if mine.as_deref() != Some(&disk.current_image()[..]) {
-                    self.fail(format!(
-                        "converged, but site {s} device {dev} differs from the primary's"
-                    ));
-                    return;
-                }
+            let theirs: BTreeMap<u32, Vec<u8>> = self.sites[s]
+                .devices
+                .iter()
+                .map(|(d, disk)| (*d, disk.current_image()))
+                .collect();
+            if let Some(diff) = check::first_difference(&theirs, &primary) {
+                self.fail(format!("converged, but site {s} differs from the primary: {diff}"));
+                return;
             }
         }
-        // The primary's own devices are the replay of its history.
-        let expected = check::replay(&self.history, self.history.len() as u64, &DEVICES);
+        // The primary's own devices are the replay of its history since its last restart.
+        let Some(base) = self.bases.last() else {
+            return;
+        };
+        let expected = check::replay(&self.history, base, self.history.len() as u64);
         let actual: BTreeMap<u32, Vec<u8>> = self.sites[PRIMARY]
             .devices
             .iter()

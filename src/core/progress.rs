@@ -116,6 +116,7 @@ impl Core {
     /// Resync pieces, once slink 0 holds everything shipped to the site before them.
     fn resync(&mut self, out: &mut Vec<Command>) {
         let applied0 = self.applied0;
+        let written = self.written;
         for s in self.slinks.iter_mut().skip(1) {
             if !s.active() || s.seq_reserving || applied0 < s.shipped {
                 continue;
@@ -134,6 +135,7 @@ impl Core {
                     if s.resync_running
                         && s.dirty.pieces_in_flight() == 0
                         && s.complete_in_flight.is_none()
+                        && s.shipped >= s.resync_high
                     {
                         s.complete_in_flight = Some(s.next_seq);
                         out.push(Command::ResyncComplete {
@@ -148,6 +150,9 @@ impl Core {
                     Some(piece) => {
                         s.next_seq += 1;
                         s.resync_running = true;
+                        s.resync_high = s.resync_high.max(written);
+                        // A marker sent before this piece no longer ends the resync.
+                        s.complete_in_flight = None;
                         out.push(Command::ResyncPiece {
                             slink: s.nr(),
                             piece,

@@ -118,6 +118,10 @@ pub struct SlinkCore {
     pub resync_running: bool,
     /// The sequence number of the completion marker on its way.
     pub complete_in_flight: Option<u64>,
+    /// The newest lsn slink 0 may have applied when a piece of this resync was read: the piece
+    /// can hold that entry's bytes, so the site is a prefix again only once the stream got every
+    /// entry up to here (the completion marker waits for it).
+    pub resync_high: Lsn,
     pub checkpoint_in_flight: Option<Lsn>,
     pub last_checkpoint: Nanos,
     connected: bool,
@@ -150,6 +154,7 @@ impl SlinkCore {
             seq_reserving: false,
             resync_running: false,
             complete_in_flight: None,
+            resync_high: 0,
             checkpoint_in_flight: None,
             last_checkpoint: now,
             connected: local,

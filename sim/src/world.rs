@@ -27,6 +27,8 @@ const SECONDARIES: [usize; 2] = [1, 2];
 const WRITES_IN_FLIGHT_MAX: usize = 8;
 /// Simulated time allowed for convergence once faults stop.
 const CONVERGE_WITHIN: Nanos = 120 * NS_PER_SEC;
+/// Events of one run: far above what a run needs (about 10,000); more is a livelock.
+const EVENTS_MAX: u64 = 2_000_000;
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -642,6 +644,16 @@ impl World {
                         );
                     }
                     Err(replog::Error::Full { .. }) => {
+                        if self.opts.trace {
+                            let sp = log.space();
+                            let note = format!(
+                                "site {i}: ring full: {sp:?}, cursor0 {:?}, first {} next {}",
+                                log.cursor(0),
+                                log.first_lsn(),
+                                log.next_lsn()
+                            );
+                            self.note(note);
+                        }
                         self.core_input(
                             i,
                             Input::AppendResult {
@@ -1312,12 +1324,34 @@ impl World {
             }
             self.now = q.at;
             self.stats.events += 1;
+            if self.stats.events > EVENTS_MAX {
+                let cores: Vec<String> = self
+                    .sites
+                    .iter()
+                    .map(|s| s.core.as_ref().map_or("down".into(), |c| c.summary()))
+                    .collect();
+                self.fail(format!(
+                    "livelock: {EVENTS_MAX} events without an end\n  {}",
+                    cores.join("\n  ")
+                ));
+                break;
+            }
             self.step(q.ev);
             if self.stats.events % 97 == 0 {
                 let s = SECONDARIES[(self.stats.events / 97 % 2) as usize];
                 if self.sites[s].alive {
                     self.check_site(s, "mid-run");
                 }
+            }
+            if self.now > self.faults_until + 2 * CONVERGE_WITHIN {
+                let why = self.converged().err().unwrap_or_default();
+                self.fail(format!(
+                    "no progress: {} of {} writes issued {} s after faults stopped: {why}",
+                    self.writes_issued,
+                    self.opts.writes,
+                    2 * CONVERGE_WITHIN / NS_PER_SEC
+                ));
+                break;
             }
             let quiet = self.writes_issued >= self.opts.writes && self.now >= self.faults_until;
             if quiet {

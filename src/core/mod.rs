@@ -297,6 +297,11 @@ struct Room {
     /// The last reclaim freed nothing new: wait for a site before retrying.
     stuck: bool,
     free_bytes: u64,
+    /// A reclaim was asked without a checkpoint (cursors persisted before a restart, or moved
+    /// by a drop): once per episode, so a refusal never loops on reclaims at one instant.
+    reclaim_asked: bool,
+    /// Secondary: the received entry at the inbox's front may be tried again (once).
+    retry: bool,
 }
 
 /// Secondary role state.
@@ -434,6 +439,8 @@ impl Core {
         // What recovery found may sit in the page cache only: nothing is shipped, replayed
         // outside the activity log, or counted in a cursor before it is durable (R1, R2).
         self.request_flush(out);
+        // Cursors persisted just before a crash may free ring space nobody reclaimed.
+        out.push(Command::Reclaim);
         if !restored.activity_log.is_empty() && self.role == Role::Primary {
             // Unclean stop: the listed extents of slink 0 may hold writes the replog lost. Every
             // other site is repaired there from slink 0. The log stays as it is until the marks
@@ -546,6 +553,43 @@ impl Core {
         self.al.extents()
     }
 
+    /// One line of the core's positions, for logs and failed simulations.
+    pub fn summary(&self) -> String {
+        let slinks: Vec<String> = self
+            .slinks
+            .iter()
+            .map(|s| {
+                format!(
+                    "#{} {:?} {:?} shipped {} acked {} cursor {} skip {} dirty {} ckpt {:?}",
+                    s.nr(),
+                    s.state(),
+                    s.mode,
+                    s.shipped,
+                    s.acked,
+                    s.cursor,
+                    s.skip_to,
+                    s.dirty.dirty_regions(),
+                    s.checkpoint_in_flight
+                )
+            })
+            .collect();
+        format!(
+            "{:?} next {} written {} durable {} applied0 {} unapplied {} waiting {} parked {} room {:?} append {:?} flush {} | {}",
+            self.role,
+            self.next_lsn,
+            self.written,
+            self.durable,
+            self.applied0,
+            self.order.len(),
+            self.waiting.len(),
+            self.parked.len(),
+            self.room,
+            self.append_in_flight,
+            self.flush_in_flight,
+            slinks.join(" | ")
+        )
+    }
+
     pub fn writes_in_flight(&self) -> usize {
         self.waiting.len() + self.parked.len()
     }
@@ -638,11 +682,16 @@ impl Core {
                 free_bytes,
             } => {
                 self.index.trim_through(first_lsn.saturating_sub(1));
+                // Retry only when space grew: a refused retry asks for another reclaim, and at
+                // one instant that would never end. Ticks retry too.
+                let grew = self.room.as_ref().is_none_or(|r| free_bytes > r.free_bytes);
                 if let Some(room) = &mut self.room {
-                    room.stuck = free_bytes <= room.free_bytes && room.marks.is_empty();
+                    room.stuck = !grew && room.marks.is_empty();
                     room.free_bytes = free_bytes;
                 }
-                self.retry_parked(out);
+                if grew {
+                    self.retry_parked(out);
+                }
             }
             Input::DirtyPersisted { token, result } => self.on_dirty_persisted(token, result, out),
             Input::ActivityLogWritten { token, result } => match result {

@@ -28,6 +28,11 @@ impl Core {
             room.stuck = false;
         }
         if in_flight == 0 {
+            if let Some(room) = self.room.as_mut().filter(|r| !r.reclaim_asked) {
+                room.reclaim_asked = true;
+                out.push(Command::Reclaim);
+                return;
+            }
             self.plan_drop(out);
         }
     }
@@ -163,8 +168,11 @@ impl Core {
             return;
         }
         if self.role == Role::Secondary {
-            // The secondary's inbox retries by itself in `secondary_progress`.
-            self.room = None;
+            // The secondary's inbox tries its front entry again in `secondary_progress`; the
+            // episode (and its one reclaim) lasts until an append is accepted.
+            if let Some(room) = &mut self.room {
+                room.retry = true;
+            }
             return;
         }
         match self.parked.pop_front() {

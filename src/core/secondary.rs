@@ -18,7 +18,7 @@ impl Core {
             if self.append_in_flight.is_some()
                 || self.secondary.consistency_persisting.is_some()
                 || self.secondary.piece_storing.is_some()
-                || self.room.is_some()
+                || self.room.as_ref().is_some_and(|r| !r.retry)
             {
                 break;
             }
@@ -32,6 +32,9 @@ impl Core {
                         // The primary dropped entries for this site: not a prefix until repaired.
                         self.persist_consistency(false, out);
                         break;
+                    }
+                    if let Some(room) = &mut self.room {
+                        room.retry = false;
                     }
                     self.append_in_flight = Some(lsn);
                     self.next_lsn = lsn + 1;
@@ -111,6 +114,7 @@ impl Core {
 
     pub(super) fn secondary_appended(&mut self) {
         self.secondary.inbox.pop_front();
+        self.room = None;
     }
 
     /// The ring refused the received entry at `lsn`: it stays at the inbox's front.

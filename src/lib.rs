@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod control;
+pub mod core;
 pub mod daemon;
 pub mod engine;
 pub mod metrics;

@@ -18,10 +18,12 @@
 //! a completed FLUSH or FUA is still there; once faults stop every site converges (lag 0,
 //! byte-equal devices, consistent) within a bounded simulated time.
 //!
-//! What is modelled rather than real: the dirty logs, the activity log and the resync sequence
-//! reservation are kept as "durable" sets that a completion makes durable atomically (the real
-//! formats have their own crash tests in `replog`); the link carries core-level items, not frames
-//! (frames have golden vectors and fuzzing in `slink`).
+//! The activity log and the resync sequence reservations are the replog's own (metadata format 2,
+//! written through the same slot writes a power loss can tear). What is modelled rather than
+//! real: the dirty logs and the secondary's consistency flag are "durable" sets that a completion
+//! makes durable atomically (the dirty log format has its own crash tests in `replog`); the link
+//! carries core-level items, not frames (frames have golden vectors and fuzzing in `slink`); the
+//! devices are in-memory disks with the same crash semantics as the replog's.
 
 pub mod check;
 pub mod rng;

@@ -21,6 +21,8 @@ const REGION_BYTES: u64 = 4096;
 const RING_BYTES: u64 = 128 << 10;
 const REPLOG_BYTES: u64 = 8192 + RING_BYTES;
 const SECTOR: u64 = 512;
+/// Activity log extents: small, so that a run keeps adding and evicting them.
+const AL_EXTENT_BYTES: u64 = 8192;
 const PRIMARY: usize = 0;
 /// Site 1 is the sync secondary (slink 1), site 2 the async one (slink 2).
 const SECONDARIES: [usize; 2] = [1, 2];
@@ -108,14 +110,6 @@ enum Persist {
         token: u64,
         regions: Vec<(u32, u64)>,
     },
-    Activity {
-        token: u64,
-        extents: Vec<(u32, u64)>,
-    },
-    ResyncSeq {
-        slink: u8,
-        reserved: u64,
-    },
     Consistency {
         consistent: bool,
     },
@@ -144,12 +138,11 @@ impl Ord for Queued {
     }
 }
 
-/// What survives a crash besides the disks: the modelled persisted sets.
+/// What survives a crash besides the disks (the replog's metadata holds the activity log and
+/// the resync sequence reservations): the modelled dirty logs and consistency flag.
 #[derive(Clone, Debug, Default)]
 struct Durable {
     dirty: BTreeSet<(u8, u32, u64)>,
-    activity: Vec<(u32, u64)>,
-    resync_seq: BTreeMap<u8, u64>,
     consistent: bool,
 }
 
@@ -260,7 +253,7 @@ fn core_config(role: Role) -> CoreConfig {
         record_overhead_bytes: 4096,
         ring_full_wait: 20 * NS_PER_SEC,
         checkpoint_interval: 500 * MS,
-        activity_extent_bytes: 8192,
+        activity_extent_bytes: AL_EXTENT_BYTES,
         activity_extents_max: 4,
     }
 }
@@ -350,6 +343,9 @@ impl World {
                         if let Err(e) = log.register_slink(nr, 0) {
                             w.fail(format!("register slink {nr}: {e}"));
                         }
+                    }
+                    if let Err(e) = log.set_activity_log_extent_bytes(AL_EXTENT_BYTES) {
+                        w.fail(format!("activity log extent: {e}"));
                     }
                     drop(log);
                 }
@@ -464,13 +460,11 @@ impl World {
                 .filter_map(|n| log.cursor(*n).map(|c| (*n, c)))
                 .collect(),
             dirty: site.durable.dirty.iter().copied().collect(),
-            resync_seq: site
-                .durable
-                .resync_seq
+            resync_seq: nrs
                 .iter()
-                .map(|(k, v)| (*k, *v))
+                .map(|n| (*n, log.resync_seq(*n).unwrap_or(0)))
                 .collect(),
-            activity_log: site.durable.activity.clone(),
+            activity_log: log.activity_log().extents,
             consistent: site.durable.consistent,
         };
         let (core, cmds) = Core::new(core_config(site.role), restored, self.now);
@@ -853,24 +847,39 @@ impl World {
                 self.sites[i].durable.dirty.remove(&(slink, device, region));
             }
             Command::WriteActivityLog { token, extents } => {
+                let Some(log) = self.sites[i].log.as_ref() else {
+                    return;
+                };
+                let result = log.set_activity_log(&extents).map_err(|e| e.to_string());
                 let d = self.delay(3);
                 self.at(
                     d,
-                    Ev::Persist {
+                    Ev::Input {
                         site: i,
                         inc,
-                        what: Persist::Activity { token, extents },
+                        input: Input::ActivityLogWritten { token, result },
                     },
                 );
             }
             Command::PersistResyncSeq { slink, reserved } => {
+                let Some(log) = self.sites[i].log.as_ref() else {
+                    return;
+                };
+                let result = log
+                    .raise_resync_seq(slink, reserved)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string());
                 let d = self.delay(3);
                 self.at(
                     d,
-                    Ev::Persist {
+                    Ev::Input {
                         site: i,
                         inc,
-                        what: Persist::ResyncSeq { slink, reserved },
+                        input: Input::ResyncSeqPersisted {
+                            slink,
+                            reserved,
+                            result,
+                        },
                     },
                 );
             }
@@ -1401,22 +1410,6 @@ impl World {
                             }
                             Input::DirtyPersisted {
                                 token,
-                                result: Ok(()),
-                            }
-                        }
-                        Persist::Activity { token, extents } => {
-                            d.activity = extents;
-                            Input::ActivityLogWritten {
-                                token,
-                                result: Ok(()),
-                            }
-                        }
-                        Persist::ResyncSeq { slink, reserved } => {
-                            let e = d.resync_seq.entry(slink).or_default();
-                            *e = (*e).max(reserved);
-                            Input::ResyncSeqPersisted {
-                                slink,
-                                reserved,
                                 result: Ok(()),
                             }
                         }

@@ -1,0 +1,108 @@
+//! The simulation's CI budget: 2,000 seeds (four ranges of 500, so nextest runs them side by
+//! side), each a full run with faults, checked after sampled events, at every crash and at the
+//! end. `SIM_SEEDS_PER_TEST=N` changes the range size. A failure prints the command that replays
+//! the seed.
+//!
+//! Below the budget: one test per bug the simulation found, named after it, with the seed that
+//! found it. Each seed replays its failure exactly on the commit where it failed (given in the
+//! test's comment); on later commits the run takes another path, so each test is also a plain
+//! run of that seed that must pass.
+
+use replicator_sim::{run, Options};
+
+fn seeds_per_test() -> u64 {
+    std::env::var("SIM_SEEDS_PER_TEST")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500)
+}
+
+fn run_range(from: u64, count: u64) {
+    let mut failures = Vec::new();
+    let mut events = 0;
+    for seed in from..from + count {
+        let out = run(Options {
+            seed,
+            ..Options::default()
+        });
+        events += out.stats.events;
+        if let Some(f) = out.failure {
+            failures.push(format!(
+                "seed {seed}: {f}\nreplay: cargo run --release -p replicator-sim -- --seed {seed} --trace"
+            ));
+        }
+    }
+    println!("seeds {from}..{}: {events} events", from + count);
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn seeds_0_to_500_keep_every_promise() {
+    run_range(0, seeds_per_test());
+}
+
+#[test]
+fn seeds_500_to_1000_keep_every_promise() {
+    run_range(seeds_per_test(), seeds_per_test());
+}
+
+#[test]
+fn seeds_1000_to_1500_keep_every_promise() {
+    run_range(2 * seeds_per_test(), seeds_per_test());
+}
+
+#[test]
+fn seeds_1500_to_2000_keep_every_promise() {
+    run_range(3 * seeds_per_test(), seeds_per_test());
+}
+
+fn seed_passes(seed: u64) {
+    let out = run(Options {
+        seed,
+        ..Options::default()
+    });
+    assert!(out.failure.is_none(), "seed {seed}: {:?}", out.failure);
+    assert!(out.stats.writes_acked > 0, "seed {seed} acknowledged nothing");
+}
+
+/// Found at 8f3d922: two overflow drops planned for one slink before the first was persisted;
+/// the second, older target moved its cursor back ("cursor cannot move back from 153 to 151").
+#[test]
+fn regression_seed_13_a_second_drop_for_a_slink_never_moves_its_cursor_back() {
+    seed_passes(13);
+}
+
+/// Found at 8f3d922: the resync completion marker was lost with a link reset; the site stayed
+/// inconsistent forever. Every session now ends its repair with a marker.
+#[test]
+fn regression_seed_78_a_completion_marker_lost_with_its_session_is_sent_again() {
+    seed_passes(78);
+}
+
+/// Found at 8f3d922: pieces sent after a completion marker, whose ack then ended the resync:
+/// the site stayed inconsistent. A piece now supersedes a marker in flight.
+#[test]
+fn regression_seed_837_a_piece_after_a_completion_marker_keeps_the_resync_running() {
+    seed_passes(837);
+}
+
+/// Found at the commit before a8a73fc: a cursor persisted just before a crash freed ring space
+/// nobody reclaimed after the restart; the secondary's ring stayed full (livelock).
+#[test]
+fn regression_seed_3287_a_restart_reclaims_what_cursors_persisted_before_the_crash_free() {
+    seed_passes(3287);
+}
+
+/// Found at the commit before a8a73fc: a refused append asked for a reclaim, whose completion
+/// retried the append, at one simulated instant, forever. One reclaim per ring-full episode.
+#[test]
+fn regression_seed_40_a_full_ring_never_loops_on_reclaims_at_one_instant() {
+    seed_passes(40);
+}
+
+/// Found at the commit before a8a73fc: the secondary's retry after a reclaim started a new
+/// ring-full episode each time (and so a new reclaim): the same loop on the secondary.
+#[test]
+fn regression_seed_164_a_secondary_retries_its_front_entry_once_per_reclaim_that_freed_space() {
+    seed_passes(164);
+}

@@ -4,9 +4,10 @@
 //! the seed.
 //!
 //! Below the budget: one test per bug the simulation found, named after it, with the seed that
-//! found it. Each seed replays its failure exactly on the commit where it failed (given in the
-//! test's comment); on later commits the run takes another path, so each test is also a plain
-//! run of that seed that must pass.
+//! found it. The bugs were found while the simulation was being written: the failing code is the
+//! core of the commit named in each comment, driven by the simulation of the commit that fixed
+//! it (which was not committed in its failing form). Any change to the core or the simulation
+//! sends a seed down another path, so each test is also a plain run of that seed that must pass.
 
 use replicator_sim::{run, Options};
 
@@ -65,42 +66,42 @@ fn seed_passes(seed: u64) {
     assert!(out.stats.writes_acked > 0, "seed {seed} acknowledged nothing");
 }
 
-/// Found at 8f3d922: two overflow drops planned for one slink before the first was persisted;
+/// Found in the core of 8f3d922, fixed in 5e7a574: two overflow drops planned for one slink before the first was persisted;
 /// the second, older target moved its cursor back ("cursor cannot move back from 153 to 151").
 #[test]
 fn regression_seed_13_a_second_drop_for_a_slink_never_moves_its_cursor_back() {
     seed_passes(13);
 }
 
-/// Found at 8f3d922: the resync completion marker was lost with a link reset; the site stayed
+/// Found in the core of 8f3d922, fixed in 5e7a574: the resync completion marker was lost with a link reset; the site stayed
 /// inconsistent forever. Every session now ends its repair with a marker.
 #[test]
 fn regression_seed_78_a_completion_marker_lost_with_its_session_is_sent_again() {
     seed_passes(78);
 }
 
-/// Found at 8f3d922: pieces sent after a completion marker, whose ack then ended the resync:
+/// Found in the core of 5e7a574, fixed in 92abf6e: pieces sent after a completion marker, whose ack then ended the resync:
 /// the site stayed inconsistent. A piece now supersedes a marker in flight.
 #[test]
 fn regression_seed_837_a_piece_after_a_completion_marker_keeps_the_resync_running() {
     seed_passes(837);
 }
 
-/// Found at the commit before a8a73fc: a cursor persisted just before a crash freed ring space
+/// Found in the core of 92abf6e, fixed in a8a73fc: a cursor persisted just before a crash freed ring space
 /// nobody reclaimed after the restart; the secondary's ring stayed full (livelock).
 #[test]
 fn regression_seed_3287_a_restart_reclaims_what_cursors_persisted_before_the_crash_free() {
     seed_passes(3287);
 }
 
-/// Found at the commit before a8a73fc: a refused append asked for a reclaim, whose completion
+/// Found in the core of 92abf6e, fixed in a8a73fc: a refused append asked for a reclaim, whose completion
 /// retried the append, at one simulated instant, forever. One reclaim per ring-full episode.
 #[test]
 fn regression_seed_40_a_full_ring_never_loops_on_reclaims_at_one_instant() {
     seed_passes(40);
 }
 
-/// Found at the commit before a8a73fc: the secondary's retry after a reclaim started a new
+/// Found in the core of 92abf6e, fixed in a8a73fc: the secondary's retry after a reclaim started a new
 /// ring-full episode each time (and so a new reclaim): the same loop on the secondary.
 #[test]
 fn regression_seed_164_a_secondary_retries_its_front_entry_once_per_reclaim_that_freed_space() {

@@ -63,7 +63,10 @@ fn seed_passes(seed: u64) {
         ..Options::default()
     });
     assert!(out.failure.is_none(), "seed {seed}: {:?}", out.failure);
-    assert!(out.stats.writes_acked > 0, "seed {seed} acknowledged nothing");
+    assert!(
+        out.stats.writes_acked > 0,
+        "seed {seed} acknowledged nothing"
+    );
 }
 
 /// Found in the core of 8f3d922, fixed in 5e7a574: two overflow drops planned for one slink before the first was persisted;

@@ -47,6 +47,9 @@ fn main() -> ExitCode {
         for (k, v) in out.stats.faults {
             *total.faults.entry(k).or_default() += v;
         }
+        for (k, v) in out.stats.core_events {
+            *total.core_events.entry(k).or_default() += v;
+        }
         if let Some(f) = out.failure {
             failed += 1;
             eprintln!("seed {seed} FAILED: {f}");
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
         total.events as f64 / secs
     );
     println!("faults injected: {:?}", total.faults);
+    println!("core events: {:?}", total.core_events);
     if failed > 0 {
         ExitCode::FAILURE
     } else {

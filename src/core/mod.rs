@@ -739,7 +739,11 @@ impl Core {
             }
             Input::LogDurable { upto } => {
                 self.flush_in_flight = false;
-                assert!(upto <= self.written.max(self.durable) || upto < self.next_lsn);
+                assert!(
+                    upto < self.next_lsn,
+                    "durable up to {upto}, only {} handed out",
+                    self.next_lsn - 1
+                );
                 if upto > self.durable {
                     self.durable = upto.min(self.written);
                 }

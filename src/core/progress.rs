@@ -368,6 +368,9 @@ impl Core {
         if s.complete_in_flight.is_some_and(|c| pos.resync_seq >= c) {
             s.complete_in_flight = None;
             s.resync_running = false;
+            if s.acked >= s.skip_to {
+                s.drop_floor = None;
+            }
         }
         let clean = s.dirty.acked(pos.resync_seq);
         for (device, region) in clean {
@@ -408,7 +411,8 @@ impl Core {
         // with a restart of this site): every session ends its repair with a completion marker.
         s.resync_running = true;
         s.complete_in_flight = None;
-        if peer.lsn < s.cursor {
+        let floor = s.drop_floor.unwrap_or(s.cursor).min(s.cursor);
+        if peer.lsn < floor {
             // The site lost entries this ring no longer holds: a full resync, or nothing.
             if s.cfg.region_bytes.is_some() {
                 s.dirty.mark_all();
@@ -447,7 +451,7 @@ impl Core {
                 return;
             }
         } else {
-            if peer.lsn < s.acked {
+            if peer.lsn < s.acked && s.drop_floor.is_none() {
                 out.push(Command::Event {
                     kind: "site-lost-entries",
                     detail: format!(
@@ -456,7 +460,8 @@ impl Core {
                     ),
                 });
             }
-            s.acked = peer.lsn;
+            // Entries dropped for it count as had: their regions are dirty.
+            s.acked = peer.lsn.max(s.skip_to);
         }
         let s = &mut self.slinks[i];
         s.shipped = s.acked.max(s.skip_to);

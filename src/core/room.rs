@@ -100,6 +100,11 @@ impl Core {
             }
             let nr = s.nr();
             let from = s.cursor.max(s.skip_to);
+            // Entries up to `from` are the site's or, above the cursor, still in the ring; those
+            // above it become dirty regions. A site that comes back with less than `from` lacks
+            // entries that are neither: a full resync.
+            let s = &mut self.slinks[i];
+            s.drop_floor = Some(s.drop_floor.map_or(from, |f| f.min(from)));
             let extents: Vec<Extent> = self.index.range(from, target).map(|r| r.extent).collect();
             for e in &extents {
                 self.slinks[i].dirty.mark(e.device, e.offset, e.len);

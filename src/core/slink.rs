@@ -126,6 +126,10 @@ pub struct SlinkCore {
     /// can hold that entry's bytes, so the site is a prefix again only once the stream got every
     /// entry up to here (the completion marker waits for it).
     pub resync_high: Lsn,
+    /// What the site had when entries were first dropped for it (since it was last repaired):
+    /// a site that reconnects with at least this much lacks only dropped entries, which its dirty
+    /// regions cover; less means it lost entries it had acknowledged.
+    pub drop_floor: Option<Lsn>,
     pub checkpoint_in_flight: Option<Lsn>,
     pub last_checkpoint: Nanos,
     connected: bool,
@@ -159,6 +163,7 @@ impl SlinkCore {
             resync_running: false,
             complete_in_flight: None,
             resync_high: 0,
+            drop_floor: None,
             checkpoint_in_flight: None,
             last_checkpoint: now,
             connected: local,

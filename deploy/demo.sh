@@ -30,7 +30,7 @@ pid_b=$!
   --site-id siteA --psk-file "$run/link.key" --peer siteB@127.0.0.1:7410 \
   2>"$run/siteA/daemon.log" &
 pid_a=$!
-trap '[ -z "${KEEP:-}" ] && kill $pid_a $pid_b 2>/dev/null; true' EXIT
+trap 'if [ -z "${KEEP:-}" ]; then kill $pid_a $pid_b 2>/dev/null || true; fi' EXIT
 for _ in $(seq 100); do "$bin" ls $A >/dev/null 2>&1 && "$bin" ls $B >/dev/null 2>&1 && break; sleep 0.1; done
 
 echo "== site B: create --secondary dev0 (deploy/tables/quickstart-secondary.table)"

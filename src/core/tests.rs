@@ -785,6 +785,9 @@ fn a_paused_site_gets_no_ship_and_is_not_waited_for_until_resumed() {
 
 // ---- a full ring ----
 
+/// Adds slink 2 of some kind to a setup.
+type SiteKind = fn(Setup) -> Setup;
+
 /// Three 4 KiB writes in a ring of eight, through slink 0; an async site that never acks.
 fn full_ring(site: impl FnOnce(Setup) -> Setup) -> Rig {
     let mut rig = site(primary().ring_bytes(8 * 4096)).start();
@@ -865,7 +868,7 @@ fn a_full_ring_drops_for_an_async_site_after_marking_the_dropped_extents_dirty()
 
 #[test]
 fn a_full_ring_never_drops_for_a_stall_or_sync_site_or_one_without_a_dirty_log() {
-    let kinds: [(&str, fn(Setup) -> Setup); 3] = [
+    let kinds: [(&str, SiteKind); 3] = [
         ("stall", |s| {
             s.site(2, PolicyKind::Stall, DownWait::Bounded(DOWN_WAIT))
         }),

@@ -1510,3 +1510,174 @@ fn a_shutdown_right_after_an_unclean_start_keeps_the_activity_log_until_the_mark
     let out = rig.al_written(&out);
     assert!(out.contains(&Command::Stopped));
 }
+
+#[test]
+fn pausing_a_sync_site_releases_the_write_that_waits_for_it() {
+    let mut rig = primary().sync_site(1).start();
+    rig.connect(1, 0);
+    rig.write_through(1, 0, 4096);
+    assert_eq!(rig.core.writes_in_flight(), 1, "waits for slink 1");
+    let out = rig.feed(Input::Pause {
+        slink: 1,
+        paused: true,
+    });
+    assert_eq!(ok_replies(&out), vec![1]);
+}
+
+#[test]
+fn a_site_ack_unblocks_a_ring_held_by_a_stall_site() {
+    let mut rig = full_ring(|s| s.site(2, PolicyKind::Stall, DownWait::Bounded(DOWN_WAIT)));
+    rig.refuse = 2;
+    rig.write(10, 0, 4096);
+    rig.feed(Input::CheckpointDone {
+        slink: 0,
+        lsn: 3,
+        result: Ok(()),
+    });
+    rig.feed(Input::Reclaimed {
+        first_lsn: 1,
+        free_bytes: 0,
+    });
+    assert_eq!(rig.core.writes_in_flight(), 1, "parked");
+    let out = rig.ack(2, 3);
+    assert_eq!(checkpoints(&out), vec![(2, 3)], "{out:?}");
+    let out = rig.feed(Input::CheckpointDone {
+        slink: 2,
+        lsn: 3,
+        result: Ok(()),
+    });
+    assert!(out.contains(&Command::Reclaim));
+    let out = rig.feed(Input::Reclaimed {
+        first_lsn: 4,
+        free_bytes: 8 * 4096,
+    });
+    assert_eq!(appended(&out), 4);
+}
+
+#[test]
+fn an_out_of_date_sync_site_with_a_dirty_log_is_dropped_for() {
+    let mut rig = full_ring(|s| s.sync_site(2));
+    rig.at(S).feed(Input::LinkDown {
+        slink: 2,
+        reason: "test".into(),
+    });
+    rig.tick(S + DOWN_WAIT);
+    assert_eq!(rig.core.slink_state(2), Some(SlinkState::OutOfDate));
+    rig.refuse = 2;
+    rig.write(10, 0, 4096);
+    rig.feed(Input::CheckpointDone {
+        slink: 0,
+        lsn: 3,
+        result: Ok(()),
+    });
+    let out = rig.feed(Input::Reclaimed {
+        first_lsn: 1,
+        free_bytes: 0,
+    });
+    assert_eq!(marks(&out, 2), vec![vec![ext(8192, 4096)]], "{out:?}");
+    let out = rig.dirty_persisted(&out);
+    assert!(out.contains(&Command::DropTo { slink: 2, lsn: 1 }));
+}
+
+#[test]
+fn an_unclean_start_makes_a_site_without_a_dirty_log_faulty() {
+    let rig = primary()
+        .async_site(1)
+        .without_dirty_log(1)
+        .restored(|r| r.activity_log = vec![(0, 0)])
+        .start();
+    assert!(events(&rig.boot).contains(&"slink-faulty"));
+    assert!(marks(&rig.boot, 1).is_empty());
+    assert_eq!(rig.core.slink_state(1), Some(SlinkState::Faulty));
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Ev {
+    Connected,
+    Disconnected,
+    Tick(bool),
+    Failed,
+    Stop,
+    Paused(bool),
+}
+
+fn any_event() -> impl Strategy<Value = Ev> {
+    prop_oneof![
+        4 => Just(Ev::Connected),
+        4 => Just(Ev::Disconnected),
+        6 => any::<bool>().prop_map(Ev::Tick),
+        1 => Just(Ev::Failed),
+        1 => Just(Ev::Stop),
+        2 => any::<bool>().prop_map(Ev::Paused),
+    ]
+}
+
+proptest! {
+    /// Any sequence of events on a remote sync site: a change is reported exactly when the state
+    /// changes; faulty and stopped are never left (but for stopping); a site down past its wait
+    /// is out of date after a tick; one that waits forever never is; a paused site is never
+    /// waited for and gets nothing.
+    #[test]
+    fn the_slink_state_machine_keeps_its_rules_for_any_events(
+        forever in any::<bool>(),
+        events in prop::collection::vec((any_event(), 0u64..3 * DOWN_WAIT), 1..60),
+    ) {
+        use super::slink::{SlinkCore, SlinkEvent};
+        let down_wait = if forever { DownWait::Forever } else { DownWait::Bounded(DOWN_WAIT) };
+        let cfg = SlinkConfig {
+            nr: 1,
+            transport: Transport::Remote,
+            policy: PolicyKind::Sync,
+            fallbehind: Fallbehind::default(),
+            down_wait,
+            region_bytes: Some(REGION_BYTES),
+        };
+        let mut s = SlinkCore::new(cfg, 0, 0, 0);
+        let mut now = 0;
+        let (mut connected, mut down_since) = (false, Some(0));
+        for (ev, dt) in events {
+            now += dt;
+            let before = s.state();
+            let change = s.on(match ev {
+                Ev::Connected => SlinkEvent::Connected,
+                Ev::Disconnected => SlinkEvent::Disconnected,
+                Ev::Tick(caught_up) => SlinkEvent::Tick { caught_up },
+                Ev::Failed => SlinkEvent::Failed,
+                Ev::Stop => SlinkEvent::Stop,
+                Ev::Paused(p) => SlinkEvent::Paused(p),
+            }, now);
+            match ev {
+                Ev::Connected => (connected, down_since) = (true, None),
+                Ev::Disconnected if connected => (connected, down_since) = (false, Some(now)),
+                _ => {}
+            }
+            let after = s.state();
+            prop_assert_eq!(change.map(|c| (c.from, c.to)), (before != after).then_some((before, after)));
+            if before == SlinkState::Stopped {
+                prop_assert_eq!(after, SlinkState::Stopped);
+            }
+            if before == SlinkState::Faulty {
+                prop_assert!(matches!(after, SlinkState::Faulty | SlinkState::Stopped));
+            }
+            if forever {
+                prop_assert_ne!(after, SlinkState::OutOfDate);
+            } else if let (Ev::Tick(_), false, Some(since)) = (ev, connected, down_since) {
+                if now - since >= DOWN_WAIT {
+                    prop_assert!(
+                        matches!(after, SlinkState::OutOfDate | SlinkState::Faulty | SlinkState::Stopped),
+                        "down since {since}, now {now}: {after:?}"
+                    );
+                }
+            }
+            prop_assert_eq!(s.connected(), connected);
+            prop_assert_eq!(s.down_since(), down_since);
+            if s.paused() {
+                prop_assert!(!s.waited_for() && !s.active());
+            }
+            prop_assert_eq!(
+                s.waited_for(),
+                !s.paused() && matches!(after, SlinkState::Up | SlinkState::Resync | SlinkState::Down)
+            );
+        }
+    }
+}

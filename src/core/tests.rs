@@ -1681,3 +1681,39 @@ proptest! {
         }
     }
 }
+
+#[test]
+#[ignore = "bug (cost): an extent wanted while the log write adding it is in flight is written again"]
+fn a_write_into_an_extent_being_logged_needs_no_second_log_write() {
+    let mut rig = primary().start();
+    let a = appended(&rig.write(1, 0, 4096));
+    let first = rig.written(a);
+    assert_eq!(al_writes(&first), vec![vec![(0, 0)]]);
+    let b = appended(&rig.write(2, 8192, 4096));
+    let out = rig.written(b);
+    assert!(al_writes(&out).is_empty(), "one log write at a time");
+    let out = rig.al_written(&first);
+    assert_eq!(applies(&out), vec![a, b]);
+    assert!(
+        al_writes(&out).is_empty(),
+        "(0, 0) is durable in the log already: {out:?}"
+    );
+}
+
+#[test]
+#[ignore = "bug (cost): an extent wanted by an entry that became durable is still written to the log"]
+fn an_entry_that_became_durable_no_longer_wants_a_log_write() {
+    let mut rig = primary().activity_extents_max(1).start();
+    let a = appended(&rig.write(1, 0, 4096));
+    let out = rig.written(a);
+    rig.al_written(&out);
+    rig.applied(a);
+    let b = appended(&rig.write(2, AL_EXTENT_BYTES, 4096));
+    rig.written(b);
+    let out = rig.durable(b);
+    assert_eq!(applies(&out), vec![b]);
+    assert!(
+        al_writes(&out).is_empty(),
+        "nothing waits for (0, 1) any more: {out:?}"
+    );
+}

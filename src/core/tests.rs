@@ -793,6 +793,22 @@ fn full_ring(site: impl FnOnce(Setup) -> Setup) -> Rig {
     rig
 }
 
+/// Write 10 into the full ring of `full_ring`: refused, slink 0 checkpoints, the reclaim frees
+/// nothing, the retry is refused too. Returns what the second refusal decided.
+fn overflow(rig: &mut Rig) -> Vec<Command> {
+    rig.refuse = 2;
+    rig.write(10, 0, 4096);
+    rig.feed(Input::CheckpointDone {
+        slink: 0,
+        lsn: 3,
+        result: Ok(()),
+    });
+    rig.feed(Input::Reclaimed {
+        first_lsn: 1,
+        free_bytes: 0,
+    })
+}
+
 #[test]
 fn a_refused_append_parks_the_write_asks_checkpoints_and_retries_in_arrival_order() {
     let mut rig = full_ring(|s| s.async_site(2));
@@ -829,18 +845,8 @@ fn a_refused_append_parks_the_write_asks_checkpoints_and_retries_in_arrival_orde
 #[test]
 fn a_full_ring_drops_for_an_async_site_after_marking_the_dropped_extents_dirty() {
     let mut rig = full_ring(|s| s.async_site(2));
-    rig.refuse = 2;
-    rig.write(10, 0, 4096);
-    rig.feed(Input::CheckpointDone {
-        slink: 0,
-        lsn: 3,
-        result: Ok(()),
-    });
     // Nothing was freed (the site holds the ring): the retry is refused, entries are dropped.
-    let out = rig.feed(Input::Reclaimed {
-        first_lsn: 1,
-        free_bytes: 0,
-    });
+    let out = overflow(&mut rig);
     let m = marks(&out, 2);
     assert_eq!(m, vec![vec![ext(8192, 4096)]], "lsn 1 is dropped: {out:?}");
     assert!(
@@ -1025,17 +1031,7 @@ fn a_piece_whose_region_an_overflow_marked_again_does_not_clean_it_when_acked() 
     let sent = pieces(&out, 2);
     assert_eq!(sent.len(), (DEVICE_BYTES / REGION_BYTES) as usize);
     // The ring fills: lsn 1 (region 0) is dropped for slink 2 while region 0's piece is out.
-    rig.refuse = 2;
-    rig.write(10, 0, 4096);
-    rig.feed(Input::CheckpointDone {
-        slink: 0,
-        lsn: 3,
-        result: Ok(()),
-    });
-    let out = rig.feed(Input::Reclaimed {
-        first_lsn: 1,
-        free_bytes: 0,
-    });
+    let out = overflow(&mut rig);
     assert_eq!(marks(&out, 2), vec![vec![ext(8192, 4096)]]);
     rig.dirty_persisted(&out);
     let top = sent.iter().map(|p| p.seq).max().unwrap_or(0);
@@ -1522,17 +1518,7 @@ fn pausing_a_sync_site_releases_the_write_that_waits_for_it() {
 #[test]
 fn a_site_ack_unblocks_a_ring_held_by_a_stall_site() {
     let mut rig = full_ring(|s| s.site(2, PolicyKind::Stall, DownWait::Bounded(DOWN_WAIT)));
-    rig.refuse = 2;
-    rig.write(10, 0, 4096);
-    rig.feed(Input::CheckpointDone {
-        slink: 0,
-        lsn: 3,
-        result: Ok(()),
-    });
-    rig.feed(Input::Reclaimed {
-        first_lsn: 1,
-        free_bytes: 0,
-    });
+    overflow(&mut rig);
     assert_eq!(rig.core.writes_in_flight(), 1, "parked");
     let out = rig.ack(2, 3);
     assert_eq!(checkpoints(&out), vec![(2, 3)], "{out:?}");
@@ -1558,17 +1544,7 @@ fn an_out_of_date_sync_site_with_a_dirty_log_is_dropped_for() {
     });
     rig.tick(S + DOWN_WAIT);
     assert_eq!(rig.core.slink_state(2), Some(SlinkState::OutOfDate));
-    rig.refuse = 2;
-    rig.write(10, 0, 4096);
-    rig.feed(Input::CheckpointDone {
-        slink: 0,
-        lsn: 3,
-        result: Ok(()),
-    });
-    let out = rig.feed(Input::Reclaimed {
-        first_lsn: 1,
-        free_bytes: 0,
-    });
+    let out = overflow(&mut rig);
     assert_eq!(marks(&out, 2), vec![vec![ext(8192, 4096)]], "{out:?}");
     let out = rig.dirty_persisted(&out);
     assert!(out.contains(&Command::DropTo { slink: 2, lsn: 1 }));
@@ -1733,17 +1709,7 @@ fn every_write_a_sync_site_waits_for_asks_for_a_flush() {
 #[ignore = "bug: a site reconnecting below a cursor moved by an overflow drop gets a full resync"]
 fn a_site_that_reconnects_after_an_overflow_drop_resyncs_only_the_dropped_regions() {
     let mut rig = full_ring(|s| s.async_site(2));
-    rig.refuse = 2;
-    rig.write(10, 0, 4096);
-    rig.feed(Input::CheckpointDone {
-        slink: 0,
-        lsn: 3,
-        result: Ok(()),
-    });
-    let out = rig.feed(Input::Reclaimed {
-        first_lsn: 1,
-        free_bytes: 0,
-    });
+    let out = overflow(&mut rig);
     let out = rig.dirty_persisted(&out);
     assert!(out.contains(&Command::DropTo { slink: 2, lsn: 1 }));
     // A link blip: the site reports what it has, lsn 0 (lsn 1 was dropped for it).

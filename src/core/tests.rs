@@ -1727,3 +1727,44 @@ fn a_site_that_reconnects_after_an_overflow_drop_resyncs_only_the_dropped_region
     );
     assert_eq!(ships(&out, 2), vec![(1, 3)]);
 }
+
+#[test]
+fn a_write_outside_a_device_is_refused_and_takes_no_lsn() {
+    let mut rig = primary().start();
+    let out = rig.write(1, DEVICE_BYTES - 512, 4096);
+    assert_eq!(replies(&out), vec![(1, Err(Failure::OutOfRange))]);
+    let out = rig.feed(Input::Write {
+        id: 2,
+        extent: Extent {
+            device: 9,
+            offset: 0,
+            len: 512,
+        },
+        fua: false,
+    });
+    assert_eq!(replies(&out), vec![(2, Err(Failure::OutOfRange))]);
+    assert_eq!(appended(&rig.write(3, 0, 512)), 1, "lsns have no gap");
+}
+
+#[test]
+fn a_failed_apply_on_slink0_fails_waiting_and_later_writes() {
+    let mut rig = primary().start();
+    let a = appended(&rig.write(1, 0, 4096));
+    let b = appended(&rig.write(2, 8192, 4096));
+    rig.written(b);
+    let out = rig.durable(b);
+    assert_eq!(applies(&out), vec![a, b]);
+    let out = rig.feed(Input::Applied {
+        lsn: a,
+        result: Err("EIO".into()),
+    });
+    let failed: Vec<RequestId> = replies(&out)
+        .into_iter()
+        .filter(|(_, r)| matches!(r, Err(Failure::Io(_))))
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(failed, vec![1, 2]);
+    assert_eq!(rig.core.slink_state(0), Some(SlinkState::Faulty));
+    let out = rig.write(3, 0, 512);
+    assert!(matches!(replies(&out)[..], [(3, Err(Failure::Io(_)))]));
+}

@@ -1609,6 +1609,31 @@ fn a_client_write_on_a_secondary_is_refused_read_only() {
     assert!(appends(&out).is_empty());
 }
 
+#[test]
+fn a_secondary_retries_an_entry_the_full_ring_refused() {
+    let mut rig = secondary().start();
+    rig.feed(Input::Received {
+        items: vec![entry(1, 0)],
+    });
+    rig.refuse = 1;
+    let out = rig.feed(Input::Received {
+        items: vec![entry(2, 8192), entry(3, 16384)],
+    });
+    assert_eq!(
+        appends(&out),
+        vec![2],
+        "refused, then nothing until room is made"
+    );
+    let mut all = rig.written(1);
+    all.extend(rig.durable(1));
+    all.extend(rig.tick(S));
+    assert_eq!(appends(&all), vec![2, 3], "{all:?}");
+    assert!(!all
+        .iter()
+        .any(|c| matches!(c, Command::PersistConsistency { .. })));
+    assert_eq!(rig.core.last_lsn(), 3);
+}
+
 // ---- shutdown ----
 
 #[test]

@@ -87,8 +87,20 @@ impl ActivityLog {
             .filter(|k| !self.durable.contains_key(k))
             .collect();
         let covered = missing.is_empty();
-        self.wanted.extend(missing);
+        // One being written now is covered once that write lands: no second write for it.
+        let writing = self.writing.as_ref().map(|(_, set)| set);
+        self.wanted.extend(
+            missing
+                .into_iter()
+                .filter(|k| !writing.is_some_and(|w| w.contains(k))),
+        );
         covered
+    }
+
+    /// Forget what was wanted: the caller asks again for the entries still waiting (an entry that
+    /// became durable meanwhile needs no log write).
+    pub fn clear_wanted(&mut self) {
+        self.wanted.clear();
     }
 
     /// An entry is being applied inside `e`.

@@ -788,16 +788,14 @@ impl Core {
                 free_bytes,
             } => {
                 self.index.trim_through(first_lsn.saturating_sub(1));
-                // Retry only when space grew: a refused retry asks for another reclaim, and at
-                // one instant that would never end. Ticks retry too.
-                let grew = self.room.as_ref().is_none_or(|r| free_bytes > r.free_bytes);
+                // Retry now. A refused retry asks for a reclaim at most once per episode
+                // (`Room::reclaim_asked`) and otherwise checkpoints that move a cursor or drops,
+                // so this never loops at one instant.
                 if let Some(room) = &mut self.room {
-                    room.stuck = !grew && room.marks.is_empty();
+                    room.stuck = free_bytes <= room.free_bytes && room.marks.is_empty();
                     room.free_bytes = free_bytes;
                 }
-                if grew {
-                    self.retry_parked(out);
-                }
+                self.retry_parked(out);
             }
             Input::DirtyPersisted { token, result } => self.on_dirty_persisted(token, result, out),
             Input::ActivityLogWritten { token, result } => {

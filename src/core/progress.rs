@@ -40,6 +40,7 @@ impl Core {
         if self.slink0_failed {
             return;
         }
+        self.al.clear_wanted();
         for (lsn, extent) in self.order.ready() {
             let allowed = lsn <= self.durable
                 || (self.role == Role::Primary && self.al.covers_or_want(&extent));
@@ -231,7 +232,7 @@ impl Core {
             && self
                 .waiting
                 .keys()
-                .next()
+                .next_back()
                 .is_some_and(|l| *l > self.durable);
         let fua_waiting = self
             .waiting
@@ -305,6 +306,8 @@ impl Core {
         }
         if let Some(room) = &mut self.room {
             room.checkpoints = room.checkpoints.saturating_sub(1);
+            // The Reclaim above is this episode's: a refusal after it goes on to drop.
+            room.reclaim_asked = true;
         }
     }
 
@@ -486,7 +489,9 @@ impl Core {
             self.checkpoint(i, out);
             busy |= self.slinks[i].checkpoint_in_flight.is_some();
         }
-        if busy || self.al.is_writing() {
+        // An unclean start's repair marks must be durable before the log that names the
+        // extents is emptied.
+        if busy || self.al.is_writing() || !self.recovery_marks.is_empty() {
             return;
         }
         if !self.al.extents().is_empty() {

@@ -152,13 +152,15 @@ impl SecondarySink {
                 Some(b) if b.peer_group_uuid == peer.group_uuid && b.peer_site_id == site => {
                     return Ok(g.clone())
                 }
-                Some(b) if b.peer_group_uuid == peer.group_uuid => return Err(Refusal::new(
-                    ErrorCode::GroupMismatch,
-                    format!(
+                Some(b) if b.peer_group_uuid == peer.group_uuid => {
+                    return Err(Refusal::new(
+                        ErrorCode::GroupMismatch,
+                        format!(
                         "group {theirs} is bound here to its primary at site {}, not site {site}",
                         b.peer_site_id
                     ),
-                )),
+                    ))
+                }
                 Some(b) => bound_elsewhere = Some(hex(&b.peer_group_uuid)),
                 None => {}
             }
@@ -215,18 +217,20 @@ impl SiteSink for SecondarySink {
         }
         let g = self.group_for(peer)?;
         check_devices(&peer.devices, &devices_of(&g))?;
+        let durable = g.stored_position();
         tracing::info!(
             peer = %peer.peer_addr,
             site = peer.sender_site.as_str(),
-            epoch = peer.epoch,
             features = peer.features,
-            "admitted primary of group {} at epoch {}",
+            "admitted primary of group {} at epoch {}, stored up to lsn {} resync seq {}",
             hex(&peer.group_uuid),
-            peer.epoch
+            peer.epoch,
+            durable.lsn,
+            durable.resync_seq
         );
         Ok(Admission {
             epoch: peer.epoch,
-            durable: g.stored_position(),
+            durable,
         })
     }
 

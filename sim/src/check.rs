@@ -38,7 +38,11 @@ pub fn zero_base(sizes: &[(u32, u64)]) -> Base {
 /// The devices' images after replaying `history` (lsn i + 1 at index i) from `base` up to `upto`.
 pub fn replay(history: &[HistoryWrite], base: &Base, upto: u64) -> BTreeMap<u32, Vec<u8>> {
     let mut images = base.images.clone();
-    for w in history.iter().take(upto as usize).skip(base.lsn as usize) {
+    for w in history
+        .iter()
+        .take(upto as usize)
+        .skip(base.lsn as usize)
+    {
         apply(&mut images, w.device, w.offset, &w.data);
     }
     images

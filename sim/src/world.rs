@@ -89,37 +89,14 @@ enum Item {
 
 #[derive(Clone, Debug)]
 enum Ev {
-    Input {
-        site: usize,
-        inc: u64,
-        input: Input,
-    },
+    Input { site: usize, inc: u64, input: Input },
     /// A completion that persists something in the site's modelled durable state first.
-    Persist {
-        site: usize,
-        inc: u64,
-        what: Persist,
-    },
-    ToSecondary {
-        link: usize,
-        session: u64,
-        items: Vec<Item>,
-    },
-    ToPrimary {
-        link: usize,
-        session: u64,
-        pos: Position,
-    },
-    Connect {
-        link: usize,
-    },
-    Restart {
-        site: usize,
-    },
-    Tick {
-        site: usize,
-        inc: u64,
-    },
+    Persist { site: usize, inc: u64, what: Persist },
+    ToSecondary { link: usize, session: u64, items: Vec<Item> },
+    ToPrimary { link: usize, session: u64, pos: Position },
+    Connect { link: usize },
+    Restart { site: usize },
+    Tick { site: usize, inc: u64 },
     Workload,
     Fault,
 }
@@ -519,10 +496,7 @@ impl World {
         }
         self.check_site(i, "before crash");
         self.fault_count(if power { "power-loss" } else { "kill" });
-        self.note(format!(
-            "site {i} {}",
-            if power { "POWER LOSS" } else { "KILL -9" }
-        ));
+        self.note(format!("site {i} {}", if power { "POWER LOSS" } else { "KILL -9" }));
         let site = &mut self.sites[i];
         site.alive = false;
         site.core = None;
@@ -1085,14 +1059,7 @@ impl World {
         let at = (self.now + lat).max(link.last_to_primary);
         link.last_to_primary = at;
         let session = link.session;
-        self.at(
-            at - self.now,
-            Ev::ToPrimary {
-                link: l,
-                session,
-                pos,
-            },
-        );
+        self.at(at - self.now, Ev::ToPrimary { link: l, session, pos });
     }
 
     fn connect(&mut self, l: usize) {
@@ -1101,7 +1068,8 @@ impl World {
         if link.up {
             return;
         }
-        if self.now < link.partitioned_until || !self.sites[PRIMARY].alive || !self.sites[s].alive {
+        if self.now < link.partitioned_until || !self.sites[PRIMARY].alive || !self.sites[s].alive
+        {
             let d = self.rng.between(50, 300) * MS;
             self.at(d, Ev::Connect { link: l });
             return;
@@ -1226,11 +1194,7 @@ impl World {
                     return;
                 }
             };
-            let kind = if power.is_some() {
-                "power loss"
-            } else {
-                "crash"
-            };
+            let kind = if power.is_some() { "power loss" } else { "crash" };
             if i == SECONDARIES[0] && last < self.sync_promise {
                 // Only a promise while the site was waited for: it may have been dropped since
                 // (out of date), but what it acknowledged durably stays in its replog.
@@ -1331,9 +1295,7 @@ impl World {
                 .map(|(d, disk)| (*d, disk.current_image()))
                 .collect();
             if let Some(diff) = check::first_difference(&theirs, &primary) {
-                self.fail(format!(
-                    "converged, but site {s} differs from the primary: {diff}"
-                ));
+                self.fail(format!("converged, but site {s} differs from the primary: {diff}"));
                 return;
             }
         }
@@ -1525,7 +1487,5 @@ impl World {
 
 fn write_device(d: &Arc<MemDisk>, offset: u64, data: &[u8]) -> Result<(), String> {
     let buf = replog::io::AlignedBuf::from_slice(data);
-    d.write_at(offset, buf)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    d.write_at(offset, buf).map(|_| ()).map_err(|e| e.to_string())
 }

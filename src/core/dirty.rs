@@ -98,10 +98,7 @@ pub struct DirtyRegions {
 impl DirtyRegions {
     /// A device with `region_bytes` regions, all clean.
     pub fn add_device(&mut self, device: u32, size: u64, region_bytes: u64) {
-        assert!(
-            region_bytes > 0,
-            "dirty regions of device {device}: region size 0"
-        );
+        assert!(region_bytes > 0, "dirty regions of device {device}: region size 0");
         let regions = size.div_ceil(region_bytes);
         self.devices.insert(
             device,
@@ -209,13 +206,7 @@ impl DirtyRegions {
                 ..c
             })
         };
-        self.in_flight.insert(
-            seq,
-            InFlight {
-                piece,
-                stale: false,
-            },
-        );
+        self.in_flight.insert(seq, InFlight { piece, stale: false });
         Some(piece)
     }
 

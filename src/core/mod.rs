@@ -138,18 +138,10 @@ pub struct Restored {
 /// An item received from the primary (secondary role); data stays with the driver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Received {
-    Entry {
-        lsn: Lsn,
-        extent: Extent,
-    },
-    Piece {
-        seq: u64,
-        extent: Extent,
-    },
+    Entry { lsn: Lsn, extent: Extent },
+    Piece { seq: u64, extent: Extent },
     /// The primary's resync of this site is complete.
-    Done {
-        seq: u64,
-    },
+    Done { seq: u64 },
 }
 
 /// A site's durable position: the entries it has and the resync pieces it stored.
@@ -186,92 +178,39 @@ pub enum Input {
         fua: bool,
     },
     /// A client flush: every write acknowledged before it becomes durable.
-    Flush {
-        id: RequestId,
-    },
+    Flush { id: RequestId },
     /// The result of `Command::Append` (reported at once): `accepted: false` when the ring is
     /// full.
-    AppendResult {
-        lsn: Lsn,
-        accepted: bool,
-    },
+    AppendResult { lsn: Lsn, accepted: bool },
     /// Every lsn up to here was written to the replog.
-    LogWritten {
-        upto: Lsn,
-    },
+    LogWritten { upto: Lsn },
     /// Every lsn up to here is durable in the replog.
-    LogDurable {
-        upto: Lsn,
-    },
+    LogDurable { upto: Lsn },
     /// An entry was applied to slink 0's device.
-    Applied {
-        lsn: Lsn,
-        result: Result<(), String>,
-    },
+    Applied { lsn: Lsn, result: Result<(), String> },
     /// A site has every entry up to `pos.lsn` and every resync piece up to `pos.resync_seq`.
-    SiteAck {
-        slink: u8,
-        pos: Position,
-    },
+    SiteAck { slink: u8, pos: Position },
     /// A link is up; the site reports its durable position.
-    LinkUp {
-        slink: u8,
-        peer: Position,
-    },
-    LinkDown {
-        slink: u8,
-        reason: String,
-    },
+    LinkUp { slink: u8, peer: Position },
+    LinkDown { slink: u8, reason: String },
     /// A site's device failed (applying or resyncing).
-    SiteFailed {
-        slink: u8,
-        reason: String,
-    },
-    CheckpointDone {
-        slink: u8,
-        lsn: Lsn,
-        result: Result<(), String>,
-    },
+    SiteFailed { slink: u8, reason: String },
+    CheckpointDone { slink: u8, lsn: Lsn, result: Result<(), String> },
     /// Cursor moves for ring space were persisted and the ring reclaimed up to `first_lsn - 1`;
     /// `free_bytes` is the ring's free space now.
-    Reclaimed {
-        first_lsn: Lsn,
-        free_bytes: u64,
-    },
-    DirtyPersisted {
-        token: u64,
-        result: Result<(), String>,
-    },
-    ActivityLogWritten {
-        token: u64,
-        result: Result<(), String>,
-    },
-    ResyncSeqPersisted {
-        slink: u8,
-        reserved: u64,
-        result: Result<(), String>,
-    },
-    Pause {
-        slink: u8,
-        paused: bool,
-    },
+    Reclaimed { first_lsn: Lsn, free_bytes: u64 },
+    DirtyPersisted { token: u64, result: Result<(), String> },
+    ActivityLogWritten { token: u64, result: Result<(), String> },
+    ResyncSeqPersisted { slink: u8, reserved: u64, result: Result<(), String> },
+    Pause { slink: u8, paused: bool },
     /// A full resync of a slink (operator).
-    ResyncAll {
-        slink: u8,
-    },
+    ResyncAll { slink: u8 },
     /// Secondary: items from the primary in stream order.
-    Received {
-        items: Vec<Received>,
-    },
+    Received { items: Vec<Received> },
     /// Secondary: a resync piece was written to the device durably.
-    PieceStored {
-        seq: u64,
-        result: Result<(), String>,
-    },
+    PieceStored { seq: u64, result: Result<(), String> },
     /// Secondary: the consistency flag (and the devices before it) is durable.
-    ConsistencyPersisted {
-        consistent: bool,
-    },
+    ConsistencyPersisted { consistent: bool },
     Tick,
     /// Stop: drain, checkpoint, empty the activity log.
     Shutdown,
@@ -288,32 +227,16 @@ pub enum Command {
     /// Make everything appended durable; report `LogDurable`.
     FlushLog,
     /// Apply entry `lsn` to slink 0's device; report `Applied`.
-    Apply {
-        lsn: Lsn,
-    },
+    Apply { lsn: Lsn },
     /// Hand the site every entry in `(after, upto]` (entries up to `after` it has or skips).
-    Ship {
-        slink: u8,
-        after: Lsn,
-        upto: Lsn,
-    },
+    Ship { slink: u8, after: Lsn, upto: Lsn },
     /// Read a resync piece from slink 0 and hand it to the site after what was shipped before.
-    ResyncPiece {
-        slink: u8,
-        piece: Piece,
-    },
+    ResyncPiece { slink: u8, piece: Piece },
     /// The site's resync is complete (a marker in its stream, with a sequence number).
-    ResyncComplete {
-        slink: u8,
-        seq: u64,
-    },
+    ResyncComplete { slink: u8, seq: u64 },
     /// Make the site's local devices durable (if any), then persist its cursor. Cursors only
     /// move forward: a drive persists `max(persisted, lsn)` (a drop may have passed it).
-    Checkpoint {
-        slink: u8,
-        lsn: Lsn,
-        sync_devices: bool,
-    },
+    Checkpoint { slink: u8, lsn: Lsn, sync_devices: bool },
     /// Persist dirty marks of a slink (before anything depends on them); report the token.
     MarkDirty {
         slink: u8,
@@ -322,54 +245,29 @@ pub enum Command {
     },
     /// Persist that a region is clean for a slink (no completion needed: a lost clear only
     /// copies the region again).
-    ClearDirty {
-        slink: u8,
-        device: u32,
-        region: u64,
-    },
+    ClearDirty { slink: u8, device: u32, region: u64 },
     /// Persist a slink's cursor moved past dropped entries (after their dirty marks), then
     /// reclaim; report `Reclaimed`.
-    DropTo {
-        slink: u8,
-        lsn: Lsn,
-    },
+    DropTo { slink: u8, lsn: Lsn },
     /// Reclaim ring space below the lowest cursor; report `Reclaimed`.
     Reclaim,
     /// Persist the activity log as exactly this set; report the token.
-    WriteActivityLog {
-        token: u64,
-        extents: Vec<ExtentKey>,
-    },
+    WriteActivityLog { token: u64, extents: Vec<ExtentKey> },
     /// Persist a slink's resync sequence reservation.
-    PersistResyncSeq {
-        slink: u8,
-        reserved: u64,
-    },
+    PersistResyncSeq { slink: u8, reserved: u64 },
     /// Secondary: write a received piece to the device, durably; report `PieceStored`.
-    StorePiece {
-        seq: u64,
-        extent: Extent,
-    },
+    StorePiece { seq: u64, extent: Extent },
     /// Secondary: tell the primary this site's durable position.
-    AckPrimary {
-        pos: Position,
-    },
+    AckPrimary { pos: Position },
     /// Secondary: make the devices durable, then persist the consistency flag.
-    PersistConsistency {
-        consistent: bool,
-    },
+    PersistConsistency { consistent: bool },
     /// Drop the link to the primary (a protocol violation): it reconnects.
-    ResetLink {
-        reason: String,
-    },
+    ResetLink { reason: String },
     Reply {
         id: RequestId,
         result: Result<(), Failure>,
     },
-    Event {
-        kind: &'static str,
-        detail: String,
-    },
+    Event { kind: &'static str, detail: String },
     /// Shutdown finished.
     Stopped,
 }
@@ -796,15 +694,13 @@ impl Core {
                 }
             }
             Input::DirtyPersisted { token, result } => self.on_dirty_persisted(token, result, out),
-            Input::ActivityLogWritten { token, result } => {
-                match result {
-                    Ok(()) => self.al.written(token),
-                    Err(e) => {
-                        self.al.write_failed(token);
-                        panic!("activity log write failed: {e}: writes to slink 0 cannot continue safely");
-                    }
+            Input::ActivityLogWritten { token, result } => match result {
+                Ok(()) => self.al.written(token),
+                Err(e) => {
+                    self.al.write_failed(token);
+                    panic!("activity log write failed: {e}: writes to slink 0 cannot continue safely");
                 }
-            }
+            },
             Input::ResyncSeqPersisted {
                 slink,
                 reserved,
@@ -823,11 +719,7 @@ impl Core {
                 if let Some(i) = self.slink_index(slink) {
                     self.slink_changed(i, SlinkEvent::Paused(paused), out);
                     out.push(Command::Event {
-                        kind: if paused {
-                            "slink-paused"
-                        } else {
-                            "slink-resumed"
-                        },
+                        kind: if paused { "slink-paused" } else { "slink-resumed" },
                         detail: format!("slink {slink}"),
                     });
                 }
@@ -936,12 +828,7 @@ impl Core {
             .devices
             .iter()
             .find(|d| d.device == extent.device)
-            .is_some_and(|d| {
-                extent
-                    .offset
-                    .checked_add(extent.len)
-                    .is_some_and(|e| e <= d.size)
-            });
+            .is_some_and(|d| extent.offset.checked_add(extent.len).is_some_and(|e| e <= d.size));
         if !in_range {
             out.push(Command::Reply {
                 id,

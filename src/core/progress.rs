@@ -52,12 +52,7 @@ impl Core {
         }
     }
 
-    pub(super) fn on_applied(
-        &mut self,
-        lsn: Lsn,
-        result: Result<(), String>,
-        out: &mut Vec<Command>,
-    ) {
+    pub(super) fn on_applied(&mut self, lsn: Lsn, result: Result<(), String>, out: &mut Vec<Command>) {
         let u = self.order.remove(lsn);
         assert!(
             u.is_some_and(|u| u.stage == Stage::Applying),
@@ -92,9 +87,7 @@ impl Core {
         }
         match self.al.plan(self.durable) {
             Plan::Idle => {}
-            Plan::Write { token, extents } => {
-                out.push(Command::WriteActivityLog { token, extents })
-            }
+            Plan::Write { token, extents } => out.push(Command::WriteActivityLog { token, extents }),
             Plan::NeedFlush => self.request_flush(out),
         }
     }
@@ -228,11 +221,7 @@ impl Core {
             return;
         }
         let sync_waiting = self.slinks.iter().skip(1).any(|s| s.waited_for())
-            && self
-                .waiting
-                .keys()
-                .next()
-                .is_some_and(|l| *l > self.durable);
+            && self.waiting.keys().next().is_some_and(|l| *l > self.durable);
         let fua_waiting = self
             .waiting
             .iter()
@@ -288,11 +277,7 @@ impl Core {
             return;
         };
         let asked = self.slinks[i].checkpoint_in_flight.take();
-        assert_eq!(
-            asked,
-            Some(lsn),
-            "checkpoint of slink {slink} not asked for"
-        );
+        assert_eq!(asked, Some(lsn), "checkpoint of slink {slink} not asked for");
         match result {
             Ok(()) => {
                 // An overflow drop may have moved the cursor past this checkpoint meanwhile.
@@ -328,13 +313,13 @@ impl Core {
                 });
             }
         }
-        let used =
-            self.index.total_bytes() + self.index.len() as u64 * self.cfg.record_overhead_bytes;
+        let used = self.index.total_bytes()
+            + self.index.len() as u64 * self.cfg.record_overhead_bytes;
         let pressure =
             used.saturating_mul(100) >= self.cfg.ring_bytes.saturating_mul(RING_PRESSURE_PERCENT);
         for i in 0..self.slinks.len() {
-            let due =
-                now.saturating_sub(self.slinks[i].last_checkpoint) >= self.cfg.checkpoint_interval;
+            let due = now.saturating_sub(self.slinks[i].last_checkpoint)
+                >= self.cfg.checkpoint_interval;
             if due || pressure {
                 self.checkpoint(i, out);
             }
@@ -393,10 +378,7 @@ impl Core {
             // entries. Never resolved silently (failover decides).
             self.fail_slink(
                 i,
-                format!(
-                    "site is ahead: it has lsn {} and this site {written}",
-                    peer.lsn
-                ),
+                format!("site is ahead: it has lsn {} and this site {written}", peer.lsn),
                 out,
             );
             return;

@@ -69,12 +69,8 @@ pub enum SlinkEvent {
     Connected,
     Disconnected,
     /// Time passed; `caught_up`: no lag and no dirty region.
-    Tick {
-        caught_up: bool,
-    },
-    DirtyChanged {
-        dirty: bool,
-    },
+    Tick { caught_up: bool },
+    DirtyChanged { dirty: bool },
     Failed,
     Stop,
     Paused(bool),
@@ -320,10 +316,7 @@ mod tests {
     #[test]
     fn a_sync_site_down_past_its_wait_is_out_of_date_and_not_waited_for() {
         let mut s = remote_sync(DownWait::Bounded(5 * S));
-        assert_eq!(
-            s.on(SlinkEvent::Connected, 0).map(|c| c.to),
-            Some(SlinkState::Up)
-        );
+        assert_eq!(s.on(SlinkEvent::Connected, 0).map(|c| c.to), Some(SlinkState::Up));
         assert_eq!(
             s.on(SlinkEvent::Disconnected, 10 * S).map(|c| c.to),
             Some(SlinkState::Down)
@@ -337,8 +330,7 @@ mod tests {
         assert_eq!(s.on(SlinkEvent::Connected, 16 * S), None);
         assert!(!s.waited_for());
         assert_eq!(
-            s.on(SlinkEvent::Tick { caught_up: true }, 17 * S)
-                .map(|c| c.to),
+            s.on(SlinkEvent::Tick { caught_up: true }, 17 * S).map(|c| c.to),
             Some(SlinkState::Up)
         );
         assert!(s.waited_for());

@@ -26,6 +26,14 @@ pub struct DeviceHandle {
     pub table: String,
 }
 
+/// The role a `create` asks for, and whether it restores a device (then the state dir record
+/// asked, and the group's replog wins over it: see `group::settle_role`).
+#[derive(Clone, Copy)]
+struct AskedRole {
+    role: Role,
+    reopen: bool,
+}
+
 #[derive(Default)]
 pub struct Registry {
     devices: RwLock<BTreeMap<String, DeviceHandle>>,
@@ -118,8 +126,8 @@ impl Registry {
             .book()
             .take(name, &files, may_join)
             .map_err(|e| format!("{source}: {e}"))?;
-        let group = match self.open_claimed(&ticket, &gspec, &dspec, name, table_text, role, reopen)
-        {
+        let asked = AskedRole { role, reopen };
+        let group = match self.open_claimed(&ticket, &gspec, &dspec, name, table_text, asked) {
             Ok(g) => g,
             Err(e) => {
                 self.book().release(&ticket);
@@ -155,9 +163,9 @@ impl Registry {
         dspec: &spec::DeviceSpec,
         name: &str,
         table_text: &str,
-        role: Role,
-        reopen: bool,
+        asked: AskedRole,
     ) -> Result<Arc<Group>, String> {
+        let AskedRole { role, reopen } = asked;
         let group = if ticket.joins {
             let g = self
                 .groups

@@ -81,6 +81,12 @@ pub struct DeviceStatus {
     pub name: String,
     /// "primary" or "secondary".
     pub role: String,
+    /// The group's current epoch (from its replog); None before one began (a secondary).
+    #[serde(default)]
+    pub epoch: Option<u64>,
+    /// The peer group a secondary is bound to (from its replog); None when unbound.
+    #[serde(default)]
+    pub binding: Option<BindingStatus>,
     pub dev_nr: u32,
     pub size_bytes: u64,
     pub replog: ReplogStatus,
@@ -88,6 +94,14 @@ pub struct DeviceStatus {
     pub event_nr: u64,
     /// The dm-style one-line status.
     pub line: String,
+}
+
+/// A secondary's binding to its primary group, as `status --json` prints it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BindingStatus {
+    /// Hex of the 16 uuid bytes.
+    pub peer_group_uuid: String,
+    pub peer_site_id: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

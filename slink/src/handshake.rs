@@ -28,9 +28,11 @@ use crate::frame::{
 };
 use crate::types::Position;
 
-/// Feature bit: the side understands ResyncData / ResyncDone frames.
+/// Feature bit: the side understands ResyncData / ResyncDone frames. A sender sets it in its
+/// Hello when it will send them.
 pub const FEATURE_RESYNC: u64 = 1 << 0;
-/// Features this build supports.
+/// Features this build supports. A Hello with any other bit is refused (`Error(Version)`): the
+/// sender said it will use something this receiver does not understand.
 pub const FEATURES_SUPPORTED: u64 = FEATURE_RESYNC;
 
 /// What the sender learned from a successful handshake.
@@ -107,7 +109,23 @@ where
         other => return Err(unexpected("Accept", &other)),
     };
     t.add(&auth::accept_fields(&accept));
-    if !auth::verify(&cfg.psk, Role::Receiver, &t.digest(), &accept.proof) {
+    let proof_ok = auth::verify(&cfg.psk, Role::Receiver, &t.digest(), &accept.proof);
+    if proof_ok && accept.features & id.features != id.features {
+        // The sender offered only what it will use; a receiver that did not accept all of it
+        // would fail on the first frame it does not understand.
+        let msg = format!(
+            "site {} accepted features {:#x} of the {:#x} this sender uses",
+            id.receiver_site, accept.features, id.features
+        );
+        let _ = conn::write_frame(
+            wr,
+            &Frame::Error(ErrorFrame::new(ErrorCode::Version, msg.clone())),
+            counters,
+        )
+        .await;
+        return Err(LinkError::Protocol(msg));
+    }
+    if !proof_ok {
         Counters::inc(&counters.auth_failures);
         let msg = format!(
             "site {}'s key proof did not verify (it does not hold this group's key)",
@@ -189,6 +207,15 @@ where
         let msg = format!(
             "protocol version {} not supported (this site speaks {PROTOCOL_VERSION})",
             hello.version
+        );
+        return Err(refuse(wr, ErrorCode::Version, msg, counters).await);
+    }
+    let unknown = hello.features & !FEATURES_SUPPORTED;
+    if unknown != 0 {
+        let msg = format!(
+            "site {} will use features {unknown:#x} that site {} does not support (it supports \
+             {FEATURES_SUPPORTED:#x}); upgrade the receiving site",
+            hello.sender_site, cfg.site_id
         );
         return Err(refuse(wr, ErrorCode::Version, msg, counters).await);
     }

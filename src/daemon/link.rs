@@ -3,14 +3,17 @@
 //! secondary group they ship to, and stores what they send.
 //!
 //! Which group: the one already bound to the primary's group uuid; else a secondary group not yet
-//! bound whose devices the primary lists with equal sizes; it is then bound (the binding is kept
-//! next to its replog: `<replog>.binding.json`) and refuses any other group uuid from then on.
+//! bound whose devices the primary lists with equal sizes; it is then bound (peer group uuid and
+//! peer site id, written durably into its replog with `set_binding`) and refuses any other group
+//! uuid, or the same group from another site, from then on.
+//!
+//! Older builds kept the binding next to the replog in `<replog>.binding.json`;
+//! [`adopt_legacy_binding`] moves it into the replog once when the group is opened.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use slink::{
     check_devices, Admission, DeviceInfo, ErrorCode, Item, PeerHello, Permission, Position,
     Refusal, SiteSink,
@@ -20,8 +23,9 @@ use crate::engine::group::{Group, Role};
 
 use super::registry::Registry;
 
-#[derive(Debug, Serialize, Deserialize)]
-struct Binding {
+/// The side file of older builds (`<replog>.binding.json`): read only, to migrate it.
+#[derive(Debug, Deserialize)]
+struct LegacyBinding {
     group_uuid: String,
     primary_site: String,
 }
@@ -30,26 +34,82 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn binding_path(g: &Group) -> PathBuf {
+fn unhex_uuid(s: &str) -> Option<[u8; 16]> {
+    let mut out = [0u8; 16];
+    if s.len() != 32 || !s.is_ascii() {
+        return None;
+    }
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn legacy_binding_path(g: &Group) -> PathBuf {
     let mut p = g.replog_path.clone().into_os_string();
     p.push(".binding.json");
     PathBuf::from(p)
 }
 
-fn read_binding(path: &Path) -> Option<Binding> {
-    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+fn remove_durably(path: &Path) -> std::io::Result<()> {
+    std::fs::remove_file(path)?;
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => std::fs::File::open(dir)?.sync_all(),
+        _ => std::fs::File::open(".")?.sync_all(),
+    }
 }
 
-fn write_binding(path: &Path, b: &Binding) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(serde_json::to_string_pretty(b)?.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
+/// Moves the binding of an older build's side file into the replog: adopted when the replog has
+/// no binding yet, then the file is deleted (replog first, so a crash in between adopts it again,
+/// which is a no-op). When the replog already has a binding the file is stale: the replog wins, a
+/// disagreement is logged, the file is deleted. A file that cannot be read or parsed is left
+/// where it is and refuses the open: dropping it could let the group bind to another primary.
+pub fn adopt_legacy_binding(g: &Group) -> Result<(), String> {
+    let path = legacy_binding_path(g);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("binding file {}: {e}", path.display())),
+    };
+    let bad = |why: String| {
+        format!(
+            "binding file {} of an older build: {why}; fix or remove it to open the group",
+            path.display()
+        )
+    };
+    let old: LegacyBinding = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let peer_group_uuid = unhex_uuid(&old.group_uuid)
+        .ok_or_else(|| bad(format!("group uuid `{}`", old.group_uuid)))?;
+    let legacy = replog::Binding {
+        peer_group_uuid,
+        peer_site_id: old.primary_site,
+    };
+    match g.replog.binding() {
+        None => {
+            g.replog
+                .set_binding(Some(legacy.clone()))
+                .map_err(|e| bad(format!("adopting it into the replog: {e}")))?;
+            tracing::info!(
+                replog = %g.replog_path.display(),
+                "binding to group {} of site {} moved from {} into the replog",
+                old.group_uuid,
+                legacy.peer_site_id,
+                path.display()
+            );
+        }
+        Some(b) if b == legacy => {}
+        Some(b) => tracing::warn!(
+            replog = %g.replog_path.display(),
+            "stale binding file {} names group {} of site {}; the replog's binding (group {} of \
+             site {}) wins",
+            path.display(),
+            old.group_uuid,
+            legacy.peer_site_id,
+            hex(&b.peer_group_uuid),
+            b.peer_site_id
+        ),
     }
-    Ok(())
+    remove_durably(&path).map_err(|e| bad(format!("removing it: {e}")))
 }
 
 fn devices_of(g: &Group) -> Vec<DeviceInfo> {
@@ -85,26 +145,38 @@ impl SecondarySink {
             ));
         }
         let theirs = hex(&peer.group_uuid);
+        let site = peer.sender_site.as_str();
         let mut bound_elsewhere = None;
         for g in &secondaries {
-            match read_binding(&binding_path(g)) {
-                Some(b) if b.group_uuid == theirs => return Ok(g.clone()),
-                Some(b) => bound_elsewhere = Some(b.group_uuid),
+            match g.replog.binding() {
+                Some(b) if b.peer_group_uuid == peer.group_uuid && b.peer_site_id == site => {
+                    return Ok(g.clone())
+                }
+                Some(b) if b.peer_group_uuid == peer.group_uuid => {
+                    return Err(Refusal::new(
+                        ErrorCode::GroupMismatch,
+                        format!(
+                        "group {theirs} is bound here to its primary at site {}, not site {site}",
+                        b.peer_site_id
+                    ),
+                    ))
+                }
+                Some(b) => bound_elsewhere = Some(hex(&b.peer_group_uuid)),
                 None => {}
             }
         }
         let mut last_refusal = None;
         for g in &secondaries {
-            if read_binding(&binding_path(g)).is_some() {
+            if g.replog.binding().is_some() {
                 continue;
             }
             match check_devices(&peer.devices, &devices_of(g)) {
                 Ok(()) => {
-                    let b = Binding {
-                        group_uuid: theirs.clone(),
-                        primary_site: peer.sender_site.as_str().to_string(),
+                    let b = replog::Binding {
+                        peer_group_uuid: peer.group_uuid,
+                        peer_site_id: site.to_string(),
                     };
-                    write_binding(&binding_path(g), &b).map_err(|e| {
+                    g.replog.set_binding(Some(b)).map_err(|e| {
                         Refusal::new(ErrorCode::StoreFailed, format!("binding the group: {e}"))
                     })?;
                     g.events.raise(
@@ -145,15 +217,20 @@ impl SiteSink for SecondarySink {
         }
         let g = self.group_for(peer)?;
         check_devices(&peer.devices, &devices_of(&g))?;
+        let durable = g.stored_position();
         tracing::info!(
             peer = %peer.peer_addr,
             site = peer.sender_site.as_str(),
-            "admitted primary of group {}",
-            hex(&peer.group_uuid)
+            features = peer.features,
+            "admitted primary of group {} at epoch {}, stored up to lsn {} resync seq {}",
+            hex(&peer.group_uuid),
+            peer.epoch,
+            durable.lsn,
+            durable.resync_seq
         );
         Ok(Admission {
             epoch: peer.epoch,
-            durable: g.stored_position(),
+            durable,
         })
     }
 

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use crate::control::{DeviceStatus, ReplogStatus, SlinkStatus};
+use crate::control::{BindingStatus, DeviceStatus, ReplogStatus, SlinkStatus};
 use crate::engine::group::{Group, Role};
 use crate::engine::slink::Health;
 use crate::engine::spec::{self, ReplogOpen};
@@ -24,6 +24,14 @@ pub struct DeviceHandle {
     pub dev_nr: u32,
     pub size: u64,
     pub table: String,
+}
+
+/// The role a `create` asks for, and whether it restores a device (then the state dir record
+/// asked, and the group's replog wins over it: see `group::settle_role`).
+#[derive(Clone, Copy)]
+struct AskedRole {
+    role: Role,
+    reopen: bool,
 }
 
 #[derive(Default)]
@@ -118,7 +126,8 @@ impl Registry {
             .book()
             .take(name, &files, may_join)
             .map_err(|e| format!("{source}: {e}"))?;
-        let group = match self.open_claimed(&ticket, &gspec, &dspec, name, table_text, role) {
+        let asked = AskedRole { role, reopen };
+        let group = match self.open_claimed(&ticket, &gspec, &dspec, name, table_text, asked) {
             Ok(g) => g,
             Err(e) => {
                 self.book().release(&ticket);
@@ -154,8 +163,9 @@ impl Registry {
         dspec: &spec::DeviceSpec,
         name: &str,
         table_text: &str,
-        role: Role,
+        asked: AskedRole,
     ) -> Result<Arc<Group>, String> {
+        let AskedRole { role, reopen } = asked;
         let group = if ticket.joins {
             let g = self
                 .groups
@@ -168,7 +178,15 @@ impl Registry {
                         gspec.replog_path.display()
                     )
                 })?;
-            if g.role() != role {
+            if g.role() != role && reopen {
+                // Restoring: the group's role came from its replog, which wins over the
+                // state dir record (see `group::settle_role`).
+                tracing::warn!(
+                    device = name,
+                    "the daemon's record says {role:?}, the group's replog says {:?}: the replog wins",
+                    g.role()
+                );
+            } else if g.role() != role {
                 return Err(format!(
                     "replog {} belongs to a {:?} group; this device was created as {:?}",
                     gspec.replog_path.display(),
@@ -190,6 +208,12 @@ impl Registry {
                 self.links.clone(),
             )
             .map_err(|e| e.to_string())?;
+            if g.role() == Role::Secondary {
+                if let Err(e) = super::link::adopt_legacy_binding(&g) {
+                    g.shutdown();
+                    return Err(e);
+                }
+            }
             if let Ok(mut groups) = self.groups.write() {
                 groups.insert(ticket.group, g.clone());
             }
@@ -275,6 +299,10 @@ impl Registry {
     }
 }
 
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 fn state_letter(s: crate::engine::slink::SlinkState) -> char {
     use crate::engine::slink::SlinkState::*;
     match s {
@@ -356,6 +384,11 @@ pub fn device_status(h: &DeviceHandle) -> DeviceStatus {
             Role::Primary => "primary".into(),
             Role::Secondary => "secondary".into(),
         },
+        epoch: g.replog.current_epoch().map(|e| e.epoch),
+        binding: g.replog.binding().map(|b| BindingStatus {
+            peer_group_uuid: hex(&b.peer_group_uuid),
+            peer_site_id: b.peer_site_id,
+        }),
         dev_nr: h.dev_nr,
         size_bytes: h.size,
         replog: ReplogStatus {

@@ -167,13 +167,14 @@ impl Group {
         role: Role,
         links: Option<Arc<LinkSettings>>,
     ) -> CoreResult<Arc<Group>> {
+        let replog = open_replog(spec)?;
+        let role = settle_role(&replog, &spec.replog_path, role)?;
         if role == Role::Secondary && spec.slinks.iter().any(|s| s.nr != 0) {
             return Err(CoreError::Invalid(
                 "a secondary group has only slink 0 (its own devices); the primary ships to it"
                     .into(),
             ));
         }
-        let replog = open_replog(spec)?;
         let events = Arc::new(Events::new(&spec.replog_path.display().to_string(), hook));
 
         // Index the retained entries (lag in bytes and age).
@@ -1126,6 +1127,68 @@ fn stop_the_process(what: &str) -> ! {
     tracing::error!("invariant broken, stopping: {what}");
     eprintln!("replicator: invariant broken, stopping: {what}");
     std::process::abort()
+}
+
+impl Role {
+    fn to_replog(self) -> replog::Role {
+        match self {
+            Role::Primary => replog::Role::Primary,
+            Role::Secondary => replog::Role::Secondary,
+        }
+    }
+
+    fn from_replog(r: replog::Role) -> Option<Role> {
+        match r {
+            replog::Role::Primary => Some(Role::Primary),
+            replog::Role::Secondary => Some(Role::Secondary),
+            replog::Role::Unset => None,
+        }
+    }
+}
+
+/// The group's role, from its replog; `asked` is what the daemon asked for (`create
+/// [--secondary]`, or the state dir record on a restart).
+///
+/// - A replog with no role yet (created just now, or written by a format-1 build) takes `asked`,
+///   durably.
+/// - A replog that has one keeps it: when `asked` differs, the replog wins and the mismatch is
+///   logged. Why not refuse: the replog is where a role change (promotion, demotion) is written,
+///   in one durable write with its epoch; the state dir record is written once at `create` and
+///   lags behind any such change. Refusing would keep a promoted group from coming back after a
+///   restart, and trusting the record would undo a durable promotion.
+/// - A primary with no epoch yet begins epoch 1 at the replog's next lsn, in the same write as
+///   its role (a primary always has a current epoch: the link handshake carries it).
+fn settle_role(replog: &Replog, path: &Path, asked: Role) -> CoreResult<Role> {
+    let stored = replog.role();
+    let role = match Role::from_replog(stored) {
+        Some(r) if r != asked => {
+            tracing::warn!(
+                replog = %path.display(),
+                "the daemon's record says this group is {asked:?}, its replog says {r:?}: the \
+                 replog wins (it holds every role change durably)"
+            );
+            r
+        }
+        Some(r) => r,
+        None => asked,
+    };
+    let begin_epoch =
+        (role == Role::Primary && replog.current_epoch().is_none()).then(|| replog::EpochStart {
+            epoch: 1,
+            start_lsn: replog.next_lsn(),
+        });
+    let update = replog::IdentityUpdate {
+        role: (stored != role.to_replog()).then_some(role.to_replog()),
+        begin_epoch,
+        binding: None,
+    };
+    if update != replog::IdentityUpdate::default() {
+        replog
+            .update_identity(&update)
+            .map_err(|e| CoreError::replog(path, e))?;
+        tracing::info!(replog = %path.display(), "identity persisted: {update:?}");
+    }
+    Ok(role)
 }
 
 fn open_replog(spec: &GroupSpec) -> CoreResult<Replog> {

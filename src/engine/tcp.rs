@@ -24,6 +24,7 @@ use super::link_thread::{LinkThread, ASYNC_LINK_NICE};
 use super::policy::{caught_up, outdated_after, DownWait, Mode, PolicyKind};
 use super::queue::MemEntry;
 use super::slink::{Slink, SlinkState};
+use crate::core::RESYNC_SEQ_RESERVE;
 
 /// How long `next_items` waits for new entries before it looks at dirty regions (or a resume
 /// after a pause) again.
@@ -95,7 +96,12 @@ struct SourceState {
     stash: VecDeque<Arc<MemEntry>>,
     /// The last position handed to the link; a lower `after` means the link resends.
     handed: Position,
+    /// The last resync seq handed out (or the floor to go above).
     next_seq: u64,
+    /// Every seq up to here is durably reserved in the replog (`raise_resync_seq`); a seq above
+    /// it is handed out only after the next block is reserved, so a restarted primary, starting
+    /// above the persisted mark, never repeats one a site may have stored.
+    seq_reserved: u64,
 }
 
 /// Where the sender's items come from.
@@ -106,12 +112,37 @@ pub struct TcpSource {
 }
 
 impl TcpSource {
-    pub fn new(group: Weak<Group>, slink: Arc<Slink>) -> Self {
+    /// `seq_mark`: the slink's persisted resync seq mark; every seq at or below it may have been
+    /// used by an earlier run, so numbering starts above it.
+    pub fn new(group: Weak<Group>, slink: Arc<Slink>, seq_mark: u64) -> Self {
         TcpSource {
             group,
             slink,
-            state: tokio::sync::Mutex::new(SourceState::default()),
+            state: tokio::sync::Mutex::new(SourceState {
+                next_seq: seq_mark,
+                seq_reserved: seq_mark,
+                ..SourceState::default()
+            }),
         }
+    }
+
+    /// The next resync seq, reserving a block of [`RESYNC_SEQ_RESERVE`] durably first when it
+    /// would go above the reserved mark (as the core's `resync` does with `PersistResyncSeq`).
+    async fn take_seq(&self, g: &Arc<Group>, st: &mut SourceState) -> Result<u64, String> {
+        let seq = st.next_seq + 1;
+        if seq > st.seq_reserved {
+            let g2 = g.clone();
+            let nr = self.slink.nr;
+            let mark = tokio::task::spawn_blocking(move || {
+                g2.replog.raise_resync_seq(nr, seq + RESYNC_SEQ_RESERVE)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("reserving resync seqs above {seq}: {e}"))?;
+            st.seq_reserved = mark;
+        }
+        st.next_seq = seq;
+        Ok(seq)
     }
 
     async fn entries(
@@ -219,8 +250,7 @@ impl TcpSource {
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("resync read of device {} at {offset}: {e}", piece.device))?;
         let last = offset + len as u64 >= piece.end;
-        st.next_seq += 1;
-        let seq = st.next_seq;
+        let seq = self.take_seq(g, st).await?;
         if let Ok(mut m) = self.slink.resync_in_flight.lock() {
             m.insert(seq, (piece.device, piece.region, last));
         }
@@ -361,14 +391,35 @@ pub fn spawn_link(
             size_bytes: d.size,
         })
         .collect();
+    // A primary always has a current epoch (`group::settle_role` begins epoch 1).
+    let epoch = group
+        .replog
+        .current_epoch()
+        .map(|e| e.epoch)
+        .ok_or_else(|| {
+            format!(
+                "slink {}: the replog {} has no epoch; only a primary ships",
+                slink.nr,
+                group.replog_path.display()
+            )
+        })?;
     let identity = LinkIdentity {
         receiver_site,
         group_uuid: group.replog.uuid(),
-        epoch: 1,
+        epoch,
         devices,
-        features: 0,
+        // What this sender uses: it ships resync pieces (ResyncData) of dirty regions.
+        features: slink::handshake::FEATURE_RESYNC,
     };
-    let source = Arc::new(TcpSource::new(Arc::downgrade(group), slink.clone()));
+    let seq_mark = group
+        .replog
+        .resync_seq(slink.nr)
+        .map_err(|e| format!("slink {}: resync seq mark: {e}", slink.nr))?;
+    let source = Arc::new(TcpSource::new(
+        Arc::downgrade(group),
+        slink.clone(),
+        seq_mark,
+    ));
     let nice = if slink.policy == PolicyKind::Async {
         ASYNC_LINK_NICE
     } else {

@@ -191,7 +191,14 @@ fn tcp_pair() -> (Daemon, Daemon) {
     std::fs::write(s.dir.join("key"), KEY).unwrap();
     s.spawn();
     let peer = format!("siteB@{listen}");
-    let mut p = Daemon::prepare(&["--site-id", "siteA", "--psk-file", "{dir}/key", "--peer", &peer]);
+    let mut p = Daemon::prepare(&[
+        "--site-id",
+        "siteA",
+        "--psk-file",
+        "{dir}/key",
+        "--peer",
+        &peer,
+    ]);
     std::fs::write(p.dir.join("key"), KEY).unwrap();
     p.spawn();
     let sectors = DEV_MIB * 2048;
@@ -222,7 +229,13 @@ fn a_tcp_site_never_holds_an_lsn_above_the_primarys_durable_lsn() {
     let writer = std::thread::spawn(move || {
         for round in 0..20u64 {
             let cmds: Vec<String> = (0..16u64)
-                .map(|i| format!("write -P {} {} 4k", round % 200 + 1, (round * 16 + i) * 65536))
+                .map(|i| {
+                    format!(
+                        "write -P {} {} 4k",
+                        round % 200 + 1,
+                        (round * 16 + i) * 65536
+                    )
+                })
                 .collect();
             qemu_io(&uri, &cmds);
         }
@@ -242,7 +255,10 @@ fn a_tcp_site_never_holds_an_lsn_above_the_primarys_durable_lsn() {
         std::thread::sleep(Duration::from_millis(5));
     }
     writer.join().unwrap();
-    assert!(samples > 0 && shipped_max > 0, "nothing was shipped while sampled");
+    assert!(
+        samples > 0 && shipped_max > 0,
+        "nothing was shipped while sampled"
+    );
     p.kill9();
     // After the kill, what the primary's replog recovers holds every lsn the site has.
     let primary_last = inspect(&p, "prep.img")["last_lsn"].as_u64().unwrap();

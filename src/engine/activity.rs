@@ -207,7 +207,10 @@ mod tests {
         gate.unfreeze();
         let at = 2 * replog::format::AL_EXTENT_BYTES_DEFAULT + 4096;
         let lsn = append_written(&r, at);
-        assert!(r.durable_lsn() < lsn, "the test needs an entry that is not durable");
+        assert!(
+            r.durable_lsn() < lsn,
+            "the test needs an entry that is not durable"
+        );
         block_on(gate.admit(&r, &extent(at), lsn)).unwrap();
         assert_eq!(
             r.activity_log().extents,
@@ -229,7 +232,10 @@ mod tests {
         gate.unfreeze();
         let lsn = append_written(&r, 0);
         block_on(gate.admit(&r, &extent(0), lsn)).unwrap();
-        assert!(!gate.clear(&r, lsn - 1).unwrap(), "lsn {lsn} is not durable");
+        assert!(
+            !gate.clear(&r, lsn - 1).unwrap(),
+            "lsn {lsn} is not durable"
+        );
         assert_eq!(r.activity_log().extents, vec![(0, 0)]);
         r.flush().wait().unwrap();
         assert!(gate.clear(&r, r.durable_lsn()).unwrap());

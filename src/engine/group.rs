@@ -1132,10 +1132,7 @@ impl Group {
             }
         }
         if clean {
-            match self
-                .activity
-                .clear(&self.replog, self.replog.durable_lsn())
-            {
+            match self.activity.clear(&self.replog, self.replog.durable_lsn()) {
                 Ok(true) => {}
                 Ok(false) => self.events.raise(
                     "unclean-stop",

@@ -6,6 +6,9 @@
 #   deploy/bench/nbd.sh            # full run (about 7 minutes: 4 jobs x 4 servers x 3 rounds)
 #   RUNTIME=5 deploy/bench/nbd.sh  # shorter
 #   JOBS=seq-write-1M-qd16 deploy/bench/nbd.sh   # only the named jobs (space-separated)
+#   BEFORE_BIN=/path/to/old/replicator deploy/bench/nbd.sh
+#       # adds that build's two rows ("before(...)") to the same run: a change measured side by
+#       # side with the build it replaces, taking turns with the other servers on every job
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$(pwd)
@@ -52,6 +55,7 @@ prefill() { # the read job needs data on the device
 declare -A result
 declare -A uris
 labels=(qemu-nbd nbdkit "replicator(slink0)" "replicator(+async)")
+[ -n "${BEFORE_BIN:-}" ] && labels+=("before(slink0)" "before(+async)")
 
 # qemu-nbd
 truncate -s "${SIZE_MIB}M" "$work/qemu.img"
@@ -77,6 +81,19 @@ cat >pair.table <<T
 T
 "$bin" create solo solo.table
 "$bin" create pair pair.table
+if [ -n "${BEFORE_BIN:-}" ]; then
+  mkdir -p before
+  sed 's/solo-replog.img/before\/solo-replog.img/; s/solo0.img/before\/solo0.img/' solo.table >before/solo.table
+  sed 's/pair-replog.img/before\/pair-replog.img/; s/pair\([01]\).img/before\/pair\1.img/g' pair.table >before/pair.table
+  REPLICATOR_CONTROL="$work/before/control.sock" "$BEFORE_BIN" daemon --nbd 127.0.0.1:10904 \
+    --control "$work/before/control.sock" --state-dir "$work/before/state" 2>"$work/before/daemon.log" &
+  pids+=($!)
+  for _ in $(seq 100); do "$BEFORE_BIN" ls --control "$work/before/control.sock" >/dev/null 2>&1 && break; sleep 0.1; done
+  "$BEFORE_BIN" create --control "$work/before/control.sock" solo before/solo.table
+  "$BEFORE_BIN" create --control "$work/before/control.sock" pair before/pair.table
+  uris["before(slink0)"]="nbd://127.0.0.1:10904/solo"
+  uris["before(+async)"]="nbd://127.0.0.1:10904/pair"
+fi
 cd "$root"
 sleep 1
 

@@ -2,7 +2,6 @@
 //! [`spec`], NBD only through the export glue in `crate::daemon`, and the disk only through the
 //! `replog` crate and [`blockfile`].
 
-pub mod activity;
 pub mod blockfile;
 pub mod events;
 pub mod group;

@@ -839,20 +839,10 @@ impl Core {
                     if self.slinks[i].cfg.region_bytes.is_some() && i > 0 {
                         self.slinks[i].dirty.mark_all();
                         let token = self.token();
-                        let extents = self
-                            .cfg
-                            .devices
-                            .iter()
-                            .map(|d| Extent {
-                                device: d.device,
-                                offset: 0,
-                                len: d.size,
-                            })
-                            .collect();
                         out.push(Command::MarkDirty {
                             slink,
                             token,
-                            extents,
+                            extents: whole_devices(&self.cfg),
                         });
                         self.slink_changed(i, SlinkEvent::DirtyChanged { dirty: true }, out);
                     }
@@ -1028,6 +1018,18 @@ impl Core {
         }
         self.start_room(out);
     }
+}
+
+/// Every byte of every device: the extents of a full resync.
+fn whole_devices(cfg: &CoreConfig) -> Vec<Extent> {
+    cfg.devices
+        .iter()
+        .map(|d| Extent {
+            device: d.device,
+            offset: 0,
+            len: d.size,
+        })
+        .collect()
 }
 
 fn slink_event(nr: u8, c: Change) -> Command {

@@ -7,8 +7,8 @@ use super::activity::Plan;
 use super::order::Stage;
 use super::slink::{SlinkEvent, SlinkState, Transport};
 use super::{
-    Command, Core, Extent, Failure, Lsn, Mode, Position, Role, ASYNC_FLUSH_DELAY,
-    RESYNC_SEQ_RESERVE, RING_PRESSURE_PERCENT,
+    Command, Core, Failure, Lsn, Mode, Position, Role, ASYNC_FLUSH_DELAY, RESYNC_SEQ_RESERVE,
+    RING_PRESSURE_PERCENT,
 };
 
 impl Core {
@@ -423,20 +423,10 @@ impl Core {
                 s.acked = s.cursor;
                 let token = self.next_token;
                 self.next_token += 1;
-                let extents = self
-                    .cfg
-                    .devices
-                    .iter()
-                    .map(|d| Extent {
-                        device: d.device,
-                        offset: 0,
-                        len: d.size,
-                    })
-                    .collect();
                 out.push(Command::MarkDirty {
                     slink,
                     token,
-                    extents,
+                    extents: super::whole_devices(&self.cfg),
                 });
                 out.push(Command::Event {
                     kind: "resync-full",

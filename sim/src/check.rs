@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use replog::storage::MemDisk;
-use replog::{OpenOptions, Replog};
+use replog::Replog;
 
 /// One write of the primary's history.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,7 +62,6 @@ pub fn recovered_images(
 ) -> Result<(u64, BTreeMap<u32, Vec<u8>>), String> {
     let disk = MemDisk::from_image(replog_image, 512);
     let (log, _) = Replog::open_on(disk, 0).map_err(|e| format!("replog does not open: {e}"))?;
-    let _ = OpenOptions::default();
     let mut images = devices.clone();
     let cursor = log.cursor(0).unwrap_or(0);
     let mut from = cursor + 1;

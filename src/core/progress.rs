@@ -497,7 +497,8 @@ impl Core {
         out.push(Command::Stopped);
     }
 
-    fn request_flush_if_needed(&mut self, out: &mut Vec<Command>) {
+    /// Ask for a flush when something appended is not durable and none is in flight.
+    pub(super) fn request_flush_if_needed(&mut self, out: &mut Vec<Command>) {
         if self.durable < self.next_lsn - 1 && !self.flush_in_flight {
             self.request_flush(out);
         }

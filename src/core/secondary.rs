@@ -82,9 +82,8 @@ impl Core {
                 }
             }
         }
-        if self.secondary.appended > self.durable {
-            self.request_flush_if_idle(out);
-        }
+        // Acknowledged only once durable: flush what was appended.
+        self.request_flush_if_needed(out);
         let pos = Position {
             lsn: self.durable.min(self.secondary.appended),
             resync_seq: self.secondary.resync_seq,
@@ -104,12 +103,6 @@ impl Core {
     fn persist_consistency(&mut self, consistent: bool, out: &mut Vec<Command>) {
         self.secondary.consistency_persisting = Some(consistent);
         out.push(Command::PersistConsistency { consistent });
-    }
-
-    fn request_flush_if_idle(&mut self, out: &mut Vec<Command>) {
-        if !self.flush_in_flight {
-            self.request_flush(out);
-        }
     }
 
     pub(super) fn secondary_appended(&mut self) {

@@ -11,12 +11,39 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_replicator"))
 }
 
+/// A loopback port nobody listens on, and that no other test of this run has been handed.
+///
+/// The kernel may hand the same ephemeral port to two `bind(0)` calls in a row once the first
+/// listener is closed (a CI run once gave a daemon's NBD and metrics addresses the same port),
+/// and nextest runs each test in its own process. So every port handed out is also claimed with
+/// an exclusively created file in a directory shared by the run's processes; claims older than
+/// ten minutes are stale (a run that died) and are taken over.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let claims = std::env::temp_dir().join("replicator-test-ports");
+    std::fs::create_dir_all(&claims).unwrap();
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let claim = claims.join(port.to_string());
+        let stale = std::fs::metadata(&claim)
+            .and_then(|m| m.modified())
+            .map(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(600))
+            .unwrap_or(false);
+        if stale {
+            let _ = std::fs::remove_file(&claim);
+        }
+        if std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&claim)
+            .is_ok()
+        {
+            return port;
+        }
+    }
 }
 
 /// True when `tool` is on PATH; otherwise prints why the test is skipped.

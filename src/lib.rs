@@ -9,6 +9,7 @@ pub mod cli;
 pub mod control;
 pub mod core;
 pub mod daemon;
+pub mod driver;
 pub mod engine;
 pub mod metrics;
 pub mod nbd;

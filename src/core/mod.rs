@@ -692,6 +692,11 @@ impl Core {
         )
     }
 
+    /// Where a retained entry writes (the driver appends the request's bytes there).
+    pub fn retained_extent(&self, lsn: Lsn) -> Option<Extent> {
+        self.index.get(lsn).map(|r| r.extent)
+    }
+
     pub fn writes_in_flight(&self) -> usize {
         self.waiting.len() + self.parked.len()
     }

@@ -1,0 +1,528 @@
+//! The production driver of the group core ([`crate::core::Core`]): real files, real threads.
+//!
+//! The core decides; this module carries its commands out and reports their completions back as
+//! inputs. It is the production twin of the simulation's driver (`sim/src/world.rs`): both run
+//! the same core on the same replog code, so what the simulation tries is what runs here.
+//!
+//! # Threads and waits
+//! - The core sits behind one mutex. Whoever has an input (an NBD task with a write, a worker
+//!   with a completion, the ticker) takes the lock, hands the input to the core and carries out
+//!   the resulting commands that cost no I/O at once (`Append` into the replog's open batch,
+//!   `Reply`, `Event`); every command that does I/O goes to a worker thread's queue. No blocking
+//!   I/O runs under the lock or on the async runtime.
+//! - Workers (one job each, see [`workers`]): `log-written` waits for appends to be written,
+//!   `log-flush` makes the replog durable, `apply-N` write entries to slink 0's devices (the
+//!   core's overlap rule decides what may run in parallel), one `site-N` per local slink applies
+//!   shipped entries and resync pieces to that site's devices, `persist` carries out cursor,
+//!   dirty-log and reclaim work in order, `meta` writes the activity log and resync
+//!   reservations, `tick` gives the core the time every [`TICK`].
+//! - Every wait is a wake-up: a worker blocks on its queue, a client on its reply channel.
+//!
+//! # Bounds
+//! Worker queues hold commands for work the core has in flight; the core bounds that work by the
+//! writes in flight (the NBD front end's request limit) and the ring. The entry cache
+//! ([`DriverConfig::entry_cache_bytes`]) holds entry data for slink 0 and the sites; an entry
+//! evicted from it is read back from the replog (the one read-back path).
+//!
+//! # Scope of this slice
+//! A primary whose slinks are all `local` (slink 0 and local sites, with or without dirty logs).
+//! Tcp slinks and the secondary role still run on `crate::engine`; `open` refuses them.
+
+mod open;
+mod workers;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use replog::{EntryKind, Record, Replog};
+
+use crate::core::{Command, Core, Extent, Failure, Input, Lsn, RequestId};
+use crate::engine::blockfile::BlockFile;
+use crate::engine::queue::MemEntry;
+
+pub use open::{DriverConfig, OpenError};
+use workers::{Queues, SiteWork, StoreWork};
+
+/// How often the core is told the time (fallbehind timeouts, checkpoint interval, batched
+/// flushes for async sites).
+pub const TICK: Duration = Duration::from_millis(2);
+
+/// A client request the core has not answered yet.
+struct Request {
+    reply: tokio::sync::oneshot::Sender<Result<(), Failure>>,
+    /// The write's bytes until its entry is appended.
+    write: Option<(EntryKind, Vec<u8>)>,
+}
+
+/// What sits behind the lock: the core and what the driver keeps per request and per entry.
+struct State {
+    core: Core,
+    requests: HashMap<RequestId, Request>,
+    next_id: RequestId,
+    /// Entry data by lsn, for slink 0's applies and the sites' shipping.
+    entries: BTreeMap<Lsn, Arc<MemEntry>>,
+    entry_bytes: usize,
+    stopped: bool,
+    /// Set while a worker's input runs: the first `Apply` is kept for that worker.
+    keep_one_apply: bool,
+    kept_apply: Option<Arc<MemEntry>>,
+}
+
+/// One local site (slink > 0): its devices and dirty logs.
+pub(crate) struct LocalSite {
+    pub devices: BTreeMap<u32, Arc<BlockFile>>,
+}
+
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    stopped: Condvar,
+    pub replog: Arc<Replog>,
+    pub name: String,
+    clock: Instant,
+    pub slink0: BTreeMap<u32, Arc<BlockFile>>,
+    pub sites: BTreeMap<u8, LocalSite>,
+    /// Dirty logs by (slink, device).
+    pub dirty: BTreeMap<(u8, u32), Mutex<replog::dirtylog::DirtyLog>>,
+    queues: Queues,
+    entry_cache_bytes: usize,
+}
+
+/// A running group on the core.
+pub struct GroupDriver {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+/// A broken invariant or a poisoned lock: stop rather than go on with wrong data.
+fn stop_the_process(what: &str) -> ! {
+    tracing::error!("{what}");
+    eprintln!("replicator: {what}");
+    std::process::abort()
+}
+
+fn now_unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+impl GroupDriver {
+    /// Write `data` (or zeroes/discard `len` bytes) at `offset` of `device`. Resolves once the
+    /// core's promises for it hold (in the replog, on slink 0, at every site waited for; durable
+    /// with `fua`).
+    pub async fn write(
+        &self,
+        device: u32,
+        offset: u64,
+        kind: EntryKind,
+        len: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> Result<(), Failure> {
+        let rx = self
+            .shared
+            .submit_write(device, offset, kind, len, data, fua);
+        rx.await
+            .unwrap_or_else(|_| Err(Failure::Io("the group stopped".into())))
+    }
+
+    /// Blocking twin of [`GroupDriver::write`] (tests, tools; never on the async runtime).
+    pub fn write_blocking(
+        &self,
+        device: u32,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> Result<(), Failure> {
+        let len = data.len() as u64;
+        let rx = self
+            .shared
+            .submit_write(device, offset, EntryKind::Write, len, data, fua);
+        rx.blocking_recv()
+            .unwrap_or_else(|_| Err(Failure::Io("the group stopped".into())))
+    }
+
+    /// Every write acknowledged before this becomes durable.
+    pub async fn flush(&self) -> Result<(), Failure> {
+        let rx = self.shared.submit_flush();
+        rx.await
+            .unwrap_or_else(|_| Err(Failure::Io("the group stopped".into())))
+    }
+
+    pub fn flush_blocking(&self) -> Result<(), Failure> {
+        let rx = self.shared.submit_flush();
+        rx.blocking_recv()
+            .unwrap_or_else(|_| Err(Failure::Io("the group stopped".into())))
+    }
+
+    /// Read from slink 0's device. Acknowledged writes are on it (the core replies only after
+    /// slink 0 applied the entry).
+    pub fn read(&self, device: u32, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        match self.shared.slink0.get(&device) {
+            Some(f) => f.read_at(offset, buf),
+            None => Err(std::io::Error::other(format!("no device {device}"))),
+        }
+    }
+
+    /// Pause or resume a site (it gets nothing while paused; its misses go to its dirty log).
+    pub fn pause(&self, slink: u8, paused: bool) {
+        self.shared.input(Input::Pause { slink, paused });
+    }
+
+    /// Copy every region to a site again.
+    pub fn resync_all(&self, slink: u8) {
+        self.shared.input(Input::ResyncAll { slink });
+    }
+
+    /// The core's positions in one line (status, logs).
+    pub fn summary(&self) -> String {
+        self.shared.lock().core.summary()
+    }
+
+    /// Run `f` on the core (status queries).
+    pub fn with_core<T>(&self, f: impl FnOnce(&Core) -> T) -> T {
+        f(&self.shared.lock().core)
+    }
+
+    /// Drain, checkpoint, empty the activity log, stop the workers.
+    pub fn shutdown(&self) {
+        self.shared.input(Input::Shutdown);
+        {
+            let mut st = self.shared.lock();
+            while !st.stopped {
+                st = self
+                    .shared
+                    .stopped
+                    .wait(st)
+                    .unwrap_or_else(|_| stop_the_process("driver state lock poisoned"));
+            }
+        }
+        self.shared.queues.close();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for GroupDriver {
+    fn drop(&mut self) {
+        // Workers hold the shared state: close their queues so they end.
+        self.shared.queues.close();
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(_) => stop_the_process(&format!(
+                "group {}: the core's lock is poisoned (a thread panicked holding it)",
+                self.name
+            )),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.clock.elapsed().as_nanos() as u64
+    }
+
+    fn submit_write(
+        &self,
+        device: u32,
+        offset: u64,
+        kind: EntryKind,
+        len: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> tokio::sync::oneshot::Receiver<Result<(), Failure>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut st = self.lock();
+        let id = st.next_id;
+        st.next_id += 1;
+        st.requests.insert(
+            id,
+            Request {
+                reply: tx,
+                write: Some((kind, data)),
+            },
+        );
+        let extent = Extent {
+            device,
+            offset,
+            len,
+        };
+        self.run(&mut st, Input::Write { id, extent, fua });
+        rx
+    }
+
+    fn submit_flush(&self) -> tokio::sync::oneshot::Receiver<Result<(), Failure>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut st = self.lock();
+        let id = st.next_id;
+        st.next_id += 1;
+        st.requests.insert(
+            id,
+            Request {
+                reply: tx,
+                write: None,
+            },
+        );
+        self.run(&mut st, Input::Flush { id });
+        rx
+    }
+
+    /// A worker hands an input to the core and carries out what it decides. The first entry
+    /// the core asks to apply, the worker writes itself once the lock is released (a hand-off to
+    /// an apply thread and back is most of a low queue depth write's time); the others go to the
+    /// apply threads.
+    pub(crate) fn input(&self, input: Input) {
+        let mut next = Some(input);
+        while let Some(input) = next.take() {
+            let kept = {
+                let mut st = self.lock();
+                st.keep_one_apply = true;
+                self.run(&mut st, input);
+                st.keep_one_apply = false;
+                st.kept_apply.take()
+            };
+            if let Some(e) = kept {
+                let result = workers::apply_to_slink0(self, &e);
+                next = Some(Input::Applied { lsn: e.lsn, result });
+            }
+        }
+    }
+
+    fn run(&self, st: &mut State, first: Input) {
+        let mut inputs = VecDeque::from([first]);
+        let mut out = Vec::new();
+        while let Some(input) = inputs.pop_front() {
+            let now = self.now();
+            st.core.handle(now, input, &mut out);
+            for c in out.drain(..) {
+                // An append's result goes in before any other input (the core's contract).
+                if let Some(result) = self.execute(st, c) {
+                    inputs.push_front(result);
+                }
+            }
+        }
+        self.trim_cache(st);
+    }
+
+    /// Carry out one command: at once when it costs no I/O, else on a worker's queue. Returns the
+    /// input an `Append` reports at once.
+    fn execute(&self, st: &mut State, c: Command) -> Option<Input> {
+        match c {
+            Command::Append { lsn, id, .. } => return Some(self.append(st, lsn, id)),
+            Command::FlushLog => self.queues.flush(),
+            Command::Apply { lsn } => {
+                let entry = self.entry(st, lsn);
+                if st.keep_one_apply && st.kept_apply.is_none() {
+                    st.kept_apply = Some(entry);
+                } else {
+                    self.queues.apply(entry);
+                }
+            }
+            Command::Ship { slink, after, upto } => {
+                let cached: Vec<Arc<MemEntry>> = st
+                    .entries
+                    .range(after + 1..=upto)
+                    .map(|(_, e)| e.clone())
+                    .collect();
+                self.queues.site(
+                    slink,
+                    SiteWork::Entries {
+                        after,
+                        upto,
+                        cached,
+                    },
+                );
+            }
+            Command::ResyncPiece { slink, piece } => {
+                self.queues.site(slink, SiteWork::Piece(piece))
+            }
+            Command::ResyncComplete { slink, seq } => {
+                self.queues.site(slink, SiteWork::Complete { seq })
+            }
+            Command::Checkpoint {
+                slink,
+                lsn,
+                sync_devices,
+            } => self.queues.store(StoreWork::Checkpoint {
+                slink,
+                lsn,
+                sync_devices,
+            }),
+            Command::MarkDirty {
+                slink,
+                token,
+                extents,
+            } => self.queues.store(StoreWork::MarkDirty {
+                slink,
+                token,
+                extents,
+            }),
+            Command::ClearDirty {
+                slink,
+                device,
+                region,
+            } => self.queues.store(StoreWork::ClearDirty {
+                slink,
+                device,
+                region,
+            }),
+            Command::DropTo { slink, lsn } => self.queues.store(StoreWork::DropTo { slink, lsn }),
+            Command::Reclaim => self.queues.store(StoreWork::Reclaim),
+            Command::WriteActivityLog { token, extents } => self
+                .queues
+                .meta(workers::MetaWork::ActivityLog { token, extents }),
+            Command::PersistResyncSeq { slink, reserved } => self
+                .queues
+                .meta(workers::MetaWork::ResyncSeq { slink, reserved }),
+            Command::Reply { id, result } => {
+                if let Some(r) = st.requests.remove(&id) {
+                    // A client that went away no longer waits: nothing to tell it.
+                    let _ = r.reply.send(result);
+                }
+            }
+            Command::Event { kind, detail } => {
+                tracing::info!(group = %self.name, event = kind, "{detail}");
+            }
+            Command::Stopped => {
+                st.stopped = true;
+                self.stopped.notify_all();
+            }
+            Command::StorePiece { .. }
+            | Command::AckPrimary { .. }
+            | Command::PersistConsistency { .. }
+            | Command::ResetLink { .. } => stop_the_process(&format!(
+                "group {}: the core gave a secondary's command to a primary-only driver: {c:?}",
+                self.name
+            )),
+        }
+        None
+    }
+
+    /// `Append`: the request's bytes go into the replog's open batch with the core's lsn.
+    fn append(&self, st: &mut State, lsn: Lsn, id: Option<RequestId>) -> Input {
+        let Some(id) = id else {
+            stop_the_process(&format!(
+                "group {}: append of lsn {lsn} without a request on a primary",
+                self.name
+            ));
+        };
+        let Some(extent) = st.core.retained_extent(lsn) else {
+            stop_the_process(&format!(
+                "group {}: append of lsn {lsn} the core does not retain",
+                self.name
+            ));
+        };
+        let Some((kind, data)) = st.requests.get_mut(&id).and_then(|r| r.write.take()) else {
+            stop_the_process(&format!(
+                "group {}: append of lsn {lsn} for request {id} that has no bytes",
+                self.name
+            ));
+        };
+        let rec = Record {
+            device: extent.device,
+            offset: extent.offset,
+            kind,
+            len: extent.len,
+            data: &data,
+        };
+        // Durability comes from the core's `FlushLog` (one flush for many writes), so every
+        // append is only written here.
+        match self
+            .replog
+            .append_with_lsn(lsn, rec, replog::Durability::Written)
+        {
+            Ok(appending) => {
+                let entry = Arc::new(MemEntry {
+                    lsn,
+                    device: extent.device,
+                    offset: extent.offset,
+                    kind,
+                    len: extent.len,
+                    data,
+                    appended_at: Instant::now(),
+                    timestamp_ns: now_unix_ns(),
+                });
+                st.entry_bytes += entry.mem_bytes();
+                st.entries.insert(lsn, entry);
+                self.queues.written(appending);
+                Input::AppendResult {
+                    lsn,
+                    accepted: true,
+                }
+            }
+            Err(replog::Error::Full { .. }) => {
+                if let Some(r) = st.requests.get_mut(&id) {
+                    r.write = Some((kind, data));
+                }
+                Input::AppendResult {
+                    lsn,
+                    accepted: false,
+                }
+            }
+            // The core has no way to un-hand-out an lsn except a refusal, and a refusal means
+            // "retry when there is room": an append that fails for another reason leaves the
+            // replog in a state nobody checked.
+            Err(e) => stop_the_process(&format!(
+                "group {}: replog append of lsn {lsn} failed: {e}",
+                self.name
+            )),
+        }
+    }
+
+    /// An entry's data: from the cache, else read back from the replog.
+    fn entry(&self, st: &State, lsn: Lsn) -> Arc<MemEntry> {
+        if let Some(e) = st.entries.get(&lsn) {
+            return e.clone();
+        }
+        match self.replog.read(lsn) {
+            Ok(e) => Arc::new(MemEntry {
+                lsn: e.lsn,
+                device: e.device,
+                offset: e.offset,
+                kind: e.kind,
+                len: e.len,
+                data: e.data,
+                appended_at: Instant::now(),
+                timestamp_ns: e.timestamp_ns,
+            }),
+            Err(e) => stop_the_process(&format!(
+                "group {}: lsn {lsn} is neither cached nor readable from the replog: {e}",
+                self.name
+            )),
+        }
+    }
+
+    /// Drop cached entries nobody needs from memory: applied on slink 0 and handed to every
+    /// site; past the budget, also entries a site will read back from the replog.
+    fn trim_cache(&self, st: &mut State) {
+        let applied0 = st.core.applied0();
+        let shipped = st
+            .core
+            .slinks()
+            .iter()
+            .skip(1)
+            .map(|s| s.shipped.max(s.skip_to))
+            .min()
+            .unwrap_or(Lsn::MAX);
+        let floor = applied0.min(shipped);
+        while let Some((&lsn, e)) = st.entries.first_key_value() {
+            let over_budget = st.entry_bytes > self.entry_cache_bytes;
+            if lsn > floor && !(over_budget && lsn <= applied0) {
+                break;
+            }
+            st.entry_bytes -= e.mem_bytes();
+            st.entries.pop_first();
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! Opening a group on the core: the replog, slink 0's devices, the local sites' devices and
+//! dirty logs, what they held ([`Restored`]), and the core's configuration.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use replog::dirtylog::DirtyLog;
+use replog::Replog;
+
+use crate::core::activity::ExtentKey;
+use crate::core::index::Retained;
+use crate::core::slink::{DownWait, SlinkConfig, Transport};
+use crate::core::{Core, CoreConfig, DeviceConfig, Extent, Restored, Role};
+use crate::engine::blockfile::BlockFile;
+use crate::engine::policy;
+use crate::engine::spec::{DeviceSpec, DirtyLogSpec, GroupSpec, ReplogOpen};
+
+use super::workers::{self, Queues};
+use super::{GroupDriver, LocalSite, Shared, State};
+
+/// What the table does not say.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    /// Entry data kept in memory for slink 0 and the sites (beyond it they read the replog).
+    pub entry_cache_bytes: usize,
+    pub checkpoint_interval: Duration,
+    pub ring_full_wait: Duration,
+    /// How long writes wait for a sync site that is down when its table says nothing.
+    pub default_down_wait: Duration,
+    /// Activity log capacity in extents (the extent size is the replog's).
+    pub activity_extents_max: usize,
+    /// Open the replog with O_DIRECT.
+    pub replog_direct: bool,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            entry_cache_bytes: 256 << 20,
+            checkpoint_interval: Duration::from_secs(1),
+            ring_full_wait: Duration::from_secs(30),
+            default_down_wait: Duration::from_secs(10),
+            activity_extents_max: replog::format::AL_EXTENTS_MAX,
+            replog_direct: false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("replog {path}: {source}")]
+    Replog {
+        path: String,
+        #[source]
+        source: replog::Error,
+    },
+    #[error("{path}: {source}")]
+    File {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+fn file_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> OpenError + '_ {
+    move |source| OpenError::File {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+impl GroupDriver {
+    /// Open the group: `group.slinks[*].devices` name every device of the group (`devices` gives
+    /// their sizes). Recovery (replay onto slink 0, dirty marks after an unclean stop) starts
+    /// before this returns and completes on the workers; writes may come at once.
+    pub fn open(
+        cfg: &DriverConfig,
+        group: &GroupSpec,
+        devices: &[DeviceSpec],
+    ) -> Result<GroupDriver, OpenError> {
+        let replog_err = |source| OpenError::Replog {
+            path: group.replog_path.display().to_string(),
+            source,
+        };
+        if let Some(s) = group.slinks.iter().find(|s| s.transport != "local") {
+            return Err(OpenError::Unsupported(format!(
+                "slink {} is {}: this driver runs local slinks only",
+                s.nr, s.transport
+            )));
+        }
+        let replog = Arc::new(open_replog(cfg, group).map_err(replog_err)?);
+        if replog.role() == replog::Role::Secondary {
+            return Err(OpenError::Unsupported(
+                "the replog belongs to a secondary: this driver runs primaries only".into(),
+            ));
+        }
+        let sizes: BTreeMap<u32, u64> = devices.iter().map(|d| (d.dev_nr, d.size)).collect();
+        let last = replog.next_lsn().saturating_sub(1);
+
+        let mut slink0 = BTreeMap::new();
+        let mut sites = BTreeMap::new();
+        let mut dirty_logs = BTreeMap::new();
+        let mut slink_cfgs = Vec::new();
+        let mut restored_dirty = Vec::new();
+        let mut cursors = Vec::new();
+        let mut resync_seq = Vec::new();
+        for s in &group.slinks {
+            let mut files = BTreeMap::new();
+            let mut region_bytes = None;
+            for d in &s.devices {
+                let size = *sizes.get(&d.dev_nr).ok_or_else(|| {
+                    OpenError::Unsupported(format!("no size for device {}", d.dev_nr))
+                })?;
+                let f = BlockFile::open(&d.path, size, true).map_err(file_err(&d.path))?;
+                files.insert(d.dev_nr, Arc::new(f));
+                if let Some(log) = open_dirty_log(&d.dirty_log, size)? {
+                    region_bytes = Some(log.region_size());
+                    for r in log.dirty_regions() {
+                        restored_dirty.push((s.nr, d.dev_nr, r));
+                    }
+                    dirty_logs.insert((s.nr, d.dev_nr), Mutex::new(log));
+                }
+            }
+            let cursor = match replog.cursor(s.nr) {
+                Some(c) => c,
+                None => {
+                    replog.register_slink(s.nr, last).map_err(replog_err)?;
+                    last
+                }
+            };
+            cursors.push((s.nr, cursor));
+            resync_seq.push((s.nr, replog.resync_seq(s.nr).map_err(replog_err)?));
+            let down_wait = match s.down_wait {
+                Some(policy::DownWait::Forever) => DownWait::Forever,
+                Some(policy::DownWait::For(d)) => DownWait::Bounded(d.as_nanos() as u64),
+                None => DownWait::Bounded(cfg.default_down_wait.as_nanos() as u64),
+            };
+            slink_cfgs.push(SlinkConfig {
+                nr: s.nr,
+                transport: Transport::Local,
+                policy: s.policy,
+                fallbehind: s.fallbehind,
+                down_wait,
+                region_bytes: if s.nr == 0 { None } else { region_bytes },
+            });
+            if s.nr == 0 {
+                slink0 = files;
+            } else {
+                sites.insert(s.nr, LocalSite { devices: files });
+            }
+        }
+        if slink_cfgs.first().is_none_or(|s| s.nr != 0) {
+            return Err(OpenError::Unsupported(
+                "a group's first slink is slink 0 (its own devices)".into(),
+            ));
+        }
+
+        let restored = Restored {
+            last_lsn: last,
+            retained: retained(&replog),
+            cursors,
+            dirty: restored_dirty,
+            resync_seq,
+            activity_log: replog.activity_log().extents as Vec<ExtentKey>,
+            consistent: true,
+        };
+        let space = replog.space();
+        let core_cfg = CoreConfig {
+            role: Role::Primary,
+            devices: sizes
+                .iter()
+                .map(|(d, s)| DeviceConfig {
+                    device: *d,
+                    size: *s,
+                })
+                .collect(),
+            slinks: slink_cfgs,
+            ring_bytes: space.capacity_bytes,
+            // Header plus alignment to the record granule, at most.
+            record_overhead_bytes: 2 * replog::format::RECORD_GRANULE,
+            ring_full_wait: cfg.ring_full_wait.as_nanos() as u64,
+            checkpoint_interval: cfg.checkpoint_interval.as_nanos() as u64,
+            activity_extent_bytes: replog.activity_log().extent_bytes,
+            activity_extents_max: cfg.activity_extents_max.min(replog::format::AL_EXTENTS_MAX),
+        };
+        let (core, first) = Core::new(core_cfg, restored, 0);
+        let site_nrs: Vec<u8> = sites.keys().copied().collect();
+        let (queues, receivers) = Queues::new(&site_nrs);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                core,
+                requests: HashMap::new(),
+                next_id: 1,
+                entries: BTreeMap::new(),
+                entry_bytes: 0,
+                stopped: false,
+                keep_one_apply: false,
+                kept_apply: None,
+            }),
+            stopped: Condvar::new(),
+            replog,
+            name: group.replog_path.display().to_string(),
+            clock: Instant::now(),
+            slink0,
+            sites,
+            dirty: dirty_logs,
+            queues,
+            entry_cache_bytes: cfg.entry_cache_bytes,
+        });
+        let threads = workers::spawn(&shared, receivers);
+        {
+            let mut st = shared.lock();
+            for c in first {
+                if shared.execute(&mut st, c).is_some() {
+                    super::stop_the_process("the core appended during recovery");
+                }
+            }
+        }
+        Ok(GroupDriver {
+            shared,
+            threads: Mutex::new(threads),
+        })
+    }
+}
+
+/// The entries the ring retains, in lsn order (their extents only).
+fn retained(replog: &Replog) -> Vec<Retained> {
+    let mut out = Vec::new();
+    let mut from = replog.first_lsn().max(1);
+    loop {
+        let batch = replog.extents_from(from, 4096);
+        let Some(l) = batch.last() else { break };
+        from = l.lsn + 1;
+        for e in batch {
+            out.push(Retained {
+                lsn: e.lsn,
+                extent: Extent {
+                    device: e.device,
+                    offset: e.offset,
+                    len: e.len,
+                },
+                ring_bytes: e.record_bytes,
+                at: 0,
+            });
+        }
+    }
+    out
+}
+
+fn open_replog(cfg: &DriverConfig, spec: &GroupSpec) -> replog::Result<Replog> {
+    let io = replog::io::IoOptions {
+        direct: cfg.replog_direct,
+        ..Default::default()
+    };
+    let path = &spec.replog_path;
+    let create = |size: u64| {
+        Replog::create(
+            path,
+            &replog::CreateOptions {
+                offset: spec.replog_offset,
+                size,
+                io: io.clone(),
+            },
+        )
+    };
+    let open = || {
+        Replog::open(
+            path,
+            &replog::OpenOptions {
+                offset: spec.replog_offset,
+                io: io.clone(),
+            },
+        )
+        .map(|(r, report)| {
+            tracing::info!(replog = %path.display(), "recovered: {report:?}");
+            r
+        })
+    };
+    match spec.open {
+        ReplogOpen::Open => open(),
+        ReplogOpen::Create { size } => create(size),
+        ReplogOpen::Auto { size } => match (open(), size) {
+            (Ok(r), _) => Ok(r),
+            (Err(_), Some(size)) => create(size),
+            (Err(e), None) => Err(e),
+        },
+    }
+}
+
+fn open_dirty_log(spec: &DirtyLogSpec, device_size: u64) -> Result<Option<DirtyLog>, OpenError> {
+    let err =
+        |e: replog::dirtylog::DirtyLogError| OpenError::Unsupported(format!("dirty log: {e}"));
+    let log = match spec {
+        DirtyLogSpec::None => return Ok(None),
+        DirtyLogSpec::Core {
+            region_size,
+            initially_dirty,
+        } => DirtyLog::core(device_size, *region_size, *initially_dirty).map_err(err)?,
+        DirtyLogSpec::Disk {
+            region_size,
+            path,
+            initially_dirty,
+            ..
+        } => DirtyLog::open_or_create_disk(path, device_size, *region_size, *initially_dirty)
+            .map_err(err)?,
+    };
+    Ok(Some(log))
+}

@@ -175,6 +175,45 @@ fn after_an_unclean_stop_the_listed_extents_are_dirty_for_the_site_and_resynced(
     assert_eq!(activity_log(&d, "replog.img"), vec![]);
 }
 
+/// Slink 0's cursor may not pass the replog's durable lsn (R2). With slink 0 alone and writes
+/// that never ask for a flush, only the checkpoint's own replog sync moves that lsn: without it
+/// the ring fills for good and writes are refused once they waited `RING_FULL_WAIT_MAX`.
+#[test]
+fn slink_0_alone_with_writes_that_never_flush_keeps_reclaiming_the_ring() {
+    if !have("qemu-io") {
+        return;
+    }
+    let d = Daemon::start();
+    let (dev_mib, replog_mib) = (16u64, 4u64);
+    d.create(
+        "solo",
+        &format!(
+            "0 {} replicator default 4 replog.img 0 create {} local 2 0 async ios=0 \\\n\
+             2 0 primary0.img - 0\n",
+            dev_mib * 2048,
+            replog_mib * 2048
+        ),
+    );
+    // Four passes over the device: 64 MiB through a 4 MiB ring, in one client session (no
+    // flush between the writes).
+    let writes: Vec<String> = (0..4 * dev_mib)
+        .map(|i| format!("write -P {} {} 1M", i % 251, (i % dev_mib) << 20))
+        .collect();
+    let started = Instant::now();
+    qemu_io(&d.uri("solo"), &writes);
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "writes waited for ring space: {:?}",
+        started.elapsed()
+    );
+    let st = d.status("solo");
+    assert_eq!(
+        st["replog"]["last_lsn"].as_u64(),
+        Some(4 * dev_mib),
+        "every write was taken: {st:#}"
+    );
+}
+
 /// A secondary daemon (siteB) and a primary (siteA) with one device and a tcp slink 1.
 fn tcp_pair() -> (Daemon, Daemon) {
     let listen = format!("127.0.0.1:{}", free_port());

@@ -14,10 +14,11 @@
 //!
 //! Cost: an activity-log write is one 4 KiB `RWF_DSYNC` slot write, needed only when a write
 //! enters an extent not in the log (256 extents of 4 MiB: a working set up to 1 GiB causes none
-//! once warm). It runs on the calling task's thread: it is rare and short, and the replog's other
-//! metadata setters (cursors) run the same way.
+//! once warm); an extent already listed costs one lock. The slot write runs on a blocking thread
+//! (a runtime worker stuck in it would hold up unrelated writes); writers that want extents
+//! while it is in flight share the next one. Waits end on wake-ups, not timers.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use replog::{Lsn, Replog};
@@ -25,9 +26,9 @@ use replog::{Lsn, Replog};
 use crate::core::activity::{ActivityLog, ExtentKey, Plan};
 use crate::core::Extent;
 
-/// How long a write waiting for another task's activity-log write sleeps before it looks again
-/// (it is woken when that write ends; the bound only covers a wake-up that raced the wait).
-const ADMIT_RECHECK: Duration = Duration::from_millis(5);
+/// A write waiting for another task's activity-log write is woken when that write ends; this
+/// bound only keeps a lost wake-up (a bug, logged) from stopping it for good.
+const IDLE_BACKSTOP: Duration = Duration::from_secs(1);
 
 pub struct ActivityGate {
     log: Mutex<ActivityLog>,
@@ -76,8 +77,19 @@ impl ActivityGate {
     /// Returns once slink 0 may apply entry `lsn` inside `extent`: the entry is durable in the
     /// replog, or every extent it touches is in the durable activity log (and recorded as
     /// holding `lsn`, so it does not leave the log before `lsn` is durable).
-    pub async fn admit(&self, replog: &Replog, extent: &Extent, lsn: Lsn) -> Result<(), String> {
+    ///
+    /// An extent already in the durable log costs one uncontended lock. Otherwise the first
+    /// writer to find no log write in flight writes the whole wanted set (on a blocking thread,
+    /// not a runtime worker); writers arriving meanwhile add their extents to the next write, so
+    /// one metadata write serves every extent wanted while the previous one was in flight.
+    pub async fn admit(
+        self: &Arc<Self>,
+        replog: &Arc<Replog>,
+        extent: &Extent,
+        lsn: Lsn,
+    ) -> Result<(), String> {
         loop {
+            // Registered before the log is looked at: a change after the look still wakes us.
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
@@ -94,35 +106,65 @@ impl ActivityGate {
                 log.plan(durable)
             };
             match plan {
-                Plan::Write { token, extents } => {
-                    let written = replog.set_activity_log(&extents);
-                    let mut log = self.log();
-                    match written {
-                        Ok(()) => log.written(token),
-                        Err(e) => {
-                            log.write_failed(token);
-                            drop(log);
-                            self.changed.notify_waiters();
-                            return Err(format!("activity log write: {e}"));
-                        }
-                    }
-                    drop(log);
-                    self.changed.notify_waiters();
-                }
+                Plan::Write { token, extents } => self.write_log(replog, token, extents).await?,
                 Plan::NeedFlush => {
-                    // Every listed extent holds writes that are not durable: make them durable,
-                    // then the oldest can leave.
-                    replog
-                        .flush()
+                    // Every listed extent holds writes that are not durable: make them durable
+                    // (one sync beside the replog's pipeline; they are all written, as every
+                    // touched lsn was applied after its append completed), then the oldest can
+                    // leave.
+                    let r = replog.clone();
+                    let synced = tokio::task::spawn_blocking(move || r.sync_written())
                         .await
-                        .map_err(|e| format!("flush for the activity log: {e}"))?;
+                        .map_err(|e| format!("sync for the activity log: {e}"))?;
+                    synced.map_err(|e| format!("sync for the activity log: {e}"))?;
                     self.changed.notify_waiters();
                 }
                 Plan::Idle => {
-                    let _ = tokio::time::timeout(ADMIT_RECHECK, changed).await;
+                    // A log write is in flight (its writer wakes us when it ends) or the log is
+                    // frozen (`unfreeze` wakes us). The bound is only a backstop against a
+                    // lost wake-up, which would be a bug: it is logged.
+                    if tokio::time::timeout(IDLE_BACKSTOP, changed).await.is_err() {
+                        tracing::warn!(
+                            lsn,
+                            "activity log: a write waited {IDLE_BACKSTOP:?} without a wake-up"
+                        );
+                    }
                 }
             }
         }
+    }
+
+    /// Persist one planned set on a blocking thread (a 4 KiB `RWF_DSYNC` write) and wake every
+    /// writer waiting for the log. The completion is booked on that thread too, so a caller
+    /// that stops waiting (its future dropped) cannot leave the set "in flight" for good, and
+    /// no second log write can start before this one landed (two slot writes racing could
+    /// leave the older set on disk).
+    async fn write_log(
+        self: &Arc<Self>,
+        replog: &Arc<Replog>,
+        token: u64,
+        extents: Vec<ExtentKey>,
+    ) -> Result<(), String> {
+        let (gate, r) = (self.clone(), replog.clone());
+        tokio::task::spawn_blocking(move || {
+            let written = r.set_activity_log(&extents);
+            let mut log = gate.log();
+            let result = match written {
+                Ok(()) => {
+                    log.written(token);
+                    Ok(())
+                }
+                Err(e) => {
+                    log.write_failed(token);
+                    Err(format!("activity log write: {e}"))
+                }
+            };
+            drop(log);
+            gate.changed.notify_waiters();
+            result
+        })
+        .await
+        .map_err(|e| format!("activity log write task: {e}"))?
     }
 
     /// Clean shutdown: empty the log, given that everything applied is durable in the replog
@@ -136,7 +178,7 @@ impl ActivityGate {
         let Some((token, extents)) = log.clear() else {
             return Ok(false);
         };
-        match replog.set_activity_log(&extents) {
+        let result = match replog.set_activity_log(&extents) {
             Ok(()) => {
                 log.written(token);
                 Ok(true)
@@ -145,7 +187,10 @@ impl ActivityGate {
                 log.write_failed(token);
                 Err(format!("emptying the activity log: {e}"))
             }
-        }
+        };
+        drop(log);
+        self.changed.notify_waiters();
+        result
     }
 
     /// The extents in the log (for status and tests).
@@ -202,8 +247,8 @@ mod tests {
     #[test]
     fn an_entry_not_yet_durable_is_applied_only_once_its_extent_is_in_the_durable_log() {
         let dir = tempfile::tempdir().unwrap();
-        let r = replog_in(dir.path());
-        let gate = ActivityGate::new(&r);
+        let r = Arc::new(replog_in(dir.path()));
+        let gate = Arc::new(ActivityGate::new(&r));
         gate.unfreeze();
         let at = 2 * replog::format::AL_EXTENT_BYTES_DEFAULT + 4096;
         let lsn = append_written(&r, at);
@@ -227,8 +272,8 @@ mod tests {
     #[test]
     fn a_clean_stop_empties_the_log_only_when_every_applied_write_is_durable() {
         let dir = tempfile::tempdir().unwrap();
-        let r = replog_in(dir.path());
-        let gate = ActivityGate::new(&r);
+        let r = Arc::new(replog_in(dir.path()));
+        let gate = Arc::new(ActivityGate::new(&r));
         gate.unfreeze();
         let lsn = append_written(&r, 0);
         block_on(gate.admit(&r, &extent(0), lsn)).unwrap();
@@ -245,9 +290,9 @@ mod tests {
     #[test]
     fn a_restored_log_stays_as_it_is_until_unfrozen() {
         let dir = tempfile::tempdir().unwrap();
-        let r = replog_in(dir.path());
+        let r = Arc::new(replog_in(dir.path()));
         r.set_activity_log(&[(0, 5)]).unwrap();
-        let gate = ActivityGate::new(&r);
+        let gate = Arc::new(ActivityGate::new(&r));
         let lsn = append_written(&r, 0);
         let waited = block_on(async {
             tokio::time::timeout(Duration::from_millis(50), gate.admit(&r, &extent(0), lsn)).await

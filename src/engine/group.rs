@@ -136,7 +136,8 @@ pub struct DeviceInfo {
 pub struct Group {
     /// The replog path identifies the group: tables that name the same replog form one group.
     pub replog_path: PathBuf,
-    pub replog: Replog,
+    /// Shared with blocking threads (activity-log writes, syncs beside the pipeline).
+    pub replog: Arc<Replog>,
     order: Mutex<()>,
     pub slinks: Vec<Arc<Slink>>,
     pub devices: RwLock<BTreeMap<u32, DeviceInfo>>,
@@ -152,7 +153,7 @@ pub struct Group {
     /// entries they may ship).
     pub written_changed: tokio::sync::Notify,
     /// R3: slink 0 applies an entry that is not durable only inside the durable activity log.
-    activity: ActivityGate,
+    activity: Arc<ActivityGate>,
     /// An async flush for the other sites is scheduled (R1): at most one at a time.
     ship_flush_scheduled: std::sync::atomic::AtomicBool,
     started: std::sync::atomic::AtomicBool,
@@ -246,10 +247,10 @@ impl Group {
             .display()
             .to_string()
             .as_str()]);
-        let activity = ActivityGate::new(&replog);
+        let activity = Arc::new(ActivityGate::new(&replog));
         let group = Arc::new(Group {
             replog_path: spec.replog_path.clone(),
-            replog,
+            replog: Arc::new(replog),
             order: Mutex::new(()),
             slinks,
             devices: RwLock::new(BTreeMap::new()),
@@ -637,13 +638,22 @@ impl Group {
         let me = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(ASYNC_FLUSH_DELAY).await;
-            // Cleared before the flush starts: a write after this point schedules the next one.
+            // Cleared before the sync starts: a write after this point schedules the next one.
             me.ship_flush_scheduled.store(false, Ordering::Release);
-            match me.replog.flush().await {
-                Ok(_) => me.durable_moved(),
+            // A sync beside the pipeline, not a flush: a flush would make the open batch sync,
+            // and every write appended meanwhile would wait for that fdatasync (the writes'
+            // clients do not wait for async sites, so nothing of theirs should).
+            let syncing = me.clone();
+            let synced = tokio::task::spawn_blocking(move || syncing.replog.sync_written()).await;
+            match synced {
+                Ok(Ok(_)) => me.durable_moved(),
+                Ok(Err(e)) => me.events.raise(
+                    "replog-error",
+                    format!("sync for the other sites failed: {e}; they get nothing new"),
+                ),
                 Err(e) => me.events.raise(
                     "replog-error",
-                    format!("flush for the other sites failed: {e}; they get nothing new"),
+                    format!("sync task for the other sites: {e}; they get nothing new"),
                 ),
             }
         });
@@ -1300,6 +1310,16 @@ impl ApplySource for Group {
     }
 
     fn save_cursor(&self, slink: u8, lsn: Lsn) -> Result<(), String> {
+        if lsn > self.replog.durable_lsn() {
+            // Slink 0 applies entries before they are durable (R3). Its cursor may not pass the
+            // durable lsn (R2), so without this flush a group whose writes never ask for one
+            // (no FUA, no other site) would never move it, and the ring would fill for good.
+            // One sync per checkpoint, on the checkpointer's thread, not the write path.
+            // A sync beside the pipeline: writes appended meanwhile do not wait for it.
+            let synced = self.replog.sync_written();
+            self.durable_moved();
+            synced.map_err(|e| format!("replog sync before the cursor: {e}"))?;
+        }
         let lsn = persistable_cursor(lsn, self.replog.durable_lsn());
         let cur = self.replog.cursor(slink).unwrap_or(0);
         if lsn > cur {

@@ -113,6 +113,10 @@ pub struct ReplogStatus {
     pub entries: u64,
     pub first_lsn: u64,
     pub last_lsn: u64,
+    /// Highest lsn durable in the replog (survives a power loss); no other site is ever shipped
+    /// more (R1). Read after the slinks' positions, so `applied_lsn <= durable_lsn` in one status.
+    #[serde(default)]
+    pub durable_lsn: u64,
     pub io_backend: String,
     pub devices: Vec<String>,
 }

@@ -823,6 +823,47 @@ impl Replog {
         appending
     }
 
+    /// Makes every entry written so far durable with one sync on the calling thread, outside the
+    /// batch pipeline: appends go on meanwhile and no batch waits for this sync (a [`flush`]
+    /// makes the open batch a syncing one, so every append queued behind it waits for the
+    /// fdatasync). Returns the durable lsn after it. Blocks: call it from a thread that may.
+    ///
+    /// Covers `written_lsn` as read before the sync: those batches' writes completed, and a
+    /// sync covers every completed write. A failed sync fails the log, as a failed batch sync
+    /// does (after an fdatasync error the kernel may have dropped the dirty pages).
+    ///
+    /// [`flush`]: Replog::flush
+    pub fn sync_written(&self) -> Result<Lsn> {
+        let inner = &*self.inner;
+        let covered = {
+            let st = lock(&inner.state);
+            if let Some(what) = &st.failed {
+                return Err(Error::Failed { what: what.clone() });
+            }
+            if st.written_lsn <= st.durable_lsn {
+                return Ok(st.durable_lsn);
+            }
+            st.written_lsn
+        };
+        let synced = inner.storage.sync_completed();
+        let mut st = lock(&inner.state);
+        if let Err(e) = synced {
+            if st.failed.is_none() {
+                st.failed = Some(format!("{}: sync failed: {e}", inner.path));
+            }
+            let finished = writer::pump(inner, &mut st);
+            drop(st);
+            finished.resolve();
+            return Err(Error::Failed {
+                what: format!("{}: sync failed: {e}", inner.path),
+            });
+        }
+        if st.failed.is_none() {
+            st.durable_lsn = st.durable_lsn.max(covered);
+        }
+        Ok(st.durable_lsn)
+    }
+
     /// Reads one written entry.
     pub fn read(&self, lsn: Lsn) -> Result<Entry> {
         let entry = {

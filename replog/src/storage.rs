@@ -32,6 +32,13 @@ pub trait Storage: Send + Sync {
     fn write_at(&self, offset: u64, buf: AlignedBuf) -> io::Result<AlignedBuf>;
     /// Makes every completed write durable.
     fn sync_data(&self) -> io::Result<()>;
+    /// Makes every write that completed before the call durable, on the calling thread and NOT
+    /// queued behind batches in flight (so their completions do not wait for it, nor it for
+    /// them). What it covers is only what completed before it began.
+    /// Default: `sync_data` (ordered: covers at least that).
+    fn sync_completed(&self) -> io::Result<()> {
+        self.sync_data()
+    }
     /// Writes `buf` at `offset` and makes that range durable, without waiting for other
     /// unsynced writes to reach the disk. The log uses it for cursor and tail updates, which
     /// never depend on ring bytes being durable (FORMAT.md "Metadata"). Not ordered with queued
@@ -399,6 +406,9 @@ impl Storage for crate::io::IoFile {
     }
     fn sync_data(&self) -> io::Result<()> {
         crate::io::IoFile::sync_data(self)
+    }
+    fn sync_completed(&self) -> io::Result<()> {
+        crate::io::IoFile::sync_completed_now(self)
     }
     fn write_durable_at(&self, offset: u64, buf: AlignedBuf) -> io::Result<AlignedBuf> {
         crate::io::IoFile::write_durable_at(self, offset, buf)

@@ -399,6 +399,7 @@ pub fn device_status(h: &DeviceHandle) -> DeviceStatus {
             entries: space.entries,
             first_lsn: g.replog.first_lsn(),
             last_lsn: g.written_lsn(),
+            durable_lsn: g.replog.durable_lsn(),
             io_backend: format!("{:?}", g.replog.io_backend()).to_lowercase(),
             devices: g
                 .devices

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use replog::dirtylog::DirtyLog;
 use replog::{Durability, EntryKind, Lsn, Record, Replog};
 
+use super::activity::ActivityGate;
 use super::blockfile::BlockFile;
 use super::events::Events;
 use super::lsn_index::LsnIndex;
@@ -67,6 +68,23 @@ pub const RING_FULL_WAIT_MAX: Duration = Duration::from_secs(30);
 /// When entries must be dropped for a slow site, free at least this share of the ring at once so
 /// overflow handling does not run on every write.
 const OVERFLOW_FREE_FRACTION: u64 = 8;
+/// R1: entries reach other sites only once durable in the replog. Entries only async sites wait
+/// for are flushed at most this long after they were written, so one flush covers many writes
+/// (the replog group-commits); a write a sync site waits for flushes at once. The core's
+/// `ASYNC_FLUSH_DELAY`, which the simulation checks.
+const ASYNC_FLUSH_DELAY: Duration = Duration::from_nanos(crate::core::ASYNC_FLUSH_DELAY);
+
+/// R1: how far entries may be shipped to other sites: written and durable in the replog.
+pub fn ship_horizon(written: Lsn, durable: Lsn) -> Lsn {
+    written.min(durable)
+}
+
+/// R2: the cursor a checkpoint may persist for `applied`: never above the replog's durable lsn
+/// (after a power loss recovery finds no entry above it; a cursor there would point past the
+/// log, and the lsns above would be handed out again for other writes).
+pub fn persistable_cursor(applied: Lsn, durable: Lsn) -> Lsn {
+    applied.min(durable)
+}
 
 /// One write as the append path takes it.
 #[derive(Clone, Copy, Debug)]
@@ -118,7 +136,8 @@ pub struct DeviceInfo {
 pub struct Group {
     /// The replog path identifies the group: tables that name the same replog form one group.
     pub replog_path: PathBuf,
-    pub replog: Replog,
+    /// Shared with blocking threads (activity-log writes, syncs beside the pipeline).
+    pub replog: Arc<Replog>,
     order: Mutex<()>,
     pub slinks: Vec<Arc<Slink>>,
     pub devices: RwLock<BTreeMap<u32, DeviceInfo>>,
@@ -130,8 +149,13 @@ pub struct Group {
     pending_primary: Mutex<BTreeMap<Lsn, Extent>>,
     pending_primary_changed: tokio::sync::Notify,
     overflow: Mutex<()>,
-    /// Woken whenever `written` moves (tcp links wait on it for new entries).
+    /// Woken whenever `written` or the replog's durable lsn moves (tcp links wait on it for
+    /// entries they may ship).
     pub written_changed: tokio::sync::Notify,
+    /// R3: slink 0 applies an entry that is not durable only inside the durable activity log.
+    activity: Arc<ActivityGate>,
+    /// An async flush for the other sites is scheduled (R1): at most one at a time.
+    ship_flush_scheduled: std::sync::atomic::AtomicBool,
     started: std::sync::atomic::AtomicBool,
     links: Option<Arc<LinkSettings>>,
     senders: Mutex<Vec<super::tcp::TcpLink>>,
@@ -175,6 +199,14 @@ impl Group {
                     .into(),
             ));
         }
+        // This writer keeps the activity log: its extents say where slink 0 may be ahead of
+        // the replog after an unclean stop.
+        let features = replog.features();
+        if features & replog::format::FEATURE_ACTIVITY_LOG == 0 {
+            replog
+                .set_features(features | replog::format::FEATURE_ACTIVITY_LOG)
+                .map_err(|e| CoreError::replog(&spec.replog_path, e))?;
+        }
         let events = Arc::new(Events::new(&spec.replog_path.display().to_string(), hook));
 
         // Index the retained entries (lag in bytes and age).
@@ -215,9 +247,10 @@ impl Group {
             .display()
             .to_string()
             .as_str()]);
+        let activity = Arc::new(ActivityGate::new(&replog));
         let group = Arc::new(Group {
             replog_path: spec.replog_path.clone(),
-            replog,
+            replog: Arc::new(replog),
             order: Mutex::new(()),
             slinks,
             devices: RwLock::new(BTreeMap::new()),
@@ -227,6 +260,8 @@ impl Group {
             pending_primary_changed: tokio::sync::Notify::new(),
             overflow: Mutex::new(()),
             written_changed: tokio::sync::Notify::new(),
+            activity,
+            ship_flush_scheduled: std::sync::atomic::AtomicBool::new(false),
             started: std::sync::atomic::AtomicBool::new(false),
             links,
             senders: Mutex::new(Vec::new()),
@@ -252,6 +287,7 @@ impl Group {
             return Ok(());
         }
         let replayed = self.replay_primary()?;
+        self.repair_after_unclean_stop()?;
         for s in &self.slinks {
             let src: Arc<dyn ApplySource> = self.clone();
             let slink = s.clone();
@@ -284,6 +320,69 @@ impl Group {
         Ok(())
     }
 
+    /// Unclean start: a non-empty activity log at open lists the extents where slink 0's
+    /// devices may hold writes the replog lost (R3). They are marked dirty, durably, for every
+    /// other site with a dirty log (a site without one is faulty: nothing can record what it may
+    /// miss); only then may the activity log change (before, its extents could leave it and the
+    /// next unclean stop would forget them).
+    fn repair_after_unclean_stop(&self) -> CoreResult<()> {
+        let al = self.replog.activity_log();
+        if !al.extents.is_empty() {
+            self.events.raise(
+                "unclean-start",
+                format!(
+                    "activity log holds {} extent(s) of {} bytes: the stop was not clean; \
+                     marking them dirty for every other site",
+                    al.extents.len(),
+                    al.extent_bytes
+                ),
+            );
+        }
+        for s in self.slinks.iter().filter(|s| s.nr != 0) {
+            let mut lacking = Vec::new();
+            for dev in s.all_devices() {
+                let listed: Vec<u64> = al
+                    .extents
+                    .iter()
+                    .filter(|(d, _)| *d == dev.dev_nr)
+                    .map(|(_, i)| *i)
+                    .collect();
+                if listed.is_empty() {
+                    continue;
+                }
+                let Some(dirty) = &dev.dirty else {
+                    lacking.push(dev.dev_nr);
+                    continue;
+                };
+                let mut d = dirty
+                    .lock()
+                    .map_err(|_| CoreError::Invalid("dirty log lock poisoned".into()))?;
+                for i in listed {
+                    d.mark_range(i.saturating_mul(al.extent_bytes), al.extent_bytes);
+                }
+                d.persist().map_err(|e| {
+                    CoreError::Io(format!(
+                        "slink {} device {}: dirty log after an unclean stop: {e}",
+                        s.nr, dev.dev_nr
+                    ))
+                })?;
+            }
+            if !lacking.is_empty() {
+                s.set_state(super::slink::SlinkState::Faulty);
+                self.events.raise(
+                    "slink-faulty",
+                    format!(
+                        "slink {}: device(s) {lacking:?} may miss writes lost by an unclean stop \
+                         and have no dirty log to record it; resync the site in full",
+                        s.nr
+                    ),
+                );
+            }
+        }
+        self.activity.unfreeze();
+        Ok(())
+    }
+
     /// Start (or restart, when a device joined) the links of the `tcp` slinks.
     fn spawn_links(self: &Arc<Self>) -> CoreResult<()> {
         let mut senders = self
@@ -301,7 +400,11 @@ impl Group {
             })?;
             // A site that is out of date stays so across a restart of its link (a device
             // joined): only catching up makes writes wait for it again.
-            if s.state() != super::slink::SlinkState::Outdated {
+            // A faulty one (unclean stop without a dirty log) stays faulty.
+            if !matches!(
+                s.state(),
+                super::slink::SlinkState::Outdated | super::slink::SlinkState::Faulty
+            ) {
                 s.set_state(super::slink::SlinkState::Down);
             }
             let sender =
@@ -493,6 +596,70 @@ impl Group {
         self.written_changed.notify_waiters();
     }
 
+    /// R1: how far entries may go to other sites (local slinks >= 1, tcp senders).
+    pub fn shippable_lsn(&self) -> Lsn {
+        ship_horizon(self.written_lsn(), self.replog.durable_lsn())
+    }
+
+    /// The replog's durable lsn may have moved: wake the shippers and writes waiting at the
+    /// activity log.
+    fn durable_moved(&self) {
+        self.written_changed.notify_waiters();
+        self.activity.durable_moved();
+        for s in &self.slinks {
+            if s.nr != 0 {
+                s.feed.kick();
+            }
+        }
+    }
+
+    /// R1: a written entry must become durable before other sites get it. A sync site waits for
+    /// it: flush now (concurrent flushes share one replog sync). Only async sites: one flush
+    /// within `ASYNC_FLUSH_DELAY` covers every write of that window.
+    async fn flush_for_sites(self: &Arc<Self>, lsn: Lsn) -> CoreResult<()> {
+        if self.slinks.iter().all(|s| s.nr == 0) || self.replog.durable_lsn() >= lsn {
+            return Ok(());
+        }
+        let sync_waits = self
+            .slinks
+            .iter()
+            .any(|s| s.nr != 0 && s.mode() == Mode::Sync && s.waitable());
+        if sync_waits {
+            self.replog
+                .flush()
+                .await
+                .map_err(|e| CoreError::replog(&self.replog_path, e))?;
+            self.durable_moved();
+            return Ok(());
+        }
+        if self.ship_flush_scheduled.swap(true, Ordering::AcqRel) {
+            return Ok(()); // the scheduled flush starts later than this write: it covers it
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ASYNC_FLUSH_DELAY).await;
+            // Cleared before the sync starts: a write after this point schedules the next one.
+            me.ship_flush_scheduled.store(false, Ordering::Release);
+            // A sync beside the pipeline, not a flush: a flush would make the open batch sync,
+            // and every write appended meanwhile would wait for that fdatasync (the writes'
+            // clients do not wait for async sites, so nothing of theirs should).
+            let syncing = me.clone();
+            let synced = tokio::task::spawn_blocking(move || syncing.replog.sync_written()).await;
+            match synced {
+                Ok(Ok(_)) => me.durable_moved(),
+                Ok(Err(e)) => me.events.raise(
+                    "replog-error",
+                    format!("sync for the other sites failed: {e}; they get nothing new"),
+                ),
+                Err(e) => me.events.raise(
+                    "replog-error",
+                    format!("sync task for the other sites: {e}; they get nothing new"),
+                ),
+            }
+        });
+        Ok(())
+    }
+
     /// Lag of a slink behind the newest written entry.
     pub fn lag(&self, s: &Slink) -> Lag {
         let applied = s.applied();
@@ -612,6 +779,11 @@ impl Group {
                 s.feed.kick();
             }
         }
+        if durability == Durability::Durable {
+            self.durable_moved();
+        } else {
+            self.flush_for_sites(lsn).await?;
+        }
         self.apply_primary(&entry).await?;
         drop(guard);
         drop(entry);
@@ -668,6 +840,21 @@ impl Group {
         let Some(dev) = self.primary_slink().and_then(|p| p.device(e.device)) else {
             return Err(CoreError::Invalid(format!("no device {}", e.device)));
         };
+        let extent = crate::core::Extent {
+            device: e.device,
+            offset: e.offset,
+            len: e.len,
+        };
+        self.activity
+            .admit(&self.replog, &extent, e.lsn)
+            .await
+            .map_err(|err| {
+                self.events.raise(
+                    "replog-error",
+                    format!("lsn {} not applied on the primary: {err}", e.lsn),
+                );
+                CoreError::Io(format!("replog {}: {err}", self.replog_path.display()))
+            })?;
         let applied = dev
             .file()
             .and_then(|f| super::slink::apply_entry(f, e.kind, e.offset, e.len, &e.data));
@@ -787,6 +974,7 @@ impl Group {
             .flush()
             .await
             .map_err(|e| CoreError::replog(&self.replog_path, e))?;
+        self.durable_moved();
         Ok(())
     }
 
@@ -909,8 +1097,13 @@ impl Group {
         Ok(dropped_any)
     }
 
-    /// Stop the appliers after they drained what is written; save cursors.
+    /// Stop the appliers after they drained what is written; save cursors. Clean: everything
+    /// is flushed first (so local sites drain every entry and cursors are not held below the
+    /// durable lsn), slink 0's devices are synced, and the activity log is emptied: the next
+    /// start finds nothing to repair.
     pub fn shutdown(&self) {
+        let first_flush = self.replog.flush().wait();
+        self.durable_moved();
         if let Ok(mut s) = self.senders.lock() {
             s.clear();
         }
@@ -924,13 +1117,42 @@ impl Group {
         }
         // No promise is broken if this fails (writes a FLUSH or FUA covered are durable already;
         // the others were never promised durable), but the operator must know the log did not
-        // sync on the way down.
-        if let Err(e) = self.replog.flush().wait() {
-            tracing::error!(replog = %self.replog_path.display(), "final replog flush failed: {e}");
-            self.events.raise(
-                "replog-error",
-                format!("final flush on shutdown failed: {e}"),
-            );
+        // sync on the way down; the activity log then stays as it is (repaired at next start).
+        let flushed = first_flush.and_then(|_| self.replog.flush().wait());
+        let mut clean = match flushed {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!(replog = %self.replog_path.display(), "final replog flush failed: {e}");
+                self.events.raise(
+                    "replog-error",
+                    format!("final flush on shutdown failed: {e}"),
+                );
+                false
+            }
+        };
+        if let Some(p) = self.primary_slink() {
+            for dev in p.all_devices() {
+                let Some(f) = &dev.file else { continue };
+                if let Err(e) = f.sync_data() {
+                    clean = false;
+                    self.events.raise(
+                        "device-fault",
+                        format!("primary device {} sync on shutdown failed: {e}", dev.dev_nr),
+                    );
+                }
+            }
+        }
+        if clean {
+            match self.activity.clear(&self.replog, self.replog.durable_lsn()) {
+                Ok(true) => {}
+                Ok(false) => self.events.raise(
+                    "unclean-stop",
+                    "activity log kept: writes were still in flight at shutdown".to_string(),
+                ),
+                Err(e) => self
+                    .events
+                    .raise("replog-error", format!("on shutdown: {e}")),
+            }
         }
         self.events.raise("group-down", "group stopped");
     }
@@ -1069,8 +1291,8 @@ impl Group {
 }
 
 impl ApplySource for Group {
-    fn written_lsn(&self) -> Lsn {
-        Group::written_lsn(self)
+    fn shippable_lsn(&self) -> Lsn {
+        Group::shippable_lsn(self)
     }
 
     fn read_entries(&self, from: Lsn) -> Result<Vec<replog::Entry>, String> {
@@ -1081,13 +1303,24 @@ impl ApplySource for Group {
                 super::slink::REPLAY_BATCH_BYTES_MAX,
             )
             .map(|v| {
-                let w = self.written_lsn();
+                let w = self.shippable_lsn();
                 v.into_iter().filter(|e| e.lsn <= w).collect()
             })
             .map_err(|e| e.to_string())
     }
 
     fn save_cursor(&self, slink: u8, lsn: Lsn) -> Result<(), String> {
+        if lsn > self.replog.durable_lsn() {
+            // Slink 0 applies entries before they are durable (R3). Its cursor may not pass the
+            // durable lsn (R2), so without this flush a group whose writes never ask for one
+            // (no FUA, no other site) would never move it, and the ring would fill for good.
+            // One sync per checkpoint, on the checkpointer's thread, not the write path.
+            // A sync beside the pipeline: writes appended meanwhile do not wait for it.
+            let synced = self.replog.sync_written();
+            self.durable_moved();
+            synced.map_err(|e| format!("replog sync before the cursor: {e}"))?;
+        }
+        let lsn = persistable_cursor(lsn, self.replog.durable_lsn());
         let cur = self.replog.cursor(slink).unwrap_or(0);
         if lsn > cur {
             self.replog
@@ -1123,7 +1356,7 @@ impl ApplySource for Group {
 
 /// A broken invariant: log it and stop the process. Not a panic: inside a tokio task a panic
 /// ends only that task, and the daemon would go on with the broken state.
-fn stop_the_process(what: &str) -> ! {
+pub(super) fn stop_the_process(what: &str) -> ! {
     tracing::error!("invariant broken, stopping: {what}");
     eprintln!("replicator: invariant broken, stopping: {what}");
     std::process::abort()
@@ -1274,4 +1507,21 @@ fn open_dirty_log(spec: &DirtyLogSpec, device_size: u64) -> CoreResult<Option<Di
 
 pub fn replog_key(path: &Path) -> PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_shippable_only_up_to_the_durable_lsn() {
+        assert_eq!(ship_horizon(10, 4), 4);
+        assert_eq!(ship_horizon(4, 10), 4, "never past what is written");
+    }
+
+    #[test]
+    fn a_persisted_cursor_never_exceeds_the_durable_lsn() {
+        assert_eq!(persistable_cursor(10, 4), 4);
+        assert_eq!(persistable_cursor(3, 4), 3);
+    }
 }

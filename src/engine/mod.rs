@@ -2,6 +2,7 @@
 //! [`spec`], NBD only through the export glue in `crate::daemon`, and the disk only through the
 //! `replog` crate and [`blockfile`].
 
+pub mod activity;
 pub mod blockfile;
 pub mod events;
 pub mod group;

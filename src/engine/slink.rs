@@ -4,8 +4,10 @@
 //!
 //! Invariants kept here:
 //! - entries are applied in lsn order, across all devices of the group;
-//! - an entry is applied only after its replog write completed (`Group::written_lsn`), so no site
-//!   ever holds a write that the replog could lose on a crash;
+//! - R1: an entry is applied at a site other than slink 0 only once it is durable in the replog
+//!   (`ApplySource::shippable_lsn`), so no site ever holds a write that the primary's replog could
+//!   lose on a crash or a power loss (and whose lsn it would hand out again);
+//! - R2: a persisted cursor never exceeds the replog's durable lsn (`Group::save_cursor`);
 //! - the cursor saved in the replog never exceeds what the site's devices hold durably
 //!   (fdatasync of every device before `set_cursor`);
 //! - a dirty region is copied only once the primary's devices have applied at least everything
@@ -396,9 +398,10 @@ impl Slink {
 /// What the applier needs from its group, kept as a trait so the applier stays testable and does
 /// not see the write path.
 pub trait ApplySource: Send + Sync {
-    /// Highest lsn whose replog write completed (and every lower one).
-    fn written_lsn(&self) -> Lsn;
-    /// Entries with lsn >= `from`, already written, in lsn order.
+    /// Highest lsn that is durable in the replog (and every lower one): how far a site other
+    /// than slink 0 may apply (R1).
+    fn shippable_lsn(&self) -> Lsn;
+    /// Entries with lsn >= `from`, already shippable, in lsn order.
     fn read_entries(&self, from: Lsn) -> Result<Vec<replog::Entry>, String>;
     /// Save a slink's cursor durably and reclaim ring space.
     fn save_cursor(&self, slink: u8, lsn: Lsn) -> Result<(), String>;
@@ -483,6 +486,9 @@ pub fn run_local_applier(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
     // Set when an entry could not be applied nor recorded dirty: the applier stays at `next`
     // (the slink is Faulty, its applied lsn and cursor stay below the entry) and retries later.
     let mut stuck_since: Option<Instant> = None;
+    // Entries taken from the feed that are not durable yet (R1): applied first next round. At
+    // most one batch (APPLY_BATCH_MAX entries).
+    let mut held: Vec<Arc<MemEntry>> = Vec::new();
     loop {
         let skip = slink.skip_to.load(Ordering::Acquire);
         if next <= skip {
@@ -517,12 +523,16 @@ pub fn run_local_applier(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
             std::thread::sleep(Duration::from_millis(10));
             continue;
         }
-        let batch = slink
-            .feed
-            .pop_batch(APPLY_BATCH_MAX, Duration::from_millis(10));
+        let batch = if held.is_empty() {
+            slink
+                .feed
+                .pop_batch(APPLY_BATCH_MAX, Duration::from_millis(10))
+        } else {
+            std::mem::take(&mut held)
+        };
         let mut progressed = false;
         let mut stuck = false;
-        for e in batch {
+        for (i, e) in batch.iter().enumerate() {
             if e.lsn < next {
                 continue;
             }
@@ -549,7 +559,12 @@ pub fn run_local_applier(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
                 continue;
             }
             wait_written(&*source, &slink, e.lsn);
-            if apply_mem_entry(&*source, &slink, &e) == Applied::Failed {
+            if source.shippable_lsn() < e.lsn {
+                // Not durable yet (the wait is bounded): keep it and the rest for next round.
+                held = batch.get(i..).map(<[_]>::to_vec).unwrap_or_default();
+                break;
+            }
+            if apply_mem_entry(&*source, &slink, e) == Applied::Failed {
                 stuck = true;
                 break;
             }
@@ -557,7 +572,7 @@ pub fn run_local_applier(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
             progressed = true;
         }
         // Entries the feed never got (dropped when full) are read back from the replog.
-        let written = source.written_lsn();
+        let written = source.shippable_lsn();
         if !stuck && written >= next {
             let before = next;
             stuck = !replay_range(&*source, &slink, &mut next, written);
@@ -600,7 +615,7 @@ pub fn run_local_applier(source: Arc<dyn ApplySource>, slink: Arc<Slink>) {
             }
         }
 
-        if slink.stopping() && source.written_lsn() < next {
+        if slink.stopping() && source.shippable_lsn() < next {
             background.wait();
             checkpoint(&*source, &slink, next - 1);
             slink.set_state(SlinkState::Stopped);
@@ -650,7 +665,7 @@ fn wait_written(source: &dyn ApplySource, slink: &Slink, lsn: Lsn) {
     // The bound only lets the caller re-check stop and checkpoint requests now and then.
     slink
         .feed
-        .wait_until(|| source.written_lsn() >= lsn, Duration::from_secs(1));
+        .wait_until(|| source.shippable_lsn() >= lsn, Duration::from_secs(1));
 }
 
 fn apply_mem_entry(source: &dyn ApplySource, slink: &Slink, e: &MemEntry) -> Applied {
@@ -895,6 +910,8 @@ mod tests {
         primary: Arc<Slink>,
         cursors: Mutex<Vec<(u8, Lsn)>>,
         events: Mutex<Vec<(&'static str, String)>>,
+        /// The replog's durable lsn as the applier sees it (all `n` entries unless a test says).
+        durable: AtomicU64,
     }
 
     impl FakeGroup {
@@ -922,6 +939,7 @@ mod tests {
                 primary,
                 cursors: Mutex::new(Vec::new()),
                 events: Mutex::new(Vec::new()),
+                durable: AtomicU64::new(n),
             })
         }
 
@@ -936,14 +954,15 @@ mod tests {
     }
 
     impl ApplySource for FakeGroup {
-        fn written_lsn(&self) -> Lsn {
-            self.entries.len() as Lsn
+        fn shippable_lsn(&self) -> Lsn {
+            self.durable.load(Ordering::Acquire)
         }
         fn read_entries(&self, from: Lsn) -> Result<Vec<replog::Entry>, String> {
+            let durable = self.shippable_lsn();
             Ok(self
                 .entries
                 .iter()
-                .filter(|e| e.lsn >= from)
+                .filter(|e| e.lsn >= from && e.lsn <= durable)
                 .cloned()
                 .collect())
         }
@@ -986,6 +1005,63 @@ mod tests {
         while !done() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
+        slink.request_stop();
+        applier.join().unwrap();
+    }
+
+    /// A healthy slink 1 on its own file.
+    fn healthy_site(dir: &Path) -> Arc<Slink> {
+        let file = BlockFile::open(&dir.join("site1.img"), 1 << 20, true).unwrap();
+        let slink = Arc::new(Slink::new(
+            1,
+            "local",
+            PolicyKind::Async,
+            Fallbehind::default(),
+            0,
+        ));
+        slink.add_device(SiteDevice::local(0, file, None));
+        slink
+    }
+
+    #[test]
+    fn a_site_applies_nothing_above_the_durable_lsn_and_the_rest_once_it_moves() {
+        let dir = tempfile::tempdir().unwrap();
+        let group = FakeGroup::new(6);
+        group.durable.store(2, Ordering::Release);
+        let slink = healthy_site(dir.path());
+        for e in &group.entries {
+            slink.feed.push(Arc::new(MemEntry {
+                lsn: e.lsn,
+                device: e.device,
+                offset: e.offset,
+                kind: e.kind,
+                len: e.len,
+                data: e.data.clone(),
+                appended_at: Instant::now(),
+                timestamp_ns: 0,
+            }));
+        }
+        let (g, s) = (group.clone(), slink.clone());
+        let applier = std::thread::spawn(move || run_local_applier(g, s));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while slink.applied() < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Time for an applier that ignores the horizon to run ahead (its feed holds all six).
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(slink.applied(), 2, "applied above the durable lsn");
+        let data = std::fs::read(dir.path().join("site1.img")).unwrap();
+        assert!(
+            data[2 * 4096..6 * 4096].iter().all(|b| *b == 0),
+            "entries 3..=6 reached the site's device before they were durable"
+        );
+        group.durable.store(6, Ordering::Release);
+        slink.feed.kick();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while slink.applied() < 6 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(slink.applied(), 6);
         slink.request_stop();
         applier.join().unwrap();
     }

@@ -145,6 +145,7 @@ impl TcpSource {
         Ok(seq)
     }
 
+    /// Entries `next..=written` (`written`: the shipping horizon, durable in the replog).
     async fn entries(
         &self,
         g: &Arc<Group>,
@@ -333,10 +334,14 @@ impl EntrySource for TcpSource {
             if next <= skip {
                 next = skip + 1;
             }
-            let written = g.written_lsn();
+            // Registered before the horizon is read: a flush that lands in between still wakes us.
             let notified = g.written_changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            // R1: only entries durable in this replog go out. Shipped once merely written, a
+            // site could hold lsns a power loss takes from the primary, which would then hand
+            // them out again for other writes.
+            let written = g.shippable_lsn();
             if written >= next {
                 let items = self.entries(&g, &mut st, next, written, max_bytes).await?;
                 if let Some(Item::Entry(last)) = items.last() {

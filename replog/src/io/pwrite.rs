@@ -53,6 +53,11 @@ pub(crate) fn run_job(
     Ok(bufs)
 }
 
+/// fdatasync on the calling thread (see `IoFile::sync_completed_now`).
+pub(crate) fn sync_now(target: &Target) -> io::Result<()> {
+    retry_transient(|| target.file.sync_data()).map_err(|e| target.error(&e, "fdatasync", 0, 0))
+}
+
 /// One write that is durable when it returns (`pwritev2` with `RWF_DSYNC`: the kernel syncs just
 /// this range and flushes the device cache, as O_DSYNC would), continued on short writes.
 pub(crate) fn write_dsync(target: &Target, offset: u64, data: &[u8]) -> io::Result<()> {

@@ -26,6 +26,7 @@
 //! devices are in-memory disks with the same crash semantics as the replog's.
 
 pub mod check;
+pub mod faults;
 pub mod rng;
 mod world;
 

@@ -13,6 +13,7 @@ use replog::storage::{MemDisk, Storage};
 use replog::{EntryKind, Record, Replog};
 
 use crate::check::{self, HistoryWrite};
+use crate::faults::{self, Disk, FaultyDisk, Op, SharedFaults};
 use crate::rng::Rng;
 
 const MS: Nanos = 1_000_000;
@@ -118,6 +119,16 @@ enum Ev {
     Restart {
         site: usize,
     },
+    /// The operator restarts a site whose devices failed (slink 0 faulty).
+    OperatorRestart {
+        site: usize,
+        inc: u64,
+    },
+    /// A disk-full window ends.
+    SpaceFreed {
+        site: usize,
+        disk: Disk,
+    },
     Tick {
         site: usize,
         inc: u64,
@@ -181,6 +192,38 @@ struct Site {
     /// Secondary: received data by lsn / seq, until stored.
     recv_entries: BTreeMap<u64, (Extent, Vec<u8>)>,
     recv_pieces: BTreeMap<u64, Vec<u8>>,
+    /// Armed storage faults (they belong to the hardware: they outlive a restart).
+    log_faults: SharedFaults,
+    dev_faults: SharedFaults,
+    /// The next dirty log persist of this site fails (the modelled dirty log).
+    dirty_fault: bool,
+    /// This incarnation's slink 0 failed and the operator restart is on its way.
+    restart_asked: bool,
+}
+
+impl Site {
+    fn log_storage(&self) -> Arc<FaultyDisk> {
+        FaultyDisk::new(self.log_disk.clone(), self.log_faults.clone(), Disk::Log)
+    }
+
+    fn device(&self, d: u32) -> Option<Arc<FaultyDisk>> {
+        self.devices
+            .get(&d)
+            .map(|m| FaultyDisk::new(m.clone(), self.dev_faults.clone(), Disk::Device))
+    }
+
+    /// Syncs every device; the first error.
+    fn sync_devices(&self) -> Result<(), String> {
+        let mut result = Ok(());
+        for d in self.devices.keys() {
+            if let Some(dev) = self.device(*d) {
+                if let Err(e) = dev.sync_data() {
+                    result = result.and(Err(e.to_string()));
+                }
+            }
+        }
+        result
+    }
 }
 
 struct Link {
@@ -224,6 +267,9 @@ struct World {
     /// Highest lsn acknowledged while the sync site (slink 1) was waited for.
     sync_promise: u64,
     max_acked: u64,
+    /// Lsns whose device write (or read back for it) failed at the primary since its start:
+    /// none of them may be acknowledged.
+    apply_failed: BTreeSet<u64>,
     writes_issued: u64,
     faults_until: Nanos,
     trace: VecDeque<String>,
@@ -284,6 +330,13 @@ fn core_config(role: Role) -> CoreConfig {
 pub fn run(opts: Options) -> Outcome {
     let mut w = World::new(opts);
     w.main_loop();
+    for site in &w.sites {
+        for f in [&site.log_faults, &site.dev_faults] {
+            for (k, v) in &faults::lock(f).fired {
+                *w.stats.faults.entry(k).or_default() += v;
+            }
+        }
+    }
     Outcome {
         stats: w.stats.clone(),
         failure: w.failure.take(),
@@ -317,6 +370,10 @@ impl World {
                 },
                 recv_entries: BTreeMap::new(),
                 recv_pieces: BTreeMap::new(),
+                log_faults: SharedFaults::default(),
+                dev_faults: SharedFaults::default(),
+                dirty_fault: false,
+                restart_asked: false,
             });
         }
         let links = SECONDARIES
@@ -352,6 +409,7 @@ impl World {
             durable_promise: 0,
             sync_promise: 0,
             max_acked: 0,
+            apply_failed: BTreeSet::new(),
             writes_issued: 0,
             faults_until,
             trace: VecDeque::new(),
@@ -422,9 +480,18 @@ impl World {
     // ---- sites ----
 
     fn start_site(&mut self, i: usize) {
-        let disk = self.sites[i].log_disk.clone();
+        let disk = self.sites[i].log_storage();
+        let fired_before = self.fired_total(i);
         let (log, _report) = match Replog::open_on(disk, 0) {
             Ok(v) => v,
+            // An injected fault hit the open: the daemon tries again later.
+            Err(e) if self.fired_total(i) > fired_before => {
+                self.note(format!("site {i}: replog does not open ({e}): retry"));
+                *self.stats.core_events.entry("open-retry").or_default() += 1;
+                let d = self.rng.between(100, 500) * MS;
+                self.at(d, Ev::Restart { site: i });
+                return;
+            }
             Err(e) => {
                 self.fail(format!("site {i}: replog does not open after restart: {e}"));
                 return;
@@ -498,6 +565,7 @@ impl World {
         site.inc += 1;
         site.recv_entries.clear();
         site.recv_pieces.clear();
+        site.restart_asked = false;
         let inc = site.inc;
         self.note(format!("site {i} started (inc {inc}, last lsn {last})"));
         self.run_commands(i, cmds);
@@ -511,12 +579,29 @@ impl World {
         if !self.sites[i].alive {
             return;
         }
-        self.check_site(i, "before crash");
         self.fault_count(if power { "power-loss" } else { "kill" });
-        self.note(format!(
-            "site {i} {}",
-            if power { "POWER LOSS" } else { "KILL -9" }
-        ));
+        let why = if power { "POWER LOSS" } else { "KILL -9" };
+        let d = self.rng.between(50, 800) * MS;
+        self.stop_site(i, power, why, d);
+    }
+
+    /// Faults that fired at site `i` so far (replog and devices).
+    fn fired_total(&self, i: usize) -> u64 {
+        let site = &self.sites[i];
+        [&site.log_faults, &site.dev_faults]
+            .iter()
+            .map(|f| faults::lock(f).fired.values().sum::<u64>())
+            .sum()
+    }
+
+    /// The site's process ends (with the power when `power`), checked first; it starts again
+    /// `restart_in` later (a crash, a halt the driver reopens, an operator restart).
+    fn stop_site(&mut self, i: usize, power: bool, why: &str, restart_in: Nanos) {
+        if !self.sites[i].alive {
+            return;
+        }
+        self.check_site(i, "before crash");
+        self.note(format!("site {i} {why}"));
         let site = &mut self.sites[i];
         site.alive = false;
         site.core = None;
@@ -536,13 +621,15 @@ impl World {
             self.pending.clear();
             self.flush_requests.clear();
         }
+        if i == PRIMARY {
+            self.apply_failed.clear();
+        }
         for l in 0..self.links.len() {
             if i == PRIMARY || self.links[l].site == i {
                 self.reset_link(l, "peer died");
             }
         }
-        let d = self.rng.between(50, 800) * MS;
-        self.at(d, Ev::Restart { site: i });
+        self.at(restart_in, Ev::Restart { site: i });
     }
 
     fn core_input(&mut self, i: usize, input: Input) {
@@ -569,6 +656,20 @@ impl World {
             return;
         }
         self.run_commands(i, out);
+        self.operator_watch(i);
+    }
+
+    /// An operator restarts a site whose devices failed (the core keeps them failed until then).
+    fn operator_watch(&mut self, i: usize) {
+        let site = &self.sites[i];
+        let failed = site.core.as_ref().is_some_and(|c| c.slink0_failed());
+        if !site.alive || !failed || site.restart_asked {
+            return;
+        }
+        let inc = site.inc;
+        self.sites[i].restart_asked = true;
+        let d = self.rng.between(300, 1500) * MS;
+        self.at(d, Ev::OperatorRestart { site: i, inc });
     }
 
     fn delay(&mut self, max_ms: u64) -> Nanos {
@@ -617,12 +718,29 @@ impl World {
                     len: extent.len,
                     data: &data,
                 };
-                match log.append_with_lsn(lsn, rec, replog::Durability::Written) {
-                    Ok(appending) => {
-                        if let Err(e) = appending.wait() {
-                            self.fail(format!("site {i}: append lsn {lsn}: {e}"));
-                            return;
-                        }
+                let appended = log
+                    .append_with_lsn(lsn, rec, replog::Durability::Written)
+                    .and_then(|a| a.wait().map(|_| ()));
+                if i == PRIMARY && !matches!(appended, Err(replog::Error::Full { .. })) {
+                    // A failed append may still be on disk (a block device's failed write may
+                    // or may not have happened): in the history until a restart's recovery
+                    // says how far the replog goes.
+                    self.history.truncate(lsn as usize - 1);
+                    if self.history.len() as u64 != lsn - 1 {
+                        self.fail(format!(
+                            "primary lsn {lsn} after a history of {}",
+                            self.history.len()
+                        ));
+                        return;
+                    }
+                    self.history.push(HistoryWrite {
+                        device: extent.device,
+                        offset: extent.offset,
+                        data: data.clone(),
+                    });
+                }
+                match appended {
+                    Ok(()) => {
                         let written = log.written_lsn();
                         if i == PRIMARY {
                             if let Some(id) = id {
@@ -630,19 +748,6 @@ impl World {
                                     p.lsn = Some(lsn);
                                 }
                             }
-                            self.history.truncate(lsn as usize - 1);
-                            if self.history.len() as u64 != lsn - 1 {
-                                self.fail(format!(
-                                    "primary lsn {lsn} after a history of {}",
-                                    self.history.len()
-                                ));
-                                return;
-                            }
-                            self.history.push(HistoryWrite {
-                                device: extent.device,
-                                offset: extent.offset,
-                                data,
-                            });
                         } else {
                             self.sites[i].recv_entries.remove(&lsn);
                         }
@@ -682,7 +787,7 @@ impl World {
                             },
                         );
                     }
-                    Err(e) => self.fail(format!("site {i}: append lsn {lsn}: {e}")),
+                    Err(e) => self.log_failed(i, format!("append lsn {lsn}: {e}")),
                 }
             }
             Command::FlushLog => {
@@ -701,25 +806,23 @@ impl World {
                             },
                         );
                     }
-                    Err(e) => self.fail(format!("site {i}: flush: {e}")),
+                    Err(e) => self.log_failed(i, format!("flush: {e}")),
                 }
             }
             Command::Apply { lsn } => {
                 let Some(log) = self.sites[i].log.as_ref() else {
                     return;
                 };
-                let e = match log.read(lsn) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        self.fail(format!("site {i}: apply reads lsn {lsn}: {e}"));
-                        return;
-                    }
+                let result = match log.read(lsn) {
+                    Ok(e) => match self.sites[i].device(e.device) {
+                        Some(d) => write_device(&d, e.offset, &e.data),
+                        None => Err(format!("no device {}", e.device)),
+                    },
+                    Err(e) => Err(format!("reading lsn {lsn} back: {e}")),
                 };
-                let dev = self.sites[i].devices.get(&e.device).cloned();
-                let result = match dev {
-                    Some(d) => write_device(&d, e.offset, &e.data),
-                    None => Err(format!("no device {}", e.device)),
-                };
+                if result.is_err() && i == PRIMARY {
+                    self.apply_failed.insert(lsn);
+                }
                 let d = self.delay(3);
                 self.at(
                     d,
@@ -748,7 +851,9 @@ impl World {
                     let batch = match log.read_from(from, 8, 1 << 20) {
                         Ok(b) => b,
                         Err(e) => {
-                            self.fail(format!("ship: read lsn {from}: {e}"));
+                            // The driver's policy: the session ends, the site reports its
+                            // position and gets everything after it again.
+                            self.reset_link(l, &format!("ship: read lsn {from}: {e}"));
                             return;
                         }
                     };
@@ -775,14 +880,19 @@ impl World {
             }
             Command::ResyncPiece { slink, piece } => {
                 let l = usize::from(slink) - 1;
-                let dev = self.sites[i].devices.get(&piece.device).cloned();
-                let Some(dev) = dev else {
+                let Some(dev) = self.sites[i].device(piece.device) else {
                     self.fail(format!("resync piece of unknown device {}", piece.device));
                     return;
                 };
-                let img = dev.current_image();
-                let (s, e) = (piece.offset as usize, (piece.offset + piece.len) as usize);
-                let data = img.get(s..e).map(|d| d.to_vec()).unwrap_or_default();
+                let buf = replog::io::AlignedBuf::zeroed(piece.len as usize);
+                let data = match dev.read_at(piece.offset, buf) {
+                    Ok(b) => b.to_vec(),
+                    Err(e) => {
+                        // As for entries: the session ends, the piece is read again later.
+                        self.reset_link(l, &format!("resync piece read: {e}"));
+                        return;
+                    }
+                };
                 self.send_to_secondary(
                     l,
                     vec![Item::Piece {
@@ -806,11 +916,7 @@ impl World {
             } => {
                 let mut result = Ok(());
                 if sync_devices && slink == 0 {
-                    for d in self.sites[i].devices.values() {
-                        if let Err(e) = d.sync_data() {
-                            result = Err(e.to_string());
-                        }
-                    }
+                    result = self.sites[i].sync_devices();
                 }
                 if let Some(d) = self.sites[i].log.as_ref().map(|l| l.durable_lsn()) {
                     if lsn > d {
@@ -842,8 +948,9 @@ impl World {
                 if let Some(log) = self.sites[i].log.as_ref() {
                     if log.cursor(slink).is_some_and(|c| c < lsn) {
                         if let Err(e) = log.set_cursor(slink, lsn) {
-                            self.fail(format!("drop: cursor of slink {slink} to {lsn}: {e}"));
-                            return;
+                            // The persisted cursor stays below the drop: the entries stay in
+                            // the ring (their regions are dirty too), a later checkpoint moves it.
+                            self.note(format!("site {i}: drop: cursor of slink {slink}: {e}"));
                         }
                     }
                 }
@@ -926,8 +1033,7 @@ impl World {
             }
             Command::StorePiece { seq, extent } => {
                 let data = self.sites[i].recv_pieces.remove(&seq).unwrap_or_default();
-                let dev = self.sites[i].devices.get(&extent.device).cloned();
-                let result = match dev {
+                let result = match self.sites[i].device(extent.device) {
                     Some(d) => write_device(&d, extent.offset, &data)
                         .and_then(|_| d.sync_data().map_err(|e| e.to_string())),
                     None => Err(format!("no device {}", extent.device)),
@@ -948,13 +1054,17 @@ impl World {
                 }
             }
             Command::PersistConsistency { consistent } => {
-                let synced: Result<Vec<()>, _> = self.sites[i]
-                    .devices
-                    .values()
-                    .map(|d| d.sync_data())
-                    .collect();
-                if let Err(e) = synced {
-                    self.fail(format!("site {i}: device sync: {e}"));
+                if let Err(e) = self.sites[i].sync_devices() {
+                    // The flag is not persisted: the devices failed (fail-stop until the
+                    // operator restarts the site).
+                    self.core_input(
+                        i,
+                        Input::SiteFailed {
+                            slink: 0,
+                            reason: format!("device sync before the consistency flag: {e}"),
+                        },
+                    );
+                    return;
                 }
                 let d = self.delay(3);
                 self.at(
@@ -977,7 +1087,17 @@ impl World {
                 self.note(format!("site {i} event {kind}: {detail}"));
             }
             Command::Stopped => {}
+            Command::Halt { reason } => {
+                // The driver reopens the group from its disks (page cache kept).
+                let d = self.rng.between(20, 200) * MS;
+                self.stop_site(i, false, &format!("HALT: {reason}"), d);
+            }
         }
+    }
+
+    /// The replog refused a write or a sync: the core halts (the replog refuses everything now).
+    fn log_failed(&mut self, i: usize, reason: String) {
+        self.core_input(i, Input::LogFailed { reason });
     }
 
     fn reclaim(&mut self, i: usize) {
@@ -985,9 +1105,13 @@ impl World {
             return;
         };
         if let Err(e) = log.reclaim() {
-            self.fail(format!("site {i}: reclaim: {e}"));
-            return;
+            // Nothing freed: the core sees the same free space and waits for a site or a tick.
+            let note = format!("site {i}: reclaim: {e}");
+            self.note(note);
         }
+        let Some(log) = self.sites[i].log.as_ref() else {
+            return;
+        };
         let first = if log.first_lsn() == 0 {
             log.next_lsn()
         } else {
@@ -1031,6 +1155,29 @@ impl World {
                     self.fail(format!("request {id} acknowledged without an lsn"));
                     return;
                 };
+                if self.apply_failed.contains(&lsn) {
+                    self.fail(format!(
+                        "request {id} (lsn {lsn}) acknowledged, its device write failed"
+                    ));
+                    return;
+                }
+                // What is acknowledged is in the replog, with its data.
+                // The checker's read must not take an armed fault.
+                let faults = self.sites[PRIMARY].log_faults.clone();
+                let armed = std::mem::take(&mut faults::lock(&faults).read);
+                let logged = self.sites[PRIMARY]
+                    .log
+                    .as_ref()
+                    .map(|l| l.read(lsn).map(|e| e.data));
+                faults::lock(&faults).read = armed;
+                if let Some(Ok(data)) = &logged {
+                    if *data != p.data {
+                        self.fail(format!(
+                            "request {id} acknowledged, the replog holds other data at lsn {lsn}"
+                        ));
+                        return;
+                    }
+                }
                 self.max_acked = self.max_acked.max(lsn);
                 if p.fua {
                     self.durable_promise = self.durable_promise.max(lsn);
@@ -1221,6 +1368,43 @@ impl World {
                 let s = self.rng.below(3) as usize;
                 self.crash(s, true);
             }
+            125..=164 => {
+                // One I/O error on the next read, write or sync of a site's replog or devices
+                // (counted when it fires).
+                let s = self.rng.below(3) as usize;
+                let op = [Op::Read, Op::Write, Op::Sync][self.rng.below(3) as usize];
+                let f = if r < 145 {
+                    &self.sites[s].log_faults
+                } else {
+                    &self.sites[s].dev_faults
+                };
+                faults::lock(f).arm(op);
+            }
+            165..=174 => {
+                // A full disk for a while: every write fails with ENOSPC.
+                let s = self.rng.below(3) as usize;
+                let disk = if self.rng.chance(50) {
+                    Disk::Log
+                } else {
+                    Disk::Device
+                };
+                let site = &self.sites[s];
+                let f = match disk {
+                    Disk::Log => &site.log_faults,
+                    Disk::Device => &site.dev_faults,
+                };
+                faults::lock(f).full = true;
+                self.fault_count(match disk {
+                    Disk::Log => "log-disk-full",
+                    Disk::Device => "device-disk-full",
+                });
+                let len = self.rng.between(50, 1500) * MS;
+                self.at(len, Ev::SpaceFreed { site: s, disk });
+            }
+            175..=184 => {
+                // The primary's next dirty log persist fails.
+                self.sites[PRIMARY].dirty_fault = true;
+            }
             _ => {}
         }
     }
@@ -1336,6 +1520,22 @@ impl World {
         if p.writes_in_flight() > 0 || !self.pending.is_empty() {
             return Err(format!("{} writes in flight", self.pending.len()));
         }
+        // A site whose devices failed has not converged: it waits for the operator's restart
+        // (the simulation's operator always comes; a device that never recovers is not injected).
+        for (i, site) in self.sites.iter().enumerate() {
+            if site.core.as_ref().is_some_and(|c| c.slink0_failed()) {
+                return Err(format!(
+                    "site {i}: devices failed, operator restart pending"
+                ));
+            }
+        }
+        if p.applied0() < p.written_lsn() {
+            return Err(format!(
+                "primary applied {} of {}",
+                p.applied0(),
+                p.written_lsn()
+            ));
+        }
         for (k, s) in SECONDARIES.iter().enumerate() {
             let slink = k as u8 + 1;
             let lag = p.lag(slink);
@@ -1448,9 +1648,14 @@ impl World {
             let quiet = self.writes_issued >= self.opts.writes && self.now >= self.faults_until;
             if quiet {
                 let deadline = *converge_deadline.get_or_insert_with(|| self.now + CONVERGE_WITHIN);
-                // Heal: no partition outlives the faults.
+                // Heal: no partition, armed storage fault or full disk outlives the faults.
                 for l in &mut self.links {
                     l.partitioned_until = 0;
+                }
+                for site in &mut self.sites {
+                    faults::lock(&site.log_faults).disarm();
+                    faults::lock(&site.dev_faults).disarm();
+                    site.dirty_fault = false;
                 }
                 if self.converged().is_ok() {
                     self.final_check();
@@ -1481,22 +1686,35 @@ impl World {
                     return;
                 }
                 let input = {
-                    let d = &mut self.sites[site].durable;
                     match what {
                         Persist::Dirty {
                             slink,
                             token,
                             regions,
                         } => {
-                            for (dev, r) in regions {
-                                d.dirty.insert((slink, dev, r));
-                            }
-                            Input::DirtyPersisted {
-                                token,
-                                result: Ok(()),
+                            if std::mem::take(&mut self.sites[site].dirty_fault) {
+                                *self
+                                    .stats
+                                    .faults
+                                    .entry("dirty-log-write-error")
+                                    .or_default() += 1;
+                                Input::DirtyPersisted {
+                                    token,
+                                    result: Err("injected dirty log write error".into()),
+                                }
+                            } else {
+                                let d = &mut self.sites[site].durable;
+                                for (dev, r) in regions {
+                                    d.dirty.insert((slink, dev, r));
+                                }
+                                Input::DirtyPersisted {
+                                    token,
+                                    result: Ok(()),
+                                }
                             }
                         }
                         Persist::Consistency { consistent } => {
+                            let d = &mut self.sites[site].durable;
                             d.consistent = consistent;
                             Input::ConsistencyPersisted { consistent }
                         }
@@ -1549,6 +1767,25 @@ impl World {
                     self.start_site(site);
                 }
             }
+            Ev::OperatorRestart { site, inc } => {
+                if self.sites[site].alive && self.sites[site].inc == inc {
+                    *self
+                        .stats
+                        .core_events
+                        .entry("operator-restart")
+                        .or_default() += 1;
+                    let d = self.rng.between(20, 200) * MS;
+                    self.stop_site(site, false, "OPERATOR RESTART (device failed)", d);
+                }
+            }
+            Ev::SpaceFreed { site, disk } => {
+                let site = &self.sites[site];
+                let f = match disk {
+                    Disk::Log => &site.log_faults,
+                    Disk::Device => &site.dev_faults,
+                };
+                faults::lock(f).full = false;
+            }
             Ev::Tick { site, inc } => {
                 if self.sites[site].alive && self.sites[site].inc == inc {
                     self.core_input(site, Input::Tick);
@@ -1561,7 +1798,7 @@ impl World {
     }
 }
 
-fn write_device(d: &Arc<MemDisk>, offset: u64, data: &[u8]) -> Result<(), String> {
+fn write_device(d: &Arc<FaultyDisk>, offset: u64, data: &[u8]) -> Result<(), String> {
     let buf = replog::io::AlignedBuf::from_slice(data);
     d.write_at(offset, buf)
         .map(|_| ())

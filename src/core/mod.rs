@@ -203,6 +203,11 @@ pub enum Input {
     LogDurable {
         upto: Lsn,
     },
+    /// The replog failed a write or a sync (an append, a flush, or its own metadata): the replog
+    /// refuses everything after such a failure, so the core halts (see "Storage failures").
+    LogFailed {
+        reason: String,
+    },
     /// An entry was applied to slink 0's device.
     Applied {
         lsn: Lsn,
@@ -372,6 +377,13 @@ pub enum Command {
     },
     /// Shutdown finished.
     Stopped,
+    /// This instance of the group cannot go on safely (see "Storage failures"): every waiting
+    /// request has been failed with `Failure::Io` and every later input is refused. The driver
+    /// drops the core and the replog handle and opens the group again from its disks, the same
+    /// recovery as after a kill -9.
+    Halt {
+        reason: String,
+    },
 }
 
 #[derive(Debug)]
@@ -451,6 +463,10 @@ pub struct Core {
     shutting_down: bool,
     stopped: bool,
     slink0_failed: bool,
+    /// The lowest lsn whose write to slink 0 failed: `applied0` stays below it.
+    slink0_hole: Option<Lsn>,
+    /// Set by `Command::Halt`: the core refuses every input (writes and flushes with EIO).
+    halted: bool,
 }
 
 impl Core {
@@ -530,6 +546,8 @@ impl Core {
             shutting_down: false,
             stopped: false,
             slink0_failed: false,
+            slink0_hole: None,
+            halted: false,
             cfg,
         };
         let mut out = Vec::new();
@@ -651,6 +669,16 @@ impl Core {
         self.stopped
     }
 
+    /// Whether the core halted (`Command::Halt`): the driver reopens the group.
+    pub fn is_halted(&self) -> bool {
+        self.halted
+    }
+
+    /// Whether slink 0 (this site's devices) failed: writes fail until the group is restarted.
+    pub fn slink0_failed(&self) -> bool {
+        self.slink0_failed
+    }
+
     pub fn activity_log(&self) -> Vec<ExtentKey> {
         self.al.extents()
     }
@@ -700,6 +728,10 @@ impl Core {
 
     pub fn handle(&mut self, now: Nanos, input: Input, out: &mut Vec<Command>) {
         self.now = self.now.max(now);
+        if self.halted {
+            self.refuse_halted(input, out);
+            return;
+        }
         match input {
             Input::Write { id, extent, fua } => self.on_write(id, extent, fua, out),
             Input::Flush { id } => {
@@ -758,6 +790,7 @@ impl Core {
                     self.request_flush(out);
                 }
             }
+            Input::LogFailed { reason } => self.halt(format!("replog failed: {reason}"), out),
             Input::Applied { lsn, result } => self.on_applied(lsn, result, out),
             Input::SiteAck { slink, pos } => self.on_site_ack(slink, pos, out),
             Input::LinkUp { slink, peer } => self.on_link_up(slink, peer, out),
@@ -802,8 +835,11 @@ impl Core {
                 match result {
                     Ok(()) => self.al.written(token),
                     Err(e) => {
+                        // Which extents are durable is unknown now: applies outside the log
+                        // would break R3. The log on disk still names every extent applied
+                        // outside durability, so a restart repairs them.
                         self.al.write_failed(token);
-                        panic!("activity log write failed: {e}: writes to slink 0 cannot continue safely");
+                        self.halt(format!("activity log write failed: {e}"), out);
                     }
                 }
             }
@@ -817,7 +853,15 @@ impl Core {
                     s.seq_reserving = false;
                     match result {
                         Ok(()) => s.seq_reserved = s.seq_reserved.max(reserved),
-                        Err(e) => self.fail_slink(i, format!("resync seq: {e}"), out),
+                        Err(e) => {
+                            // Nothing above the old reservation is used: retried at a tick.
+                            s.seq_reserving = true;
+                            s.seq_retry = true;
+                            out.push(Command::Event {
+                                kind: "resync-seq-failed",
+                                detail: format!("slink {slink}: {e}"),
+                            });
+                        }
                     }
                 }
             }
@@ -862,7 +906,8 @@ impl Core {
                 assert_eq!(expected, Some(seq), "piece stored out of order");
                 match result {
                     Ok(()) => self.secondary.resync_seq = self.secondary.resync_seq.max(seq),
-                    Err(e) => panic!("secondary: resync piece {seq} not stored: {e}"),
+                    // Not acknowledged: the primary sends the piece again after the restart.
+                    Err(e) => self.halt(format!("resync piece {seq} not stored: {e}"), out),
                 }
             }
             Input::ConsistencyPersisted { consistent } => {
@@ -877,6 +922,42 @@ impl Core {
             }
         }
         self.progress(out);
+    }
+
+    /// Stop this instance: fail every waiting request (never acknowledged), refuse the rest.
+    fn halt(&mut self, reason: String, out: &mut Vec<Command>) {
+        if self.halted {
+            return;
+        }
+        self.halted = true;
+        let failure = || Err(Failure::Io(format!("group halted: {reason}")));
+        let mut ids: Vec<RequestId> = self.waiting.values().map(|w| w.id).collect();
+        ids.extend(self.parked.iter().map(|w| w.id));
+        ids.extend(self.flushes.iter().map(|(id, _)| *id));
+        self.waiting.clear();
+        self.parked.clear();
+        self.flushes.clear();
+        for id in ids {
+            out.push(Command::Reply {
+                id,
+                result: failure(),
+            });
+        }
+        out.push(Command::Event {
+            kind: "halted",
+            detail: reason.clone(),
+        });
+        out.push(Command::Halt { reason });
+    }
+
+    /// A halted core answers client requests with EIO and ignores everything else.
+    fn refuse_halted(&mut self, input: Input, out: &mut Vec<Command>) {
+        if let Input::Write { id, .. } | Input::Flush { id } = input {
+            out.push(Command::Reply {
+                id,
+                result: Err(Failure::Io("group halted".into())),
+            });
+        }
     }
 
     fn slink_index(&self, nr: u8) -> Option<usize> {

@@ -116,6 +116,17 @@ enum Ev {
     Connect {
         link: usize,
     },
+    /// Handshake, first step: the primary's hello reaches the site.
+    Hello {
+        link: usize,
+        session: u64,
+    },
+    /// Handshake, second step: the site's reply (its durable position) reaches the primary.
+    HelloReply {
+        link: usize,
+        session: u64,
+        peer: Position,
+    },
     Restart {
         site: usize,
     },
@@ -235,6 +246,7 @@ struct Link {
     /// Delivery time of the last message of this session each way (TCP keeps order).
     last_to_secondary: Nanos,
     last_to_primary: Nanos,
+    /// A handshake of the current session is on its way (hello, then the site's reply).
     connecting: bool,
 }
 
@@ -580,6 +592,29 @@ impl World {
             return;
         }
         self.fault_count(if power { "power-loss" } else { "kill" });
+        // Where the crash hit (counted, so a run shows these cases happen).
+        let (checkpoint, resync) = self.sites[i].core.as_ref().map_or((false, false), |c| {
+            (
+                c.slinks().iter().any(|s| s.checkpoint_in_flight.is_some()),
+                c.slinks()
+                    .iter()
+                    .any(|s| s.resync_running && !s.dirty.is_clean())
+                    || (i != PRIMARY && !c.consistent()),
+            )
+        });
+        if checkpoint {
+            self.fault_count("crash-mid-checkpoint");
+        }
+        if resync {
+            self.fault_count("crash-mid-resync");
+        }
+        if self
+            .links
+            .iter()
+            .any(|l| l.connecting && (i == PRIMARY || l.site == i))
+        {
+            self.fault_count("crash-mid-handshake");
+        }
         let why = if power { "POWER LOSS" } else { "KILL -9" };
         let d = self.rng.between(50, 800) * MS;
         self.stop_site(i, power, why, d);
@@ -1200,9 +1235,13 @@ impl World {
     fn reset_link(&mut self, l: usize, why: &str) {
         let link = &mut self.links[l];
         let was_up = link.up;
+        let mid_handshake = link.connecting;
         link.up = false;
         link.session += 1;
         link.connecting = false;
+        if mid_handshake {
+            self.fault_count("cut-mid-handshake");
+        }
         let slink = l as u8 + 1;
         if was_up {
             self.note(format!("link {slink} reset: {why}"));
@@ -1269,7 +1308,7 @@ impl World {
     fn connect(&mut self, l: usize) {
         let s = self.links[l].site;
         let link = &self.links[l];
-        if link.up {
+        if link.up || link.connecting {
             return;
         }
         if self.now < link.partitioned_until || !self.sites[PRIMARY].alive || !self.sites[s].alive {
@@ -1277,14 +1316,46 @@ impl World {
             self.at(d, Ev::Connect { link: l });
             return;
         }
+        // The handshake takes a round trip; a reset, partition or crash in between ends it
+        // (its session's messages are dropped) and the primary connects again.
+        let link = &mut self.links[l];
+        link.connecting = true;
+        link.session += 1;
+        let session = link.session;
+        let lat = self.latency();
+        self.at(lat, Ev::Hello { link: l, session });
+    }
+
+    fn on_hello(&mut self, l: usize, session: u64) {
+        let link = &self.links[l];
+        if !link.connecting || link.session != session {
+            return;
+        }
+        let s = link.site;
+        // The site reports its durable position when the hello arrives, not when it was sent.
         let peer = self.sites[s]
             .core
             .as_ref()
             .map(|c| c.secondary_position())
             .unwrap_or_default();
+        let lat = self.latency();
+        self.at(
+            lat,
+            Ev::HelloReply {
+                link: l,
+                session,
+                peer,
+            },
+        );
+    }
+
+    fn on_hello_reply(&mut self, l: usize, session: u64, peer: Position) {
         let link = &mut self.links[l];
+        if !link.connecting || link.session != session {
+            return;
+        }
+        link.connecting = false;
         link.up = true;
-        link.session += 1;
         link.last_to_primary = self.now;
         link.last_to_secondary = self.now;
         let slink = l as u8 + 1;
@@ -1762,6 +1833,12 @@ impl World {
                 );
             }
             Ev::Connect { link } => self.connect(link),
+            Ev::Hello { link, session } => self.on_hello(link, session),
+            Ev::HelloReply {
+                link,
+                session,
+                peer,
+            } => self.on_hello_reply(link, session, peer),
             Ev::Restart { site } => {
                 if !self.sites[site].alive {
                     self.start_site(site);

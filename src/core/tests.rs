@@ -683,7 +683,11 @@ fn a_failed_apply_on_slink0_keeps_its_applied_prefix_and_cursor_below_the_failed
         result: Err("EIO".into()),
     });
     rig.applied(b);
-    assert_eq!(rig.core.applied0(), a - 1, "the failed write is not applied");
+    assert_eq!(
+        rig.core.applied0(),
+        a - 1,
+        "the failed write is not applied"
+    );
     let out = rig.tick(2 * CHECKPOINT_INTERVAL);
     assert!(
         checkpoints(&out).iter().all(|(n, l)| *n != 0 || *l < a),
@@ -755,9 +759,16 @@ fn a_failed_site_checkpoint_is_retried_and_the_site_stays_up() {
     });
     assert_eq!(halts(&out), 0);
     assert_eq!(rig.core.slink_state(1), Some(SlinkState::Up));
-    assert_eq!(rig.core.slink(1).map(|s| s.cursor), Some(0), "not persisted");
+    assert_eq!(
+        rig.core.slink(1).map(|s| s.cursor),
+        Some(0),
+        "not persisted"
+    );
     let out = rig.tick(4 * CHECKPOINT_INTERVAL);
-    assert!(checkpoints(&out).contains(&(1, lsn)), "asked again: {out:?}");
+    assert!(
+        checkpoints(&out).contains(&(1, lsn)),
+        "asked again: {out:?}"
+    );
 }
 
 #[test]
@@ -784,7 +795,10 @@ fn a_failed_resync_seq_reservation_is_asked_again_at_the_next_tick() {
         0,
         "not at once (a failing disk would loop): {out:?}"
     );
-    assert!(completions(&out, 1).is_empty(), "no seq above the reservation");
+    assert!(
+        completions(&out, 1).is_empty(),
+        "no seq above the reservation"
+    );
     assert_ne!(rig.core.slink_state(1), Some(SlinkState::Faulty));
     let out = rig.tick(S / 10);
     assert_eq!(

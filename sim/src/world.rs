@@ -248,6 +248,9 @@ struct Link {
     last_to_primary: Nanos,
     /// A handshake of the current session is on its way (hello, then the site's reply).
     connecting: bool,
+    /// The primary's `drop_floor` for this site when it last stopped (not persisted: the first
+    /// handshake after its restart counts the full resyncs that forgetting it costs).
+    forgotten_floor: Option<u64>,
 }
 
 struct Pending {
@@ -398,6 +401,7 @@ impl World {
                 last_to_secondary: 0,
                 last_to_primary: 0,
                 connecting: false,
+                forgotten_floor: None,
             })
             .collect();
         let faults_until = if opts.faults {
@@ -637,6 +641,16 @@ impl World {
         }
         self.check_site(i, "before crash");
         self.note(format!("site {i} {why}"));
+        if i == PRIMARY {
+            self.apply_failed.clear();
+            for (l, link) in self.links.iter_mut().enumerate() {
+                link.forgotten_floor = self.sites[PRIMARY]
+                    .core
+                    .as_ref()
+                    .and_then(|c| c.slink(l as u8 + 1))
+                    .and_then(|s| s.drop_floor);
+            }
+        }
         let site = &mut self.sites[i];
         site.alive = false;
         site.core = None;
@@ -655,9 +669,6 @@ impl World {
             // The clients of a dead primary see their requests fail.
             self.pending.clear();
             self.flush_requests.clear();
-        }
-        if i == PRIMARY {
-            self.apply_failed.clear();
         }
         for l in 0..self.links.len() {
             if i == PRIMARY || self.links[l].site == i {
@@ -1360,6 +1371,21 @@ impl World {
         link.last_to_secondary = self.now;
         let slink = l as u8 + 1;
         self.note(format!("link {slink} up, site reports {peer:?}"));
+        if let Some(floor) = self.links[l].forgotten_floor.take() {
+            // What the restarted core repairs from (its own drops since the restart count).
+            let now_floor = self.sites[PRIMARY]
+                .core
+                .as_ref()
+                .and_then(|c| c.slink(slink))
+                .map_or(0, |s| s.drop_floor.unwrap_or(s.cursor).min(s.cursor));
+            if peer.lsn < now_floor && peer.lsn >= floor.min(now_floor) {
+                *self
+                    .stats
+                    .core_events
+                    .entry("resync-full-for-a-forgotten-drop-floor")
+                    .or_default() += 1;
+            }
+        }
         self.core_input(PRIMARY, Input::LinkUp { slink, peer });
     }
 

@@ -23,6 +23,44 @@
 //!   that site before it; a piece read before its region was marked dirty again never cleans it.
 //! - Resync sequence numbers never repeat, across restarts too (reserved durably ahead of use).
 //!
+//! # Storage failures
+//! An I/O error is an input, never a panic. What the core does with each (the simulation
+//! injects every one of them, see `sim/`):
+//! - **Replog write or sync** (an append, a flush; the replog refuses everything after one, to
+//!   keep lsn order): `Input::LogFailed`. The core halts (`Command::Halt`): every waiting write,
+//!   parked write and flush fails with `Failure::Io` (a failed write is never acknowledged; its
+//!   entry may or may not be in the replog, as a block device's failed write may or may not have
+//!   happened), every later input is refused, and the driver reopens the group from its disks
+//!   (the recovery of a kill -9). A full disk (ENOSPC) is the same failure; reopening retries
+//!   until space is back.
+//! - **Dirty log persist** (`DirtyPersisted` Err), **activity log write** (`ActivityLogWritten`
+//!   Err), **resync piece store** on a secondary (`PieceStored` Err): halt, as above. Nothing
+//!   moved past what failed (a drop's cursor waits for its marks, the unclean start's activity
+//!   log stays frozen until its marks are durable, an unstored piece is not acknowledged), so the
+//!   restart plans the same work again.
+//! - **Slink 0 device write** (`Applied` Err) or **device sync at a slink-0 checkpoint**
+//!   (`CheckpointDone` Err for slink 0), or the driver's `SiteFailed` for slink 0: slink 0 is
+//!   Faulty (fail-stop): the waiting writes fail with EIO, new writes fail with EIO, nothing more
+//!   is applied and no resync piece is read from it. The applied prefix (and so slink 0's cursor)
+//!   stays below the lowest failed write, so a restart replays it from the replog; the operator
+//!   (the simulation models one) restarts the group. A site whose devices failed has not
+//!   converged until then.
+//! - **A site's cursor persist** (`CheckpointDone` Err for another slink): the cursor stays where
+//!   it was (R2 holds either way) and the next tick asks again. **Resync sequence reservation**
+//!   (`ResyncSeqPersisted` Err): no number above the old reservation is used; the next tick asks
+//!   again (not at once: a failing disk would loop).
+//! - **Reads** are the driver's: a replog read for shipping or a device read for a resync piece
+//!   that fails ends the link's session (the site reports its position, the core resends from
+//!   it and reads the piece again: `LinkDown` forgets pieces in flight); a replog read for an
+//!   apply is an apply failure (`Applied` Err). A failed `DropTo` cursor persist leaves the
+//!   persisted cursor lower (the entries stay in the ring, their regions dirty; the next
+//!   checkpoint persists it); a failed reclaim frees nothing (`Reclaimed` with the old space).
+//!
+//! `drop_floor` (see `room`) is not persisted, on purpose: a restart forgets it and uses the
+//! persisted cursor instead, which is never below it, so a site that reconnects with fewer
+//! entries than the cursor gets a full resync where the remembered floor would have allowed a
+//! partial one. That costs a copy, never correctness (a full resync is always a correct repair).
+//!
 //! # Driver contract
 //! Commands are carried out in the order given, per slink. `Append` is carried out at once and a
 //! refusal (`Input::AppendRefused`) reported before any other input. Completions may come in any

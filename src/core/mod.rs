@@ -56,10 +56,13 @@
 //!   persisted cursor lower (the entries stay in the ring, their regions dirty; the next
 //!   checkpoint persists it); a failed reclaim frees nothing (`Reclaimed` with the old space).
 //!
-//! `drop_floor` (see `room`) is not persisted, on purpose: a restart forgets it and uses the
-//! persisted cursor instead, which is never below it, so a site that reconnects with fewer
-//! entries than the cursor gets a full resync where the remembered floor would have allowed a
-//! partial one. That costs a copy, never correctness (a full resync is always a correct repair).
+//! `drop_floor` (see `room`) is not persisted: a restart forgets it and uses the persisted cursor
+//! instead, which is never below it, so a site that reconnects with fewer entries than the cursor
+//! gets a full resync where the remembered floor would have allowed a partial one. That costs a
+//! copy (and the site's consistency while it runs), never correctness: a full resync is always a
+//! correct repair. The simulation counts these full resyncs (README). Persisting the floor safely
+//! needs its clear, at the end of a repair, to be durable before later cursor moves: a stale,
+//! lower floor would let a site that lost acknowledged entries off with a partial resync.
 //!
 //! # Driver contract
 //! Commands are carried out in the order given, per slink. `Append` is carried out at once and a

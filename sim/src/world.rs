@@ -453,8 +453,10 @@ impl World {
         } else {
             0
         };
-        let mut stats = Stats::default();
-        stats.groups = groups as u64;
+        let stats = Stats {
+            groups: groups as u64,
+            ..Default::default()
+        };
         let mut w = World {
             rng,
             now: 0,

@@ -65,9 +65,11 @@
 //! lower floor would let a site that lost acknowledged entries off with a partial resync.
 //!
 //! # Driver contract
-//! Commands are carried out in the order given, per slink. `Append` is carried out at once and a
-//! refusal (`Input::AppendRefused`) reported before any other input. Completions may come in any
-//! order across kinds; positions (`LogWritten`, `LogDurable`, `SiteAck`) only grow.
+//! Commands are carried out in the order given, per slink. `Append` is carried out at once and its
+//! result (`Input::AppendResult`, or `Input::LogFailed` when the replog failed) reported before
+//! any other input. After `Command::Halt` the core takes no more inputs that matter: the driver
+//! opens the group again. Completions may come in any order across kinds; positions
+//! (`LogWritten`, `LogDurable`, `SiteAck`) only grow.
 
 pub mod activity;
 pub mod dirty;

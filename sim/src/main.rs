@@ -33,6 +33,7 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let mut total = Stats::default();
     let mut failed = 0u64;
+    let (mut runs, mut two_groups) = (0u64, 0u64);
     for seed in from..from + count {
         let out = run(Options {
             seed,
@@ -44,6 +45,9 @@ fn main() -> ExitCode {
         total.sim_ns += out.stats.sim_ns;
         total.writes_acked += out.stats.writes_acked;
         total.checks += out.stats.checks;
+        total.groups += out.stats.groups;
+        runs += 1;
+        two_groups += u64::from(out.stats.groups == 2);
         for (k, v) in out.stats.faults {
             *total.faults.entry(k).or_default() += v;
         }
@@ -69,6 +73,7 @@ fn main() -> ExitCode {
         count as f64 / secs * 60.0,
         total.events as f64 / secs
     );
+    println!("runs with two groups (sharing sites and network): {two_groups} of {runs}");
     println!("faults injected: {:?}", total.faults);
     println!("core events: {:?}", total.core_events);
     if failed > 0 {

@@ -13,6 +13,7 @@ use replog::storage::{MemDisk, Storage};
 use replog::{EntryKind, Record, Replog};
 
 use crate::check::{self, HistoryWrite};
+use crate::faults::{self, Disk, FaultyDisk, Op, SharedFaults};
 use crate::rng::Rng;
 
 const MS: Nanos = 1_000_000;
@@ -61,6 +62,8 @@ pub struct Stats {
     pub writes_failed: u64,
     pub flushes: u64,
     pub checks: u64,
+    /// Groups of the run (summed over runs: one or two each).
+    pub groups: u64,
     pub faults: BTreeMap<&'static str, u64>,
     pub core_events: BTreeMap<&'static str, u64>,
 }
@@ -92,37 +95,71 @@ enum Item {
 #[derive(Clone, Debug)]
 enum Ev {
     Input {
+        g: usize,
         site: usize,
         inc: u64,
         input: Input,
     },
     /// A completion that persists something in the site's modelled durable state first.
     Persist {
+        g: usize,
         site: usize,
         inc: u64,
         what: Persist,
     },
     ToSecondary {
+        g: usize,
         link: usize,
         session: u64,
         items: Vec<Item>,
     },
     ToPrimary {
+        g: usize,
         link: usize,
         session: u64,
         pos: Position,
     },
     Connect {
+        g: usize,
         link: usize,
     },
+    /// Handshake, first step: the primary's hello reaches the site.
+    Hello {
+        g: usize,
+        link: usize,
+        session: u64,
+    },
+    /// Handshake, second step: the site's reply (its durable position) reaches the primary.
+    HelloReply {
+        g: usize,
+        link: usize,
+        session: u64,
+        peer: Position,
+    },
     Restart {
+        g: usize,
         site: usize,
     },
-    Tick {
+    /// The operator restarts a site whose devices failed (slink 0 faulty).
+    OperatorRestart {
+        g: usize,
         site: usize,
         inc: u64,
     },
-    Workload,
+    /// A disk-full window ends.
+    SpaceFreed {
+        g: usize,
+        site: usize,
+        disk: Disk,
+    },
+    Tick {
+        g: usize,
+        site: usize,
+        inc: u64,
+    },
+    Workload {
+        g: usize,
+    },
     Fault,
 }
 
@@ -181,6 +218,38 @@ struct Site {
     /// Secondary: received data by lsn / seq, until stored.
     recv_entries: BTreeMap<u64, (Extent, Vec<u8>)>,
     recv_pieces: BTreeMap<u64, Vec<u8>>,
+    /// Armed storage faults (they belong to the hardware: they outlive a restart).
+    log_faults: SharedFaults,
+    dev_faults: SharedFaults,
+    /// The next dirty log persist of this site fails (the modelled dirty log).
+    dirty_fault: bool,
+    /// This incarnation's slink 0 failed and the operator restart is on its way.
+    restart_asked: bool,
+}
+
+impl Site {
+    fn log_storage(&self) -> Arc<FaultyDisk> {
+        FaultyDisk::new(self.log_disk.clone(), self.log_faults.clone(), Disk::Log)
+    }
+
+    fn device(&self, d: u32) -> Option<Arc<FaultyDisk>> {
+        self.devices
+            .get(&d)
+            .map(|m| FaultyDisk::new(m.clone(), self.dev_faults.clone(), Disk::Device))
+    }
+
+    /// Syncs every device; the first error.
+    fn sync_devices(&self) -> Result<(), String> {
+        let mut result = Ok(());
+        for d in self.devices.keys() {
+            if let Some(dev) = self.device(*d) {
+                if let Err(e) = dev.sync_data() {
+                    result = result.and(Err(e.to_string()));
+                }
+            }
+        }
+        result
+    }
 }
 
 struct Link {
@@ -188,11 +257,14 @@ struct Link {
     site: usize,
     up: bool,
     session: u64,
-    partitioned_until: Nanos,
     /// Delivery time of the last message of this session each way (TCP keeps order).
     last_to_secondary: Nanos,
     last_to_primary: Nanos,
+    /// A handshake of the current session is on its way (hello, then the site's reply).
     connecting: bool,
+    /// The primary's `drop_floor` for this site when it last stopped (not persisted: the first
+    /// handshake after its restart counts the full resyncs that forgetting it costs).
+    forgotten_floor: Option<u64>,
 }
 
 struct Pending {
@@ -202,21 +274,16 @@ struct Pending {
     lsn: Option<u64>,
 }
 
-struct World {
-    opts: Options,
-    rng: Rng,
-    now: Nanos,
-    seq: u64,
-    queue: BinaryHeap<Queued>,
+/// One replicated group: its member at each site (own replog and devices), its links (one
+/// connection per group and site pair) and what its clients were promised.
+struct Group {
     sites: Vec<Site>,
     links: Vec<Link>,
-    stats: Stats,
     /// The primary's history by lsn (index lsn - 1), truncated when a primary restart recovers
     /// fewer entries (a power loss took unflushed ones; no site ever got them).
     history: Vec<HistoryWrite>,
     /// Where histories start: zeros, and the primary's devices after each restart's recovery.
     bases: Vec<check::Base>,
-    next_id: u64,
     pending: BTreeMap<u64, Pending>,
     flush_requests: BTreeMap<u64, u64>,
     /// Highest lsn whose durability a completed FLUSH or FUA promised.
@@ -224,10 +291,88 @@ struct World {
     /// Highest lsn acknowledged while the sync site (slink 1) was waited for.
     sync_promise: u64,
     max_acked: u64,
+    /// Lsns whose device write (or read back for it) failed at the primary since its start:
+    /// none of them may be acknowledged.
+    apply_failed: BTreeSet<u64>,
     writes_issued: u64,
+}
+
+struct World {
+    opts: Options,
+    rng: Rng,
+    now: Nanos,
+    seq: u64,
+    queue: BinaryHeap<Queued>,
+    /// The groups of the run (one or two), sharing the sites' processes, power and network.
+    g: Vec<Group>,
+    /// Per secondary site (index as `SECONDARIES`): the network to it is cut until then (every
+    /// group's link to it).
+    partitioned_until: [Nanos; 2],
+    stats: Stats,
     faults_until: Nanos,
+    next_id: u64,
     trace: VecDeque<String>,
     failure: Option<String>,
+}
+
+impl Group {
+    fn new() -> Group {
+        let mut sites = Vec::new();
+        for i in 0..3 {
+            let role = if i == PRIMARY {
+                Role::Primary
+            } else {
+                Role::Secondary
+            };
+            sites.push(Site {
+                role,
+                alive: false,
+                inc: 0,
+                core: None,
+                log: None,
+                log_disk: MemDisk::new(REPLOG_BYTES, 512),
+                devices: DEVICES
+                    .iter()
+                    .map(|(d, s)| (*d, MemDisk::new(*s, 512)))
+                    .collect(),
+                durable: Durable {
+                    consistent: true,
+                    ..Default::default()
+                },
+                recv_entries: BTreeMap::new(),
+                recv_pieces: BTreeMap::new(),
+                log_faults: SharedFaults::default(),
+                dev_faults: SharedFaults::default(),
+                dirty_fault: false,
+                restart_asked: false,
+            });
+        }
+        let links = SECONDARIES
+            .iter()
+            .map(|s| Link {
+                site: *s,
+                up: false,
+                session: 0,
+                last_to_secondary: 0,
+                last_to_primary: 0,
+                connecting: false,
+                forgotten_floor: None,
+            })
+            .collect();
+        Group {
+            sites,
+            links,
+            history: Vec::new(),
+            bases: vec![check::zero_base(&DEVICES)],
+            pending: BTreeMap::new(),
+            flush_requests: BTreeMap::new(),
+            durable_promise: 0,
+            sync_promise: 0,
+            max_acked: 0,
+            apply_failed: BTreeSet::new(),
+            writes_issued: 0,
+        }
+    }
 }
 
 fn core_config(role: Role) -> CoreConfig {
@@ -284,6 +429,13 @@ fn core_config(role: Role) -> CoreConfig {
 pub fn run(opts: Options) -> Outcome {
     let mut w = World::new(opts);
     w.main_loop();
+    for site in w.g.iter().flat_map(|g| g.sites.iter()) {
+        for f in [&site.log_faults, &site.dev_faults] {
+            for (k, v) in &faults::lock(f).fired {
+                *w.stats.faults.entry(k).or_default() += v;
+            }
+        }
+    }
     Outcome {
         stats: w.stats.clone(),
         failure: w.failure.take(),
@@ -293,93 +445,56 @@ pub fn run(opts: Options) -> Outcome {
 impl World {
     fn new(opts: Options) -> World {
         let mut rng = Rng::new(opts.seed);
-        let mut sites = Vec::new();
-        for i in 0..3 {
-            let role = if i == PRIMARY {
-                Role::Primary
-            } else {
-                Role::Secondary
-            };
-            sites.push(Site {
-                role,
-                alive: false,
-                inc: 0,
-                core: None,
-                log: None,
-                log_disk: MemDisk::new(REPLOG_BYTES, 512),
-                devices: DEVICES
-                    .iter()
-                    .map(|(d, s)| (*d, MemDisk::new(*s, 512)))
-                    .collect(),
-                durable: Durable {
-                    consistent: true,
-                    ..Default::default()
-                },
-                recv_entries: BTreeMap::new(),
-                recv_pieces: BTreeMap::new(),
-            });
-        }
-        let links = SECONDARIES
-            .iter()
-            .map(|s| Link {
-                site: *s,
-                up: false,
-                session: 0,
-                partitioned_until: 0,
-                last_to_secondary: 0,
-                last_to_primary: 0,
-                connecting: false,
-            })
-            .collect();
+        // Half of the runs have two groups on the same sites and network.
+        let groups = if rng.chance(500) { 2 } else { 1 };
+        let g = (0..groups).map(|_| Group::new()).collect();
         let faults_until = if opts.faults {
             rng.between(5, 20) * NS_PER_SEC
         } else {
             0
+        };
+        let stats = Stats {
+            groups: groups as u64,
+            ..Default::default()
         };
         let mut w = World {
             rng,
             now: 0,
             seq: 0,
             queue: BinaryHeap::new(),
-            sites,
-            links,
-            stats: Stats::default(),
-            history: Vec::new(),
-            bases: vec![check::zero_base(&DEVICES)],
-            next_id: 1,
-            pending: BTreeMap::new(),
-            flush_requests: BTreeMap::new(),
-            durable_promise: 0,
-            sync_promise: 0,
-            max_acked: 0,
-            writes_issued: 0,
+            g,
+            partitioned_until: [0; 2],
+            stats,
             faults_until,
+            next_id: 1,
             trace: VecDeque::new(),
             failure: None,
             opts,
         };
-        for i in 0..3 {
-            let replog = Replog::create_on(w.sites[i].log_disk.clone(), 0, REPLOG_BYTES);
-            match replog {
-                Ok(log) => {
-                    for nr in 0..if i == PRIMARY { 3 } else { 1 } {
-                        if let Err(e) = log.register_slink(nr, 0) {
-                            w.fail(format!("register slink {nr}: {e}"));
+        for g in 0..groups {
+            for i in 0..3 {
+                let replog = Replog::create_on(w.g[g].sites[i].log_disk.clone(), 0, REPLOG_BYTES);
+                match replog {
+                    Ok(log) => {
+                        for nr in 0..if i == PRIMARY { 3 } else { 1 } {
+                            if let Err(e) = log.register_slink(nr, 0) {
+                                w.fail(format!("register slink {nr}: {e}"));
+                            }
                         }
+                        if let Err(e) = log.set_activity_log_extent_bytes(AL_EXTENT_BYTES) {
+                            w.fail(format!("activity log extent: {e}"));
+                        }
+                        drop(log);
                     }
-                    if let Err(e) = log.set_activity_log_extent_bytes(AL_EXTENT_BYTES) {
-                        w.fail(format!("activity log extent: {e}"));
-                    }
-                    drop(log);
+                    Err(e) => w.fail(format!("replog create: {e}")),
                 }
-                Err(e) => w.fail(format!("replog create: {e}")),
+                w.start_site(g, i);
             }
-            w.start_site(i);
+            for l in 0..w.g[g].links.len() {
+                w.at(MS, Ev::Connect { g, link: l });
+            }
+            w.at(MS, Ev::Workload { g });
         }
-        for l in 0..w.links.len() {
-            w.at(MS, Ev::Connect { link: l });
-        }
-        w.at(MS, Ev::Workload);
         w.at(10 * MS, Ev::Fault);
         w
     }
@@ -421,35 +536,47 @@ impl World {
 
     // ---- sites ----
 
-    fn start_site(&mut self, i: usize) {
-        let disk = self.sites[i].log_disk.clone();
+    fn start_site(&mut self, g: usize, i: usize) {
+        let disk = self.g[g].sites[i].log_storage();
+        let fired_before = self.fired_total(g, i);
         let (log, _report) = match Replog::open_on(disk, 0) {
             Ok(v) => v,
+            // An injected fault hit the open: the daemon tries again later.
+            Err(e) if self.fired_total(g, i) > fired_before => {
+                self.note(format!("g{g} site {i}: replog does not open ({e}): retry"));
+                *self.stats.core_events.entry("open-retry").or_default() += 1;
+                let d = self.rng.between(100, 500) * MS;
+                self.at(d, Ev::Restart { g, site: i });
+                return;
+            }
             Err(e) => {
-                self.fail(format!("site {i}: replog does not open after restart: {e}"));
+                self.fail(format!(
+                    "g{g} site {i}: replog does not open after restart: {e}"
+                ));
                 return;
             }
         };
         let last = log.next_lsn() - 1;
         if i == PRIMARY {
-            if last < self.durable_promise {
+            if last < self.g[g].durable_promise {
                 self.fail(format!(
                     "primary restart: the replog ends at lsn {last}, below lsn {} that a FLUSH/FUA made durable",
-                    self.durable_promise
+                    self.g[g].durable_promise
                 ));
             }
             // Entries above `last` were lost with the power: no site has them (R1).
-            self.history.truncate(last as usize);
-            self.max_acked = self.max_acked.min(last);
-            let devs: BTreeMap<u32, Vec<u8>> = self.sites[PRIMARY]
+            self.g[g].history.truncate(last as usize);
+            self.g[g].max_acked = self.g[g].max_acked.min(last);
+            let devs: BTreeMap<u32, Vec<u8>> = self.g[g].sites[PRIMARY]
                 .devices
                 .iter()
                 .map(|(d, disk)| (*d, disk.current_image()))
                 .collect();
-            match check::recovered_images(self.sites[PRIMARY].log_disk.current_image(), &devs) {
+            match check::recovered_images(self.g[g].sites[PRIMARY].log_disk.current_image(), &devs)
+            {
                 Ok((lsn, images)) => {
-                    self.bases.retain(|b| b.lsn <= lsn);
-                    self.bases.push(check::Base { lsn, images });
+                    self.g[g].bases.retain(|b| b.lsn <= lsn);
+                    self.g[g].bases.push(check::Base { lsn, images });
                 }
                 Err(e) => self.fail(format!("primary recovery image: {e}")),
             }
@@ -473,7 +600,7 @@ impl World {
                 });
             }
         }
-        let site = &self.sites[i];
+        let site = &self.g[g].sites[i];
         let nrs: Vec<u8> = if i == PRIMARY { vec![0, 1, 2] } else { vec![0] };
         let restored = Restored {
             last_lsn: last,
@@ -491,71 +618,150 @@ impl World {
             consistent: site.durable.consistent,
         };
         let (core, cmds) = Core::new(core_config(site.role), restored, self.now);
-        let site = &mut self.sites[i];
+        let site = &mut self.g[g].sites[i];
         site.core = Some(core);
         site.log = Some(log);
         site.alive = true;
         site.inc += 1;
         site.recv_entries.clear();
         site.recv_pieces.clear();
+        site.restart_asked = false;
         let inc = site.inc;
-        self.note(format!("site {i} started (inc {inc}, last lsn {last})"));
-        self.run_commands(i, cmds);
+        self.note(format!(
+            "g{g} site {i} started (inc {inc}, last lsn {last})"
+        ));
+        self.run_commands(g, i, cmds);
         let d = self.rng.between(50, 150) * MS;
-        self.at(d, Ev::Tick { site: i, inc });
+        self.at(d, Ev::Tick { g, site: i, inc });
     }
 
     /// kill -9 (power: false) or power loss (true): the process state goes; with power, so do
     /// unsynced writes (each sector of each unsynced write kept or lost at random: torn writes).
+    /// Unsynced writes of the member's replog and devices are lost (each sector kept or not).
+    fn lose_power(&mut self, g: usize, i: usize) {
+        let seed = self.rng.next_u64();
+        let site = &mut self.g[g].sites[i];
+        let img = site.log_disk.power_loss_image(seed);
+        site.log_disk = MemDisk::from_image(img, 512);
+        for d in site.devices.values_mut() {
+            let img = d.power_loss_image(seed.rotate_left(7));
+            *d = MemDisk::from_image(img, 512);
+        }
+    }
+
+    /// kill -9 or power loss of site `i`: every group's member there goes down at once.
     fn crash(&mut self, i: usize, power: bool) {
-        if !self.sites[i].alive {
+        let members: Vec<usize> = (0..self.g.len())
+            .filter(|g| self.g[*g].sites[i].alive)
+            .collect();
+        if members.is_empty() {
             return;
         }
-        self.check_site(i, "before crash");
         self.fault_count(if power { "power-loss" } else { "kill" });
-        self.note(format!(
-            "site {i} {}",
-            if power { "POWER LOSS" } else { "KILL -9" }
-        ));
-        let site = &mut self.sites[i];
+        for &g in &members {
+            // Where the crash hit (counted, so a run shows these cases happen).
+            let (checkpoint, resync) =
+                self.g[g].sites[i]
+                    .core
+                    .as_ref()
+                    .map_or((false, false), |c| {
+                        (
+                            c.slinks().iter().any(|s| s.checkpoint_in_flight.is_some()),
+                            c.slinks()
+                                .iter()
+                                .any(|s| s.resync_running && !s.dirty.is_clean())
+                                || (i != PRIMARY && !c.consistent()),
+                        )
+                    });
+            if checkpoint {
+                self.fault_count("crash-mid-checkpoint");
+            }
+            if resync {
+                self.fault_count("crash-mid-resync");
+            }
+            if self.g[g]
+                .links
+                .iter()
+                .any(|l| l.connecting && (i == PRIMARY || l.site == i))
+            {
+                self.fault_count("crash-mid-handshake");
+            }
+        }
+        let why = if power { "POWER LOSS" } else { "KILL -9" };
+        let d = self.rng.between(50, 800) * MS;
+        if power {
+            // A member that is down (halted, restarting) loses its unsynced writes too.
+            for g in 0..self.g.len() {
+                if !self.g[g].sites[i].alive {
+                    self.lose_power(g, i);
+                }
+            }
+        }
+        for g in members {
+            self.stop_site(g, i, power, why, d);
+        }
+    }
+
+    /// Faults that fired at site `i` so far (replog and devices).
+    fn fired_total(&self, g: usize, i: usize) -> u64 {
+        let site = &self.g[g].sites[i];
+        [&site.log_faults, &site.dev_faults]
+            .iter()
+            .map(|f| faults::lock(f).fired.values().sum::<u64>())
+            .sum()
+    }
+
+    /// The site's process ends (with the power when `power`), checked first; it starts again
+    /// `restart_in` later (a crash, a halt the driver reopens, an operator restart).
+    fn stop_site(&mut self, g: usize, i: usize, power: bool, why: &str, restart_in: Nanos) {
+        if !self.g[g].sites[i].alive {
+            return;
+        }
+        self.check_site(g, i, "before crash");
+        self.note(format!("g{g} site {i} {why}"));
+        if i == PRIMARY {
+            self.g[g].apply_failed.clear();
+            let grp = &mut self.g[g];
+            for (l, link) in grp.links.iter_mut().enumerate() {
+                link.forgotten_floor = grp.sites[PRIMARY]
+                    .core
+                    .as_ref()
+                    .and_then(|c| c.slink(l as u8 + 1))
+                    .and_then(|s| s.drop_floor);
+            }
+        }
+        let site = &mut self.g[g].sites[i];
         site.alive = false;
         site.core = None;
         // Dropping a replog waits for submitted batches; the simulated disk has none in flight.
         site.log = None;
         if power {
-            let seed = self.rng.next_u64();
-            let img = site.log_disk.power_loss_image(seed);
-            site.log_disk = MemDisk::from_image(img, 512);
-            for d in site.devices.values_mut() {
-                let img = d.power_loss_image(seed.rotate_left(7));
-                *d = MemDisk::from_image(img, 512);
-            }
+            self.lose_power(g, i);
         }
         if i == PRIMARY {
             // The clients of a dead primary see their requests fail.
-            self.pending.clear();
-            self.flush_requests.clear();
+            self.g[g].pending.clear();
+            self.g[g].flush_requests.clear();
         }
-        for l in 0..self.links.len() {
-            if i == PRIMARY || self.links[l].site == i {
-                self.reset_link(l, "peer died");
+        for l in 0..self.g[g].links.len() {
+            if i == PRIMARY || self.g[g].links[l].site == i {
+                self.reset_link(g, l, "peer died");
             }
         }
-        let d = self.rng.between(50, 800) * MS;
-        self.at(d, Ev::Restart { site: i });
+        self.at(restart_in, Ev::Restart { g, site: i });
     }
 
-    fn core_input(&mut self, i: usize, input: Input) {
-        if !self.sites[i].alive {
+    fn core_input(&mut self, g: usize, i: usize, input: Input) {
+        if !self.g[g].sites[i].alive {
             return;
         }
         if self.opts.trace {
-            self.note(format!("site {i} <- {input:?}"));
+            self.note(format!("g{g} site {i} <- {input:?}"));
         }
         let mut out = Vec::new();
         let now = self.now;
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            if let Some(core) = self.sites[i].core.as_mut() {
+            if let Some(core) = self.g[g].sites[i].core.as_mut() {
                 core.handle(now, input, &mut out);
             }
         }));
@@ -565,49 +771,63 @@ impl World {
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            self.fail(format!("site {i}: core assertion: {msg}"));
+            self.fail(format!("g{g} site {i}: core assertion: {msg}"));
             return;
         }
-        self.run_commands(i, out);
+        self.run_commands(g, i, out);
+        self.operator_watch(g, i);
+    }
+
+    /// An operator restarts a site whose devices failed (the core keeps them failed until then).
+    fn operator_watch(&mut self, g: usize, i: usize) {
+        let site = &self.g[g].sites[i];
+        let failed = site.core.as_ref().is_some_and(|c| c.slink0_failed());
+        if !site.alive || !failed || site.restart_asked {
+            return;
+        }
+        let inc = site.inc;
+        self.g[g].sites[i].restart_asked = true;
+        let d = self.rng.between(300, 1500) * MS;
+        self.at(d, Ev::OperatorRestart { g, site: i, inc });
     }
 
     fn delay(&mut self, max_ms: u64) -> Nanos {
         self.rng.below(max_ms * MS + 1)
     }
 
-    fn run_commands(&mut self, i: usize, cmds: Vec<Command>) {
+    fn run_commands(&mut self, g: usize, i: usize, cmds: Vec<Command>) {
         for c in cmds {
-            if self.failure.is_some() || !self.sites[i].alive {
+            if self.failure.is_some() || !self.g[g].sites[i].alive {
                 return;
             }
             if self.opts.trace {
-                self.note(format!("site {i} -> {c:?}"));
+                self.note(format!("g{g} site {i} -> {c:?}"));
             }
-            self.run_command(i, c);
+            self.run_command(g, i, c);
         }
     }
 
-    fn run_command(&mut self, i: usize, c: Command) {
-        let inc = self.sites[i].inc;
+    fn run_command(&mut self, g: usize, i: usize, c: Command) {
+        let inc = self.g[g].sites[i].inc;
         match c {
             Command::Append { lsn, id, .. } => {
                 let (extent, data) = match id {
-                    Some(id) => match self.pending.get(&id) {
+                    Some(id) => match self.g[g].pending.get(&id) {
                         Some(p) => (p.extent, p.data.clone()),
                         None => {
                             self.fail(format!("append of unknown request {id}"));
                             return;
                         }
                     },
-                    None => match self.sites[i].recv_entries.get(&lsn) {
+                    None => match self.g[g].sites[i].recv_entries.get(&lsn) {
                         Some((e, d)) => (*e, d.clone()),
                         None => {
-                            self.fail(format!("site {i}: append of lsn {lsn} never received"));
+                            self.fail(format!("g{g} site {i}: append of lsn {lsn} never received"));
                             return;
                         }
                     },
                 };
-                let Some(log) = self.sites[i].log.as_ref() else {
+                let Some(log) = self.g[g].sites[i].log.as_ref() else {
                     return;
                 };
                 let rec = Record {
@@ -617,36 +837,51 @@ impl World {
                     len: extent.len,
                     data: &data,
                 };
-                match log.append_with_lsn(lsn, rec, replog::Durability::Written) {
-                    Ok(appending) => {
-                        if let Err(e) = appending.wait() {
-                            self.fail(format!("site {i}: append lsn {lsn}: {e}"));
-                            return;
-                        }
-                        let written = log.written_lsn();
+                let appended = log
+                    .append_with_lsn(lsn, rec, replog::Durability::Written)
+                    .and_then(|a| a.wait().map(|_| ()));
+                let written = log.written_lsn();
+                let full = matches!(appended, Err(replog::Error::Full { .. }));
+                let full_note = (self.opts.trace && full).then(|| {
+                    format!(
+                        "g{g} site {i}: ring full: {:?}, cursor0 {:?}, first {} next {}",
+                        log.space(),
+                        log.cursor(0),
+                        log.first_lsn(),
+                        log.next_lsn()
+                    )
+                });
+                if i == PRIMARY && !matches!(appended, Err(replog::Error::Full { .. })) {
+                    // A failed append may still be on disk (a block device's failed write may
+                    // or may not have happened): in the history until a restart's recovery
+                    // says how far the replog goes.
+                    self.g[g].history.truncate(lsn as usize - 1);
+                    if self.g[g].history.len() as u64 != lsn - 1 {
+                        self.fail(format!(
+                            "primary lsn {lsn} after a history of {}",
+                            self.g[g].history.len()
+                        ));
+                        return;
+                    }
+                    self.g[g].history.push(HistoryWrite {
+                        device: extent.device,
+                        offset: extent.offset,
+                        data: data.clone(),
+                    });
+                }
+                match appended {
+                    Ok(()) => {
                         if i == PRIMARY {
                             if let Some(id) = id {
-                                if let Some(p) = self.pending.get_mut(&id) {
+                                if let Some(p) = self.g[g].pending.get_mut(&id) {
                                     p.lsn = Some(lsn);
                                 }
                             }
-                            self.history.truncate(lsn as usize - 1);
-                            if self.history.len() as u64 != lsn - 1 {
-                                self.fail(format!(
-                                    "primary lsn {lsn} after a history of {}",
-                                    self.history.len()
-                                ));
-                                return;
-                            }
-                            self.history.push(HistoryWrite {
-                                device: extent.device,
-                                offset: extent.offset,
-                                data,
-                            });
                         } else {
-                            self.sites[i].recv_entries.remove(&lsn);
+                            self.g[g].sites[i].recv_entries.remove(&lsn);
                         }
                         self.core_input(
+                            g,
                             i,
                             Input::AppendResult {
                                 lsn,
@@ -657,6 +892,7 @@ impl World {
                         self.at(
                             d,
                             Ev::Input {
+                                g,
                                 site: i,
                                 inc,
                                 input: Input::LogWritten { upto: written },
@@ -664,17 +900,11 @@ impl World {
                         );
                     }
                     Err(replog::Error::Full { .. }) => {
-                        if self.opts.trace {
-                            let sp = log.space();
-                            let note = format!(
-                                "site {i}: ring full: {sp:?}, cursor0 {:?}, first {} next {}",
-                                log.cursor(0),
-                                log.first_lsn(),
-                                log.next_lsn()
-                            );
+                        if let Some(note) = full_note {
                             self.note(note);
                         }
                         self.core_input(
+                            g,
                             i,
                             Input::AppendResult {
                                 lsn,
@@ -682,11 +912,11 @@ impl World {
                             },
                         );
                     }
-                    Err(e) => self.fail(format!("site {i}: append lsn {lsn}: {e}")),
+                    Err(e) => self.log_failed(g, i, format!("append lsn {lsn}: {e}")),
                 }
             }
             Command::FlushLog => {
-                let Some(log) = self.sites[i].log.as_ref() else {
+                let Some(log) = self.g[g].sites[i].log.as_ref() else {
                     return;
                 };
                 match log.flush().wait() {
@@ -695,35 +925,35 @@ impl World {
                         self.at(
                             d,
                             Ev::Input {
+                                g,
                                 site: i,
                                 inc,
                                 input: Input::LogDurable { upto },
                             },
                         );
                     }
-                    Err(e) => self.fail(format!("site {i}: flush: {e}")),
+                    Err(e) => self.log_failed(g, i, format!("flush: {e}")),
                 }
             }
             Command::Apply { lsn } => {
-                let Some(log) = self.sites[i].log.as_ref() else {
+                let Some(log) = self.g[g].sites[i].log.as_ref() else {
                     return;
                 };
-                let e = match log.read(lsn) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        self.fail(format!("site {i}: apply reads lsn {lsn}: {e}"));
-                        return;
-                    }
+                let result = match log.read(lsn) {
+                    Ok(e) => match self.g[g].sites[i].device(e.device) {
+                        Some(d) => write_device(&d, e.offset, &e.data),
+                        None => Err(format!("no device {}", e.device)),
+                    },
+                    Err(e) => Err(format!("reading lsn {lsn} back: {e}")),
                 };
-                let dev = self.sites[i].devices.get(&e.device).cloned();
-                let result = match dev {
-                    Some(d) => write_device(&d, e.offset, &e.data),
-                    None => Err(format!("no device {}", e.device)),
-                };
+                if result.is_err() && i == PRIMARY {
+                    self.g[g].apply_failed.insert(lsn);
+                }
                 let d = self.delay(3);
                 self.at(
                     d,
                     Ev::Input {
+                        g,
                         site: i,
                         inc,
                         input: Input::Applied { lsn, result },
@@ -732,7 +962,7 @@ impl World {
             }
             Command::Ship { slink, after, upto } => {
                 let l = usize::from(slink) - 1;
-                let Some(log) = self.sites[i].log.as_ref() else {
+                let Some(log) = self.g[g].sites[i].log.as_ref() else {
                     return;
                 };
                 if upto > log.durable_lsn() {
@@ -748,7 +978,9 @@ impl World {
                     let batch = match log.read_from(from, 8, 1 << 20) {
                         Ok(b) => b,
                         Err(e) => {
-                            self.fail(format!("ship: read lsn {from}: {e}"));
+                            // The driver's policy: the session ends, the site reports its
+                            // position and gets everything after it again.
+                            self.reset_link(g, l, &format!("ship: read lsn {from}: {e}"));
                             return;
                         }
                     };
@@ -771,19 +1003,25 @@ impl World {
                     }
                     from = last + 1;
                 }
-                self.send_to_secondary(l, items);
+                self.send_to_secondary(g, l, items);
             }
             Command::ResyncPiece { slink, piece } => {
                 let l = usize::from(slink) - 1;
-                let dev = self.sites[i].devices.get(&piece.device).cloned();
-                let Some(dev) = dev else {
+                let Some(dev) = self.g[g].sites[i].device(piece.device) else {
                     self.fail(format!("resync piece of unknown device {}", piece.device));
                     return;
                 };
-                let img = dev.current_image();
-                let (s, e) = (piece.offset as usize, (piece.offset + piece.len) as usize);
-                let data = img.get(s..e).map(|d| d.to_vec()).unwrap_or_default();
+                let buf = replog::io::AlignedBuf::zeroed(piece.len as usize);
+                let data = match dev.read_at(piece.offset, buf) {
+                    Ok(b) => b.to_vec(),
+                    Err(e) => {
+                        // As for entries: the session ends, the piece is read again later.
+                        self.reset_link(g, l, &format!("resync piece read: {e}"));
+                        return;
+                    }
+                };
                 self.send_to_secondary(
+                    g,
                     l,
                     vec![Item::Piece {
                         seq: piece.seq,
@@ -797,7 +1035,7 @@ impl World {
                 );
             }
             Command::ResyncComplete { slink, seq } => {
-                self.send_to_secondary(usize::from(slink) - 1, vec![Item::Done { seq }]);
+                self.send_to_secondary(g, usize::from(slink) - 1, vec![Item::Done { seq }]);
             }
             Command::Checkpoint {
                 slink,
@@ -806,13 +1044,9 @@ impl World {
             } => {
                 let mut result = Ok(());
                 if sync_devices && slink == 0 {
-                    for d in self.sites[i].devices.values() {
-                        if let Err(e) = d.sync_data() {
-                            result = Err(e.to_string());
-                        }
-                    }
+                    result = self.g[g].sites[i].sync_devices();
                 }
-                if let Some(d) = self.sites[i].log.as_ref().map(|l| l.durable_lsn()) {
+                if let Some(d) = self.g[g].sites[i].log.as_ref().map(|l| l.durable_lsn()) {
                     if lsn > d {
                         self.fail(format!(
                             "R2: checkpoint of slink {slink} at lsn {lsn}, the replog is durable to {d}"
@@ -821,7 +1055,7 @@ impl World {
                     }
                 }
                 if result.is_ok() {
-                    if let Some(log) = self.sites[i].log.as_ref() {
+                    if let Some(log) = self.g[g].sites[i].log.as_ref() {
                         if log.cursor(slink).is_some_and(|c| c < lsn) {
                             result = log.set_cursor(slink, lsn).map_err(|e| e.to_string());
                         }
@@ -831,23 +1065,25 @@ impl World {
                 self.at(
                     d,
                     Ev::Input {
+                        g,
                         site: i,
                         inc,
                         input: Input::CheckpointDone { slink, lsn, result },
                     },
                 );
             }
-            Command::Reclaim => self.reclaim(i),
+            Command::Reclaim => self.reclaim(g, i),
             Command::DropTo { slink, lsn } => {
-                if let Some(log) = self.sites[i].log.as_ref() {
+                if let Some(log) = self.g[g].sites[i].log.as_ref() {
                     if log.cursor(slink).is_some_and(|c| c < lsn) {
                         if let Err(e) = log.set_cursor(slink, lsn) {
-                            self.fail(format!("drop: cursor of slink {slink} to {lsn}: {e}"));
-                            return;
+                            // The persisted cursor stays below the drop: the entries stay in
+                            // the ring (their regions are dirty too), a later checkpoint moves it.
+                            self.note(format!("g{g} site {i}: drop: cursor of slink {slink}: {e}"));
                         }
                     }
                 }
-                self.reclaim(i);
+                self.reclaim(g, i);
             }
             Command::MarkDirty {
                 slink,
@@ -870,6 +1106,7 @@ impl World {
                 self.at(
                     d,
                     Ev::Persist {
+                        g,
                         site: i,
                         inc,
                         what: Persist::Dirty {
@@ -885,10 +1122,13 @@ impl World {
                 device,
                 region,
             } => {
-                self.sites[i].durable.dirty.remove(&(slink, device, region));
+                self.g[g].sites[i]
+                    .durable
+                    .dirty
+                    .remove(&(slink, device, region));
             }
             Command::WriteActivityLog { token, extents } => {
-                let Some(log) = self.sites[i].log.as_ref() else {
+                let Some(log) = self.g[g].sites[i].log.as_ref() else {
                     return;
                 };
                 let result = log.set_activity_log(&extents).map_err(|e| e.to_string());
@@ -896,6 +1136,7 @@ impl World {
                 self.at(
                     d,
                     Ev::Input {
+                        g,
                         site: i,
                         inc,
                         input: Input::ActivityLogWritten { token, result },
@@ -903,7 +1144,7 @@ impl World {
                 );
             }
             Command::PersistResyncSeq { slink, reserved } => {
-                let Some(log) = self.sites[i].log.as_ref() else {
+                let Some(log) = self.g[g].sites[i].log.as_ref() else {
                     return;
                 };
                 let result = log
@@ -914,6 +1155,7 @@ impl World {
                 self.at(
                     d,
                     Ev::Input {
+                        g,
                         site: i,
                         inc,
                         input: Input::ResyncSeqPersisted {
@@ -925,9 +1167,11 @@ impl World {
                 );
             }
             Command::StorePiece { seq, extent } => {
-                let data = self.sites[i].recv_pieces.remove(&seq).unwrap_or_default();
-                let dev = self.sites[i].devices.get(&extent.device).cloned();
-                let result = match dev {
+                let data = self.g[g].sites[i]
+                    .recv_pieces
+                    .remove(&seq)
+                    .unwrap_or_default();
+                let result = match self.g[g].sites[i].device(extent.device) {
                     Some(d) => write_device(&d, extent.offset, &data)
                         .and_then(|_| d.sync_data().map_err(|e| e.to_string())),
                     None => Err(format!("no device {}", extent.device)),
@@ -936,6 +1180,7 @@ impl World {
                 self.at(
                     d,
                     Ev::Input {
+                        g,
                         site: i,
                         inc,
                         input: Input::PieceStored { seq, result },
@@ -943,23 +1188,29 @@ impl World {
                 );
             }
             Command::AckPrimary { pos } => {
-                if let Some(l) = self.links.iter().position(|l| l.site == i) {
-                    self.send_to_primary(l, pos);
+                if let Some(l) = self.g[g].links.iter().position(|l| l.site == i) {
+                    self.send_to_primary(g, l, pos);
                 }
             }
             Command::PersistConsistency { consistent } => {
-                let synced: Result<Vec<()>, _> = self.sites[i]
-                    .devices
-                    .values()
-                    .map(|d| d.sync_data())
-                    .collect();
-                if let Err(e) = synced {
-                    self.fail(format!("site {i}: device sync: {e}"));
+                if let Err(e) = self.g[g].sites[i].sync_devices() {
+                    // The flag is not persisted: the devices failed (fail-stop until the
+                    // operator restarts the site).
+                    self.core_input(
+                        g,
+                        i,
+                        Input::SiteFailed {
+                            slink: 0,
+                            reason: format!("device sync before the consistency flag: {e}"),
+                        },
+                    );
+                    return;
                 }
                 let d = self.delay(3);
                 self.at(
                     d,
                     Ev::Persist {
+                        g,
                         site: i,
                         inc,
                         what: Persist::Consistency { consistent },
@@ -967,37 +1218,52 @@ impl World {
                 );
             }
             Command::ResetLink { reason } => {
-                if let Some(l) = self.links.iter().position(|l| l.site == i) {
-                    self.reset_link(l, &reason);
+                if let Some(l) = self.g[g].links.iter().position(|l| l.site == i) {
+                    self.reset_link(g, l, &reason);
                 }
             }
-            Command::Reply { id, result } => self.on_reply(i, id, result),
+            Command::Reply { id, result } => self.on_reply(g, i, id, result),
             Command::Event { kind, detail } => {
                 *self.stats.core_events.entry(kind).or_default() += 1;
-                self.note(format!("site {i} event {kind}: {detail}"));
+                self.note(format!("g{g} site {i} event {kind}: {detail}"));
             }
             Command::Stopped => {}
+            Command::Halt { reason } => {
+                // The driver reopens the group from its disks (page cache kept).
+                let d = self.rng.between(20, 200) * MS;
+                self.stop_site(g, i, false, &format!("HALT: {reason}"), d);
+            }
         }
     }
 
-    fn reclaim(&mut self, i: usize) {
-        let Some(log) = self.sites[i].log.as_ref() else {
+    /// The replog refused a write or a sync: the core halts (the replog refuses everything now).
+    fn log_failed(&mut self, g: usize, i: usize, reason: String) {
+        self.core_input(g, i, Input::LogFailed { reason });
+    }
+
+    fn reclaim(&mut self, g: usize, i: usize) {
+        let Some(log) = self.g[g].sites[i].log.as_ref() else {
             return;
         };
         if let Err(e) = log.reclaim() {
-            self.fail(format!("site {i}: reclaim: {e}"));
-            return;
+            // Nothing freed: the core sees the same free space and waits for a site or a tick.
+            let note = format!("g{g} site {i}: reclaim: {e}");
+            self.note(note);
         }
+        let Some(log) = self.g[g].sites[i].log.as_ref() else {
+            return;
+        };
         let first = if log.first_lsn() == 0 {
             log.next_lsn()
         } else {
             log.first_lsn()
         };
         let free = log.space().free_bytes;
-        let inc = self.sites[i].inc;
+        let inc = self.g[g].sites[i].inc;
         self.at(
             0,
             Ev::Input {
+                g,
                 site: i,
                 inc,
                 input: Input::Reclaimed {
@@ -1008,19 +1274,25 @@ impl World {
         );
     }
 
-    fn on_reply(&mut self, i: usize, id: u64, result: Result<(), replicator::core::Failure>) {
+    fn on_reply(
+        &mut self,
+        g: usize,
+        i: usize,
+        id: u64,
+        result: Result<(), replicator::core::Failure>,
+    ) {
         if i != PRIMARY {
-            self.fail(format!("site {i} replied to a client request"));
+            self.fail(format!("g{g} site {i} replied to a client request"));
             return;
         }
-        if let Some(before) = self.flush_requests.remove(&id) {
+        if let Some(before) = self.g[g].flush_requests.remove(&id) {
             if result.is_ok() {
                 self.stats.flushes += 1;
-                self.durable_promise = self.durable_promise.max(before);
+                self.g[g].durable_promise = self.g[g].durable_promise.max(before);
             }
             return;
         }
-        let Some(p) = self.pending.remove(&id) else {
+        let Some(p) = self.g[g].pending.remove(&id) else {
             self.fail(format!("reply to unknown request {id}"));
             return;
         };
@@ -1031,17 +1303,40 @@ impl World {
                     self.fail(format!("request {id} acknowledged without an lsn"));
                     return;
                 };
-                self.max_acked = self.max_acked.max(lsn);
-                if p.fua {
-                    self.durable_promise = self.durable_promise.max(lsn);
+                if self.g[g].apply_failed.contains(&lsn) {
+                    self.fail(format!(
+                        "request {id} (lsn {lsn}) acknowledged, its device write failed"
+                    ));
+                    return;
                 }
-                let waited = self.sites[PRIMARY]
+                // What is acknowledged is in the replog, with its data.
+                // The checker's read must not take an armed fault.
+                let faults = self.g[g].sites[PRIMARY].log_faults.clone();
+                let armed = std::mem::take(&mut faults::lock(&faults).read);
+                let logged = self.g[g].sites[PRIMARY]
+                    .log
+                    .as_ref()
+                    .map(|l| l.read(lsn).map(|e| e.data));
+                faults::lock(&faults).read = armed;
+                if let Some(Ok(data)) = &logged {
+                    if *data != p.data {
+                        self.fail(format!(
+                            "request {id} acknowledged, the replog holds other data at lsn {lsn}"
+                        ));
+                        return;
+                    }
+                }
+                self.g[g].max_acked = self.g[g].max_acked.max(lsn);
+                if p.fua {
+                    self.g[g].durable_promise = self.g[g].durable_promise.max(lsn);
+                }
+                let waited = self.g[g].sites[PRIMARY]
                     .core
                     .as_ref()
                     .map(|c| c.waited_slinks())
                     .unwrap_or_default();
                 if waited.contains(&1) {
-                    self.sync_promise = self.sync_promise.max(lsn);
+                    self.g[g].sync_promise = self.g[g].sync_promise.max(lsn);
                 }
             }
             Err(_) => self.stats.writes_failed += 1,
@@ -1050,16 +1345,21 @@ impl World {
 
     // ---- links ----
 
-    fn reset_link(&mut self, l: usize, why: &str) {
-        let link = &mut self.links[l];
+    fn reset_link(&mut self, g: usize, l: usize, why: &str) {
+        let link = &mut self.g[g].links[l];
         let was_up = link.up;
+        let mid_handshake = link.connecting;
         link.up = false;
         link.session += 1;
         link.connecting = false;
+        if mid_handshake {
+            self.fault_count("cut-mid-handshake");
+        }
         let slink = l as u8 + 1;
         if was_up {
-            self.note(format!("link {slink} reset: {why}"));
+            self.note(format!("g{g} link {slink} reset: {why}"));
             self.core_input(
+                g,
                 PRIMARY,
                 Input::LinkDown {
                     slink,
@@ -1068,7 +1368,7 @@ impl World {
             );
         }
         let d = self.rng.between(20, 400) * MS;
-        self.at(d, Ev::Connect { link: l });
+        self.at(d, Ev::Connect { g, link: l });
     }
 
     fn latency(&mut self) -> Nanos {
@@ -1081,18 +1381,19 @@ impl World {
         }
     }
 
-    fn send_to_secondary(&mut self, l: usize, items: Vec<Item>) {
-        if items.is_empty() || !self.links[l].up {
+    fn send_to_secondary(&mut self, g: usize, l: usize, items: Vec<Item>) {
+        if items.is_empty() || !self.g[g].links[l].up {
             return;
         }
         let lat = self.latency();
-        let link = &mut self.links[l];
+        let link = &mut self.g[g].links[l];
         let at = (self.now + lat).max(link.last_to_secondary);
         link.last_to_secondary = at;
         let session = link.session;
         self.at(
             at - self.now,
             Ev::ToSecondary {
+                g,
                 link: l,
                 session,
                 items,
@@ -1100,18 +1401,19 @@ impl World {
         );
     }
 
-    fn send_to_primary(&mut self, l: usize, pos: Position) {
-        if !self.links[l].up {
+    fn send_to_primary(&mut self, g: usize, l: usize, pos: Position) {
+        if !self.g[g].links[l].up {
             return;
         }
         let lat = self.latency();
-        let link = &mut self.links[l];
+        let link = &mut self.g[g].links[l];
         let at = (self.now + lat).max(link.last_to_primary);
         link.last_to_primary = at;
         let session = link.session;
         self.at(
             at - self.now,
             Ev::ToPrimary {
+                g,
                 link: l,
                 session,
                 pos,
@@ -1119,51 +1421,110 @@ impl World {
         );
     }
 
-    fn connect(&mut self, l: usize) {
-        let s = self.links[l].site;
-        let link = &self.links[l];
-        if link.up {
+    fn connect(&mut self, g: usize, l: usize) {
+        let s = self.g[g].links[l].site;
+        let link = &self.g[g].links[l];
+        if link.up || link.connecting {
             return;
         }
-        if self.now < link.partitioned_until || !self.sites[PRIMARY].alive || !self.sites[s].alive {
+        if self.now < self.partitioned_until[l]
+            || !self.g[g].sites[PRIMARY].alive
+            || !self.g[g].sites[s].alive
+        {
             let d = self.rng.between(50, 300) * MS;
-            self.at(d, Ev::Connect { link: l });
+            self.at(d, Ev::Connect { g, link: l });
             return;
         }
-        let peer = self.sites[s]
+        // The handshake takes a round trip; a reset, partition or crash in between ends it
+        // (its session's messages are dropped) and the primary connects again.
+        let link = &mut self.g[g].links[l];
+        link.connecting = true;
+        link.session += 1;
+        let session = link.session;
+        let lat = self.latency();
+        self.at(
+            lat,
+            Ev::Hello {
+                g,
+                link: l,
+                session,
+            },
+        );
+    }
+
+    fn on_hello(&mut self, g: usize, l: usize, session: u64) {
+        let link = &self.g[g].links[l];
+        if !link.connecting || link.session != session {
+            return;
+        }
+        let s = link.site;
+        // The site reports its durable position when the hello arrives, not when it was sent.
+        let peer = self.g[g].sites[s]
             .core
             .as_ref()
             .map(|c| c.secondary_position())
             .unwrap_or_default();
-        let link = &mut self.links[l];
+        let lat = self.latency();
+        self.at(
+            lat,
+            Ev::HelloReply {
+                g,
+                link: l,
+                session,
+                peer,
+            },
+        );
+    }
+
+    fn on_hello_reply(&mut self, g: usize, l: usize, session: u64, peer: Position) {
+        let link = &mut self.g[g].links[l];
+        if !link.connecting || link.session != session {
+            return;
+        }
+        link.connecting = false;
         link.up = true;
-        link.session += 1;
         link.last_to_primary = self.now;
         link.last_to_secondary = self.now;
         let slink = l as u8 + 1;
-        self.note(format!("link {slink} up, site reports {peer:?}"));
-        self.core_input(PRIMARY, Input::LinkUp { slink, peer });
+        self.note(format!("g{g} link {slink} up, site reports {peer:?}"));
+        if let Some(floor) = self.g[g].links[l].forgotten_floor.take() {
+            // What the restarted core repairs from (its own drops since the restart count).
+            let now_floor = self.g[g].sites[PRIMARY]
+                .core
+                .as_ref()
+                .and_then(|c| c.slink(slink))
+                .map_or(0, |s| s.drop_floor.unwrap_or(s.cursor).min(s.cursor));
+            if peer.lsn < now_floor && peer.lsn >= floor.min(now_floor) {
+                *self
+                    .stats
+                    .core_events
+                    .entry("resync-full-for-a-forgotten-drop-floor")
+                    .or_default() += 1;
+            }
+        }
+        self.core_input(g, PRIMARY, Input::LinkUp { slink, peer });
     }
 
     // ---- workload and faults ----
 
-    fn workload(&mut self) {
-        if self.writes_issued >= self.opts.writes {
+    fn workload(&mut self, g: usize) {
+        if self.g[g].writes_issued >= self.opts.writes {
             return;
         }
         let d = self.rng.between(0, 4) * MS;
-        self.at(d, Ev::Workload);
-        if !self.sites[PRIMARY].alive || self.pending.len() >= WRITES_IN_FLIGHT_MAX {
+        self.at(d, Ev::Workload { g });
+        if !self.g[g].sites[PRIMARY].alive || self.g[g].pending.len() >= WRITES_IN_FLIGHT_MAX {
             return;
         }
         let id = self.next_id;
         self.next_id += 1;
         if self.rng.chance(40) {
-            self.flush_requests.insert(id, self.max_acked);
-            self.core_input(PRIMARY, Input::Flush { id });
+            let grp = &mut self.g[g];
+            grp.flush_requests.insert(id, grp.max_acked);
+            self.core_input(g, PRIMARY, Input::Flush { id });
             return;
         }
-        self.writes_issued += 1;
+        self.g[g].writes_issued += 1;
         let (device, size) = DEVICES[self.rng.below(DEVICES.len() as u64) as usize];
         let sectors = self.rng.between(1, 8);
         let len = sectors * SECTOR;
@@ -1181,7 +1542,7 @@ impl World {
             offset,
             len,
         };
-        self.pending.insert(
+        self.g[g].pending.insert(
             id,
             Pending {
                 extent,
@@ -1190,7 +1551,7 @@ impl World {
                 lsn: None,
             },
         );
-        self.core_input(PRIMARY, Input::Write { id, extent, fua });
+        self.core_input(g, PRIMARY, Input::Write { id, extent, fua });
     }
 
     fn fault(&mut self) {
@@ -1200,18 +1561,23 @@ impl World {
         let d = self.rng.between(20, 200) * MS;
         self.at(d, Ev::Fault);
         let r = self.rng.below(1000);
+        // The group a fault of one group's connection or storage hits.
+        let g = self.rng.below(self.g.len() as u64) as usize;
         match r {
             0..=59 => {
                 let l = self.rng.below(2) as usize;
                 self.fault_count("link-reset");
-                self.reset_link(l, "injected reset");
+                self.reset_link(g, l, "injected reset");
             }
             60..=89 => {
+                // The network to a site: every group's connection to it.
                 let l = self.rng.below(2) as usize;
                 let len = self.rng.between(100, 4000) * MS;
                 self.fault_count("partition");
-                self.links[l].partitioned_until = self.now + len;
-                self.reset_link(l, "partition");
+                self.partitioned_until[l] = self.now + len;
+                for g in 0..self.g.len() {
+                    self.reset_link(g, l, "partition");
+                }
             }
             90..=109 => {
                 let s = self.rng.below(3) as usize;
@@ -1221,6 +1587,46 @@ impl World {
                 let s = self.rng.below(3) as usize;
                 self.crash(s, true);
             }
+            125..=164 => {
+                // One I/O error on the next read, write or sync of a site's replog or devices
+                // (counted when it fires).
+                let s = self.rng.below(3) as usize;
+                let op = [Op::Read, Op::Write, Op::Sync][self.rng.below(3) as usize];
+                let f = if r < 145 {
+                    &self.g[g].sites[s].log_faults
+                } else {
+                    &self.g[g].sites[s].dev_faults
+                };
+                faults::lock(f).arm(op);
+            }
+            165..=174 => {
+                // A full disk for a while: every write fails with ENOSPC.
+                let s = self.rng.below(3) as usize;
+                let disk = if self.rng.chance(500) {
+                    Disk::Log
+                } else {
+                    Disk::Device
+                };
+                self.fault_count(match disk {
+                    Disk::Log => "log-disk-full",
+                    Disk::Device => "device-disk-full",
+                });
+                let len = self.rng.between(50, 1500) * MS;
+                // The site's file system: every group's replogs (or devices) there.
+                for g in 0..self.g.len() {
+                    let site = &self.g[g].sites[s];
+                    let f = match disk {
+                        Disk::Log => &site.log_faults,
+                        Disk::Device => &site.dev_faults,
+                    };
+                    faults::lock(f).full = true;
+                    self.at(len, Ev::SpaceFreed { g, site: s, disk });
+                }
+            }
+            175..=184 => {
+                // The primary's next dirty log persist fails.
+                self.g[g].sites[PRIMARY].dirty_fault = true;
+            }
             _ => {}
         }
     }
@@ -1228,15 +1634,15 @@ impl World {
     // ---- checks ----
 
     /// The promises about site `i`'s durable state, from a crash image and a power-loss image.
-    fn check_site(&mut self, i: usize, when: &str) {
+    fn check_site(&mut self, g: usize, i: usize, when: &str) {
         self.stats.checks += 1;
         if i == PRIMARY {
-            self.check_primary(when);
+            self.check_primary(g, when);
             return;
         }
         let power_seed = self.rng.next_u64();
         for power in [None, Some(power_seed)] {
-            let site = &self.sites[i];
+            let site = &self.g[g].sites[i];
             let log_img = check::images(&site.log_disk, power);
             let devs: BTreeMap<u32, Vec<u8>> = site
                 .devices
@@ -1247,7 +1653,7 @@ impl World {
             let (last, images) = match check::recovered_images(log_img, &devs) {
                 Ok(v) => v,
                 Err(e) => {
-                    self.fail(format!("site {i} {when}: {e}"));
+                    self.fail(format!("g{g} site {i} {when}: {e}"));
                     return;
                 }
             };
@@ -1256,14 +1662,14 @@ impl World {
             } else {
                 "crash"
             };
-            if i == SECONDARIES[0] && last < self.sync_promise {
+            if i == SECONDARIES[0] && last < self.g[g].sync_promise {
                 // Only a promise while the site was waited for: it may have been dropped since
                 // (out of date), but what it acknowledged durably stays in its replog.
-                let gap = self.sites[i].durable.consistent;
+                let gap = self.g[g].sites[i].durable.consistent;
                 if gap {
                     self.fail(format!(
                         "sync site after a {kind} {when}: its replog ends at lsn {last}, lsn {} was acknowledged while it was waited for",
-                        self.sync_promise
+                        self.g[g].sync_promise
                     ));
                     return;
                 }
@@ -1271,16 +1677,16 @@ impl World {
             if !consistent {
                 continue;
             }
-            if last as usize > self.history.len() {
+            if last as usize > self.g[g].history.len() {
                 self.fail(format!(
                     "site {i} after a {kind} {when}: has lsn {last}, the primary's history ends at {}",
-                    self.history.len()
+                    self.g[g].history.len()
                 ));
                 return;
             }
             let mut diff = None;
-            for base in self.bases.iter().filter(|b| b.lsn <= last) {
-                let expected = check::replay(&self.history, base, last);
+            for base in self.g[g].bases.iter().filter(|b| b.lsn <= last) {
+                let expected = check::replay(&self.g[g].history, base, last);
                 match check::first_difference(&images, &expected) {
                     None => {
                         diff = None;
@@ -1304,8 +1710,8 @@ impl World {
     /// slink 0's cursor: its devices are then its history up to the recovered lsn. (After a power
     /// loss its devices may also hold sectors of lost, unflushed writes inside the activity log's
     /// extents; those are what the sites are repaired from, see `check::Base`.)
-    fn check_primary(&mut self, when: &str) {
-        let site = &self.sites[PRIMARY];
+    fn check_primary(&mut self, g: usize, when: &str) {
+        let site = &self.g[g].sites[PRIMARY];
         let devs: BTreeMap<u32, Vec<u8>> = site
             .devices
             .iter()
@@ -1318,10 +1724,10 @@ impl World {
                 return;
             }
         };
-        let Some(base) = self.bases.last() else {
+        let Some(base) = self.g[g].bases.last() else {
             return;
         };
-        let expected = check::replay(&self.history, base, last);
+        let expected = check::replay(&self.g[g].history, base, last);
         if let Some(diff) = check::first_difference(&images, &expected) {
             self.fail(format!(
                 "primary after a crash {when}: not its history up to lsn {last}: {diff}"
@@ -1329,12 +1735,37 @@ impl World {
         }
     }
 
+    /// Every group converged (the first that did not, and why).
     fn converged(&self) -> Result<(), String> {
-        let Some(p) = self.sites[PRIMARY].core.as_ref() else {
+        for g in 0..self.g.len() {
+            self.converged_group(g)
+                .map_err(|e| format!("group {g}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn converged_group(&self, g: usize) -> Result<(), String> {
+        let Some(p) = self.g[g].sites[PRIMARY].core.as_ref() else {
             return Err("primary down".into());
         };
-        if p.writes_in_flight() > 0 || !self.pending.is_empty() {
-            return Err(format!("{} writes in flight", self.pending.len()));
+        if p.writes_in_flight() > 0 || !self.g[g].pending.is_empty() {
+            return Err(format!("{} writes in flight", self.g[g].pending.len()));
+        }
+        // A site whose devices failed has not converged: it waits for the operator's restart
+        // (the simulation's operator always comes; a device that never recovers is not injected).
+        for (i, site) in self.g[g].sites.iter().enumerate() {
+            if site.core.as_ref().is_some_and(|c| c.slink0_failed()) {
+                return Err(format!(
+                    "site {i}: devices failed, operator restart pending"
+                ));
+            }
+        }
+        if p.applied0() < p.written_lsn() {
+            return Err(format!(
+                "primary applied {} of {}",
+                p.applied0(),
+                p.written_lsn()
+            ));
         }
         for (k, s) in SECONDARIES.iter().enumerate() {
             let slink = k as u8 + 1;
@@ -1348,7 +1779,7 @@ impl World {
                     sl.state()
                 ));
             }
-            let c = self.sites[*s].core.as_ref().ok_or("secondary down")?;
+            let c = self.g[g].sites[*s].core.as_ref().ok_or("secondary down")?;
             if !c.consistent() {
                 return Err(format!(
                     "site {s} not consistent (primary's slink {slink}: resync running {}, marker {:?}, shipped {}, resync high {}, applied0 {}, state {:?})",
@@ -1371,15 +1802,15 @@ impl World {
         Ok(())
     }
 
-    fn final_check(&mut self) {
-        let primary: BTreeMap<u32, Vec<u8>> = self.sites[PRIMARY]
+    fn final_check(&mut self, g: usize) {
+        let primary: BTreeMap<u32, Vec<u8>> = self.g[g].sites[PRIMARY]
             .devices
             .iter()
             .map(|(d, disk)| (*d, disk.current_image()))
             .collect();
         for s in SECONDARIES {
-            self.check_site(s, "at the end");
-            let theirs: BTreeMap<u32, Vec<u8>> = self.sites[s]
+            self.check_site(g, s, "at the end");
+            let theirs: BTreeMap<u32, Vec<u8>> = self.g[g].sites[s]
                 .devices
                 .iter()
                 .map(|(d, disk)| (*d, disk.current_image()))
@@ -1392,11 +1823,11 @@ impl World {
             }
         }
         // The primary's own devices are the replay of its history since its last restart.
-        let Some(base) = self.bases.last() else {
+        let Some(base) = self.g[g].bases.last() else {
             return;
         };
-        let expected = check::replay(&self.history, base, self.history.len() as u64);
-        let actual: BTreeMap<u32, Vec<u8>> = self.sites[PRIMARY]
+        let expected = check::replay(&self.g[g].history, base, self.g[g].history.len() as u64);
+        let actual: BTreeMap<u32, Vec<u8>> = self.g[g].sites[PRIMARY]
             .devices
             .iter()
             .map(|(d, disk)| (*d, disk.current_image()))
@@ -1418,8 +1849,9 @@ impl World {
             self.stats.events += 1;
             if self.stats.events > EVENTS_MAX {
                 let cores: Vec<String> = self
-                    .sites
+                    .g
                     .iter()
+                    .flat_map(|g| g.sites.iter())
                     .map(|s| s.core.as_ref().map_or("down".into(), |c| c.summary()))
                     .collect();
                 self.fail(format!(
@@ -1430,30 +1862,38 @@ impl World {
             }
             self.step(q.ev);
             if self.stats.events.is_multiple_of(97) {
-                let s = (self.stats.events / 97 % 3) as usize;
-                if self.sites[s].alive {
-                    self.check_site(s, "mid-run");
+                let k = self.stats.events / 97;
+                let s = (k % 3) as usize;
+                let g = (k / 3 % self.g.len() as u64) as usize;
+                if self.g[g].sites[s].alive {
+                    self.check_site(g, s, "mid-run");
                 }
             }
             if self.now > self.faults_until + 2 * CONVERGE_WITHIN {
                 let why = self.converged().err().unwrap_or_default();
                 self.fail(format!(
                     "no progress: {} of {} writes issued {} s after faults stopped: {why}",
-                    self.writes_issued,
+                    self.g.iter().map(|g| g.writes_issued).min().unwrap_or(0),
                     self.opts.writes,
                     2 * CONVERGE_WITHIN / NS_PER_SEC
                 ));
                 break;
             }
-            let quiet = self.writes_issued >= self.opts.writes && self.now >= self.faults_until;
+            let quiet = self.g.iter().all(|g| g.writes_issued >= self.opts.writes)
+                && self.now >= self.faults_until;
             if quiet {
                 let deadline = *converge_deadline.get_or_insert_with(|| self.now + CONVERGE_WITHIN);
-                // Heal: no partition outlives the faults.
-                for l in &mut self.links {
-                    l.partitioned_until = 0;
+                // Heal: no partition, armed storage fault or full disk outlives the faults.
+                self.partitioned_until = [0; 2];
+                for site in self.g.iter_mut().flat_map(|g| g.sites.iter_mut()) {
+                    faults::lock(&site.log_faults).disarm();
+                    faults::lock(&site.dev_faults).disarm();
+                    site.dirty_fault = false;
                 }
                 if self.converged().is_ok() {
-                    self.final_check();
+                    for g in 0..self.g.len() {
+                        self.final_check(g);
+                    }
                     break;
                 }
                 if self.now > deadline {
@@ -1471,45 +1911,64 @@ impl World {
 
     fn step(&mut self, ev: Ev) {
         match ev {
-            Ev::Input { site, inc, input } => {
-                if self.sites[site].alive && self.sites[site].inc == inc {
-                    self.core_input(site, input);
+            Ev::Input {
+                g,
+                site,
+                inc,
+                input,
+            } => {
+                if self.g[g].sites[site].alive && self.g[g].sites[site].inc == inc {
+                    self.core_input(g, site, input);
                 }
             }
-            Ev::Persist { site, inc, what } => {
-                if !self.sites[site].alive || self.sites[site].inc != inc {
+            Ev::Persist { g, site, inc, what } => {
+                if !self.g[g].sites[site].alive || self.g[g].sites[site].inc != inc {
                     return;
                 }
                 let input = {
-                    let d = &mut self.sites[site].durable;
                     match what {
                         Persist::Dirty {
                             slink,
                             token,
                             regions,
                         } => {
-                            for (dev, r) in regions {
-                                d.dirty.insert((slink, dev, r));
-                            }
-                            Input::DirtyPersisted {
-                                token,
-                                result: Ok(()),
+                            if std::mem::take(&mut self.g[g].sites[site].dirty_fault) {
+                                *self
+                                    .stats
+                                    .faults
+                                    .entry("dirty-log-write-error")
+                                    .or_default() += 1;
+                                Input::DirtyPersisted {
+                                    token,
+                                    result: Err("injected dirty log write error".into()),
+                                }
+                            } else {
+                                let d = &mut self.g[g].sites[site].durable;
+                                for (dev, r) in regions {
+                                    d.dirty.insert((slink, dev, r));
+                                }
+                                Input::DirtyPersisted {
+                                    token,
+                                    result: Ok(()),
+                                }
                             }
                         }
                         Persist::Consistency { consistent } => {
+                            let d = &mut self.g[g].sites[site].durable;
                             d.consistent = consistent;
                             Input::ConsistencyPersisted { consistent }
                         }
                     }
                 };
-                self.core_input(site, input);
+                self.core_input(g, site, input);
             }
             Ev::ToSecondary {
+                g,
                 link,
                 session,
                 items,
             } => {
-                let l = &self.links[link];
+                let l = &self.g[g].links[link];
                 if !l.up || l.session != session {
                     return;
                 }
@@ -1518,24 +1977,30 @@ impl World {
                 for it in items {
                     match it {
                         Item::Entry { lsn, extent, data } => {
-                            self.sites[s].recv_entries.insert(lsn, (extent, data));
+                            self.g[g].sites[s].recv_entries.insert(lsn, (extent, data));
                             received.push(Received::Entry { lsn, extent });
                         }
                         Item::Piece { seq, extent, data } => {
-                            self.sites[s].recv_pieces.insert(seq, data);
+                            self.g[g].sites[s].recv_pieces.insert(seq, data);
                             received.push(Received::Piece { seq, extent });
                         }
                         Item::Done { seq } => received.push(Received::Done { seq }),
                     }
                 }
-                self.core_input(s, Input::Received { items: received });
+                self.core_input(g, s, Input::Received { items: received });
             }
-            Ev::ToPrimary { link, session, pos } => {
-                let l = &self.links[link];
+            Ev::ToPrimary {
+                g,
+                link,
+                session,
+                pos,
+            } => {
+                let l = &self.g[g].links[link];
                 if !l.up || l.session != session {
                     return;
                 }
                 self.core_input(
+                    g,
                     PRIMARY,
                     Input::SiteAck {
                         slink: link as u8 + 1,
@@ -1543,25 +2008,51 @@ impl World {
                     },
                 );
             }
-            Ev::Connect { link } => self.connect(link),
-            Ev::Restart { site } => {
-                if !self.sites[site].alive {
-                    self.start_site(site);
+            Ev::Connect { g, link } => self.connect(g, link),
+            Ev::Hello { g, link, session } => self.on_hello(g, link, session),
+            Ev::HelloReply {
+                g,
+                link,
+                session,
+                peer,
+            } => self.on_hello_reply(g, link, session, peer),
+            Ev::Restart { g, site } => {
+                if !self.g[g].sites[site].alive {
+                    self.start_site(g, site);
                 }
             }
-            Ev::Tick { site, inc } => {
-                if self.sites[site].alive && self.sites[site].inc == inc {
-                    self.core_input(site, Input::Tick);
-                    self.at(100 * MS, Ev::Tick { site, inc });
+            Ev::OperatorRestart { g, site, inc } => {
+                if self.g[g].sites[site].alive && self.g[g].sites[site].inc == inc {
+                    *self
+                        .stats
+                        .core_events
+                        .entry("operator-restart")
+                        .or_default() += 1;
+                    let d = self.rng.between(20, 200) * MS;
+                    self.stop_site(g, site, false, "OPERATOR RESTART (device failed)", d);
                 }
             }
-            Ev::Workload => self.workload(),
+            Ev::SpaceFreed { g, site, disk } => {
+                let site = &self.g[g].sites[site];
+                let f = match disk {
+                    Disk::Log => &site.log_faults,
+                    Disk::Device => &site.dev_faults,
+                };
+                faults::lock(f).full = false;
+            }
+            Ev::Tick { g, site, inc } => {
+                if self.g[g].sites[site].alive && self.g[g].sites[site].inc == inc {
+                    self.core_input(g, site, Input::Tick);
+                    self.at(100 * MS, Ev::Tick { g, site, inc });
+                }
+            }
+            Ev::Workload { g } => self.workload(g),
             Ev::Fault => self.fault(),
         }
     }
 }
 
-fn write_device(d: &Arc<MemDisk>, offset: u64, data: &[u8]) -> Result<(), String> {
+fn write_device(d: &Arc<FaultyDisk>, offset: u64, data: &[u8]) -> Result<(), String> {
     let buf = replog::io::AlignedBuf::from_slice(data);
     d.write_at(offset, buf)
         .map(|_| ())

@@ -110,3 +110,18 @@ fn regression_seed_40_a_full_ring_never_loops_on_reclaims_at_one_instant() {
 fn regression_seed_164_a_secondary_retries_its_front_entry_once_per_reclaim_that_freed_space() {
     seed_passes(164);
 }
+
+/// Found by the storage faults of 454e692 in the core of c17c68a, fixed in 454e692: a slink-0
+/// device write that failed still counted as applied (the apply order dropped it), so slink 0's
+/// cursor was checkpointed past it and a restart never replayed it: the device kept the old
+/// bytes (seed 18: the sync secondary; seed 12: the primary). The applied prefix now stays below
+/// the lowest failed write.
+#[test]
+fn regression_seed_18_a_failed_device_write_on_a_secondary_is_replayed_after_its_restart() {
+    seed_passes(18);
+}
+
+#[test]
+fn regression_seed_12_a_failed_device_write_on_the_primary_is_replayed_after_its_restart() {
+    seed_passes(12);
+}

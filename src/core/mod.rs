@@ -23,10 +23,53 @@
 //!   that site before it; a piece read before its region was marked dirty again never cleans it.
 //! - Resync sequence numbers never repeat, across restarts too (reserved durably ahead of use).
 //!
+//! # Storage failures
+//! An I/O error is an input, never a panic. What the core does with each (the simulation
+//! injects every one of them, see `sim/`):
+//! - **Replog write or sync** (an append, a flush; the replog refuses everything after one, to
+//!   keep lsn order): `Input::LogFailed`. The core halts (`Command::Halt`): every waiting write,
+//!   parked write and flush fails with `Failure::Io` (a failed write is never acknowledged; its
+//!   entry may or may not be in the replog, as a block device's failed write may or may not have
+//!   happened), every later input is refused, and the driver reopens the group from its disks
+//!   (the recovery of a kill -9). A full disk (ENOSPC) is the same failure; reopening retries
+//!   until space is back.
+//! - **Dirty log persist** (`DirtyPersisted` Err), **activity log write** (`ActivityLogWritten`
+//!   Err), **resync piece store** on a secondary (`PieceStored` Err): halt, as above. Nothing
+//!   moved past what failed (a drop's cursor waits for its marks, the unclean start's activity
+//!   log stays frozen until its marks are durable, an unstored piece is not acknowledged), so the
+//!   restart plans the same work again.
+//! - **Slink 0 device write** (`Applied` Err) or **device sync at a slink-0 checkpoint**
+//!   (`CheckpointDone` Err for slink 0), or the driver's `SiteFailed` for slink 0: slink 0 is
+//!   Faulty (fail-stop): the waiting writes fail with EIO, new writes fail with EIO, nothing more
+//!   is applied and no resync piece is read from it. The applied prefix (and so slink 0's cursor)
+//!   stays below the lowest failed write, so a restart replays it from the replog; the operator
+//!   (the simulation models one) restarts the group. A site whose devices failed has not
+//!   converged until then.
+//! - **A site's cursor persist** (`CheckpointDone` Err for another slink): the cursor stays where
+//!   it was (R2 holds either way) and the next tick asks again. **Resync sequence reservation**
+//!   (`ResyncSeqPersisted` Err): no number above the old reservation is used; the next tick asks
+//!   again (not at once: a failing disk would loop).
+//! - **Reads** are the driver's: a replog read for shipping or a device read for a resync piece
+//!   that fails ends the link's session (the site reports its position, the core resends from
+//!   it and reads the piece again: `LinkDown` forgets pieces in flight); a replog read for an
+//!   apply is an apply failure (`Applied` Err). A failed `DropTo` cursor persist leaves the
+//!   persisted cursor lower (the entries stay in the ring, their regions dirty; the next
+//!   checkpoint persists it); a failed reclaim frees nothing (`Reclaimed` with the old space).
+//!
+//! `drop_floor` (see `room`) is not persisted: a restart forgets it and uses the persisted cursor
+//! instead, which is never below it, so a site that reconnects with fewer entries than the cursor
+//! gets a full resync where the remembered floor would have allowed a partial one. That costs a
+//! copy (and the site's consistency while it runs), never correctness: a full resync is always a
+//! correct repair. The simulation counts these full resyncs (README). Persisting the floor safely
+//! needs its clear, at the end of a repair, to be durable before later cursor moves: a stale,
+//! lower floor would let a site that lost acknowledged entries off with a partial resync.
+//!
 //! # Driver contract
-//! Commands are carried out in the order given, per slink. `Append` is carried out at once and a
-//! refusal (`Input::AppendRefused`) reported before any other input. Completions may come in any
-//! order across kinds; positions (`LogWritten`, `LogDurable`, `SiteAck`) only grow.
+//! Commands are carried out in the order given, per slink. `Append` is carried out at once and its
+//! result (`Input::AppendResult`, or `Input::LogFailed` when the replog failed) reported before
+//! any other input. After `Command::Halt` the core takes no more inputs that matter: the driver
+//! opens the group again. Completions may come in any order across kinds; positions
+//! (`LogWritten`, `LogDurable`, `SiteAck`) only grow.
 
 pub mod activity;
 pub mod dirty;
@@ -203,6 +246,11 @@ pub enum Input {
     LogDurable {
         upto: Lsn,
     },
+    /// The replog failed a write or a sync (an append, a flush, or its own metadata): the replog
+    /// refuses everything after such a failure, so the core halts (see "Storage failures").
+    LogFailed {
+        reason: String,
+    },
     /// An entry was applied to slink 0's device.
     Applied {
         lsn: Lsn,
@@ -372,6 +420,13 @@ pub enum Command {
     },
     /// Shutdown finished.
     Stopped,
+    /// This instance of the group cannot go on safely (see "Storage failures"): every waiting
+    /// request has been failed with `Failure::Io` and every later input is refused. The driver
+    /// drops the core and the replog handle and opens the group again from its disks, the same
+    /// recovery as after a kill -9.
+    Halt {
+        reason: String,
+    },
 }
 
 #[derive(Debug)]
@@ -451,6 +506,10 @@ pub struct Core {
     shutting_down: bool,
     stopped: bool,
     slink0_failed: bool,
+    /// The lowest lsn whose write to slink 0 failed: `applied0` stays below it.
+    slink0_hole: Option<Lsn>,
+    /// Set by `Command::Halt`: the core refuses every input (writes and flushes with EIO).
+    halted: bool,
 }
 
 impl Core {
@@ -530,6 +589,8 @@ impl Core {
             shutting_down: false,
             stopped: false,
             slink0_failed: false,
+            slink0_hole: None,
+            halted: false,
             cfg,
         };
         let mut out = Vec::new();
@@ -651,6 +712,16 @@ impl Core {
         self.stopped
     }
 
+    /// Whether the core halted (`Command::Halt`): the driver reopens the group.
+    pub fn is_halted(&self) -> bool {
+        self.halted
+    }
+
+    /// Whether slink 0 (this site's devices) failed: writes fail until the group is restarted.
+    pub fn slink0_failed(&self) -> bool {
+        self.slink0_failed
+    }
+
     pub fn activity_log(&self) -> Vec<ExtentKey> {
         self.al.extents()
     }
@@ -705,6 +776,10 @@ impl Core {
 
     pub fn handle(&mut self, now: Nanos, input: Input, out: &mut Vec<Command>) {
         self.now = self.now.max(now);
+        if self.halted {
+            self.refuse_halted(input, out);
+            return;
+        }
         match input {
             Input::Write { id, extent, fua } => self.on_write(id, extent, fua, out),
             Input::Flush { id } => {
@@ -763,6 +838,7 @@ impl Core {
                     self.request_flush(out);
                 }
             }
+            Input::LogFailed { reason } => self.halt(format!("replog failed: {reason}"), out),
             Input::Applied { lsn, result } => self.on_applied(lsn, result, out),
             Input::SiteAck { slink, pos } => self.on_site_ack(slink, pos, out),
             Input::LinkUp { slink, peer } => self.on_link_up(slink, peer, out),
@@ -807,8 +883,11 @@ impl Core {
                 match result {
                     Ok(()) => self.al.written(token),
                     Err(e) => {
+                        // Which extents are durable is unknown now: applies outside the log
+                        // would break R3. The log on disk still names every extent applied
+                        // outside durability, so a restart repairs them.
                         self.al.write_failed(token);
-                        panic!("activity log write failed: {e}: writes to slink 0 cannot continue safely");
+                        self.halt(format!("activity log write failed: {e}"), out);
                     }
                 }
             }
@@ -822,7 +901,15 @@ impl Core {
                     s.seq_reserving = false;
                     match result {
                         Ok(()) => s.seq_reserved = s.seq_reserved.max(reserved),
-                        Err(e) => self.fail_slink(i, format!("resync seq: {e}"), out),
+                        Err(e) => {
+                            // Nothing above the old reservation is used: retried at a tick.
+                            s.seq_reserving = true;
+                            s.seq_retry = true;
+                            out.push(Command::Event {
+                                kind: "resync-seq-failed",
+                                detail: format!("slink {slink}: {e}"),
+                            });
+                        }
                     }
                 }
             }
@@ -867,7 +954,8 @@ impl Core {
                 assert_eq!(expected, Some(seq), "piece stored out of order");
                 match result {
                     Ok(()) => self.secondary.resync_seq = self.secondary.resync_seq.max(seq),
-                    Err(e) => panic!("secondary: resync piece {seq} not stored: {e}"),
+                    // Not acknowledged: the primary sends the piece again after the restart.
+                    Err(e) => self.halt(format!("resync piece {seq} not stored: {e}"), out),
                 }
             }
             Input::ConsistencyPersisted { consistent } => {
@@ -882,6 +970,42 @@ impl Core {
             }
         }
         self.progress(out);
+    }
+
+    /// Stop this instance: fail every waiting request (never acknowledged), refuse the rest.
+    fn halt(&mut self, reason: String, out: &mut Vec<Command>) {
+        if self.halted {
+            return;
+        }
+        self.halted = true;
+        let failure = || Err(Failure::Io(format!("group halted: {reason}")));
+        let mut ids: Vec<RequestId> = self.waiting.values().map(|w| w.id).collect();
+        ids.extend(self.parked.iter().map(|w| w.id));
+        ids.extend(self.flushes.iter().map(|(id, _)| *id));
+        self.waiting.clear();
+        self.parked.clear();
+        self.flushes.clear();
+        for id in ids {
+            out.push(Command::Reply {
+                id,
+                result: failure(),
+            });
+        }
+        out.push(Command::Event {
+            kind: "halted",
+            detail: reason.clone(),
+        });
+        out.push(Command::Halt { reason });
+    }
+
+    /// A halted core answers client requests with EIO and ignores everything else.
+    fn refuse_halted(&mut self, input: Input, out: &mut Vec<Command>) {
+        if let Input::Write { id, .. } | Input::Flush { id } = input {
+            out.push(Command::Reply {
+                id,
+                result: Err(Failure::Io("group halted".into())),
+            });
+        }
     }
 
     fn slink_index(&self, nr: u8) -> Option<usize> {

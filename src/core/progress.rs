@@ -64,7 +64,17 @@ impl Core {
             u.is_some_and(|u| u.stage == Stage::Applying),
             "applied lsn {lsn} that was not being applied ({u:?})"
         );
-        self.applied0 = self.order.first().map_or(self.next_lsn - 1, |f| f - 1);
+        let applied = self.order.first().map_or(self.next_lsn - 1, |f| f - 1);
+        // A failed write is not applied: slink 0's applied prefix (and so its cursor) stays
+        // below it, so a restart replays it from the replog.
+        self.applied0 = match self.slink0_hole {
+            Some(hole) => applied.min(hole - 1),
+            None => applied,
+        };
+        if result.is_err() && self.slink0_hole.is_none_or(|h| lsn < h) {
+            self.slink0_hole = Some(lsn);
+            self.applied0 = self.applied0.min(lsn - 1);
+        }
         match result {
             Ok(()) => {
                 if let Some(w) = self.waiting.get_mut(&lsn) {
@@ -126,7 +136,8 @@ impl Core {
         let applied0 = self.applied0;
         let written = self.written;
         for s in self.slinks.iter_mut().skip(1) {
-            if !s.active() || s.seq_reserving || applied0 < s.shipped {
+            // A failed device is no source for pieces.
+            if self.slink0_failed || !s.active() || s.seq_reserving || applied0 < s.shipped {
                 continue;
             }
             loop {
@@ -302,7 +313,15 @@ impl Core {
                 s.last_checkpoint = self.now;
                 out.push(Command::Reclaim);
             }
-            Err(e) => self.fail_slink(i, format!("checkpoint: {e}"), out),
+            // Slink 0 synced its devices first: a failed device sync may have lost applied
+            // writes (the cursor did not move, so a restart replays them): fail-stop.
+            Err(e) if i == 0 => self.fail_slink(i, format!("checkpoint: {e}"), out),
+            // A site's cursor was not persisted: it stays where it was (R2 holds either way),
+            // the next tick asks again.
+            Err(e) => out.push(Command::Event {
+                kind: "checkpoint-failed",
+                detail: format!("slink {slink} at lsn {lsn}: {e}"),
+            }),
         }
         if let Some(room) = &mut self.room {
             room.checkpoints = room.checkpoints.saturating_sub(1);
@@ -312,6 +331,11 @@ impl Core {
     }
 
     pub(super) fn on_tick(&mut self, out: &mut Vec<Command>) {
+        for s in &mut self.slinks {
+            if std::mem::take(&mut s.seq_retry) {
+                s.seq_reserving = false;
+            }
+        }
         for i in 0..self.slinks.len() {
             let nr = self.slinks[i].nr();
             let caught_up = self.lag(nr).ios == 0 && self.slinks[i].dirty.is_clean();

@@ -138,9 +138,12 @@ impl Core {
         result: Result<(), String>,
         out: &mut Vec<Command>,
     ) {
-        if let Err(e) = &result {
-            // A dirty mark that is not durable cannot back a drop or an unclean start's repair.
-            panic!("dirty log persist failed ({e}): the site's missing regions would be lost");
+        if let Err(e) = result {
+            // A dirty mark that is not durable cannot back a drop or an unclean start's repair:
+            // halt. Nothing moved past it (the drop's cursor, the frozen activity log), so a
+            // restart plans the same marks again.
+            self.halt(format!("dirty log persist failed: {e}"), out);
+            return;
         }
         if self.recovery_marks.remove(&token) && self.recovery_marks.is_empty() {
             self.al.freeze(false);

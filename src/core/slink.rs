@@ -117,6 +117,8 @@ pub struct SlinkCore {
     pub next_seq: u64,
     pub seq_reserved: u64,
     pub seq_reserving: bool,
+    /// The last reservation failed: the next tick asks again.
+    pub seq_retry: bool,
     /// The site may be inconsistent (a resync ran, or it reconnected): it gets a completion
     /// marker once clean, and this stays set until the site acknowledged the marker.
     pub resync_running: bool,
@@ -160,6 +162,7 @@ impl SlinkCore {
             next_seq: seq_persisted + 1,
             seq_reserved: seq_persisted,
             seq_reserving: false,
+            seq_retry: false,
             resync_running: false,
             complete_in_flight: None,
             resync_high: 0,

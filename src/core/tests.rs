@@ -670,6 +670,144 @@ fn a_failed_apply_on_slink0_fails_waiting_and_later_writes() {
     assert!(matches!(replies(&out)[..], [(3, Err(Failure::Io(_)))]));
 }
 
+#[test]
+fn a_failed_apply_on_slink0_keeps_its_applied_prefix_and_cursor_below_the_failed_write() {
+    let mut rig = primary().start();
+    let a = appended(&rig.write(1, 0, 4096));
+    let b = appended(&rig.write(2, 8192, 4096));
+    rig.written(b);
+    let out = rig.durable(b);
+    assert_eq!(applies(&out), vec![a, b]);
+    rig.feed(Input::Applied {
+        lsn: a,
+        result: Err("EIO".into()),
+    });
+    rig.applied(b);
+    assert_eq!(
+        rig.core.applied0(),
+        a - 1,
+        "the failed write is not applied"
+    );
+    let out = rig.tick(2 * CHECKPOINT_INTERVAL);
+    assert!(
+        checkpoints(&out).iter().all(|(n, l)| *n != 0 || *l < a),
+        "slink 0's cursor never passes a failed write (a restart replays it): {out:?}"
+    );
+}
+
+fn halts(out: &[Command]) -> usize {
+    count(out, |c| matches!(c, Command::Halt { .. }))
+}
+
+#[test]
+fn a_failed_replog_write_halts_and_fails_every_waiting_request() {
+    let mut rig = primary().sync_site(1).start();
+    rig.connect(1, 0);
+    let a = appended(&rig.write(1, 0, 4096));
+    rig.written(a);
+    rig.feed(Input::Flush { id: 2 });
+    let out = rig.feed(Input::LogFailed {
+        reason: "EIO".into(),
+    });
+    assert_eq!(halts(&out), 1);
+    let mut failed: Vec<RequestId> = replies(&out)
+        .into_iter()
+        .filter(|(_, r)| matches!(r, Err(Failure::Io(_))))
+        .map(|(id, _)| id)
+        .collect();
+    failed.sort();
+    assert_eq!(failed, vec![1, 2], "the write and the flush fail: {out:?}");
+    assert!(ok_replies(&out).is_empty());
+    assert!(rig.core.is_halted());
+    let out = rig.write(3, 0, 512);
+    assert!(matches!(replies(&out)[..], [(3, Err(Failure::Io(_)))]));
+    let out = rig.durable(a);
+    assert!(out.is_empty(), "a halted core does nothing: {out:?}");
+}
+
+#[test]
+fn a_failed_dirty_mark_halts_rather_than_going_on_without_it() {
+    let mut rig = primary().async_site(1).start();
+    rig.connect(1, 0);
+    let out = rig.feed(Input::ResyncAll { slink: 1 });
+    let token = out
+        .iter()
+        .find_map(|c| match c {
+            Command::MarkDirty { token, .. } => Some(*token),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no mark asked: {out:?}"));
+    let out = rig.feed(Input::DirtyPersisted {
+        token,
+        result: Err("EIO".into()),
+    });
+    assert_eq!(halts(&out), 1, "{out:?}");
+}
+
+#[test]
+fn a_failed_site_checkpoint_is_retried_and_the_site_stays_up() {
+    let mut rig = primary().async_site(1).start();
+    rig.connect(1, 0);
+    let lsn = rig.write_through(1, 0, 4096);
+    rig.ack(1, lsn);
+    let out = rig.tick(2 * CHECKPOINT_INTERVAL);
+    assert!(checkpoints(&out).contains(&(1, lsn)), "{out:?}");
+    let out = rig.feed(Input::CheckpointDone {
+        slink: 1,
+        lsn,
+        result: Err("EIO".into()),
+    });
+    assert_eq!(halts(&out), 0);
+    assert_eq!(rig.core.slink_state(1), Some(SlinkState::Up));
+    assert_eq!(
+        rig.core.slink(1).map(|s| s.cursor),
+        Some(0),
+        "not persisted"
+    );
+    let out = rig.tick(4 * CHECKPOINT_INTERVAL);
+    assert!(
+        checkpoints(&out).contains(&(1, lsn)),
+        "asked again: {out:?}"
+    );
+}
+
+#[test]
+fn a_failed_resync_seq_reservation_is_asked_again_at_the_next_tick() {
+    let mut rig = primary().async_site(1).start();
+    let out = rig.feed(Input::LinkUp {
+        slink: 1,
+        peer: pos(0),
+    });
+    let reserved = out
+        .iter()
+        .find_map(|c| match c {
+            Command::PersistResyncSeq { reserved, .. } => Some(*reserved),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no reservation asked: {out:?}"));
+    let out = rig.feed(Input::ResyncSeqPersisted {
+        slink: 1,
+        reserved,
+        result: Err("EIO".into()),
+    });
+    assert_eq!(
+        count(&out, |c| matches!(c, Command::PersistResyncSeq { .. })),
+        0,
+        "not at once (a failing disk would loop): {out:?}"
+    );
+    assert!(
+        completions(&out, 1).is_empty(),
+        "no seq above the reservation"
+    );
+    assert_ne!(rig.core.slink_state(1), Some(SlinkState::Faulty));
+    let out = rig.tick(S / 10);
+    assert_eq!(
+        count(&out, |c| matches!(c, Command::PersistResyncSeq { .. })),
+        1,
+        "{out:?}"
+    );
+}
+
 // ---- R1, R2, R3 ----
 
 #[test]

@@ -394,6 +394,14 @@ impl Shared {
             Command::Event { kind, detail } => {
                 tracing::info!(group = %self.name, event = kind, "{detail}");
             }
+            // The replog (or a store the core cannot do without) failed: every waiting request
+            // got EIO. The group is reopened from its disks by whoever owns the driver (a new
+            // `GroupDriver::open`: the recovery of a kill -9).
+            Command::Halt { reason } => {
+                tracing::error!(group = %self.name, "group halted: {reason}");
+                st.stopped = true;
+                self.stopped.notify_all();
+            }
             Command::Stopped => {
                 st.stopped = true;
                 self.stopped.notify_all();
@@ -470,13 +478,10 @@ impl Shared {
                     accepted: false,
                 }
             }
-            // The core has no way to un-hand-out an lsn except a refusal, and a refusal means
-            // "retry when there is room": an append that fails for another reason leaves the
-            // replog in a state nobody checked.
-            Err(e) => stop_the_process(&format!(
-                "group {}: replog append of lsn {lsn} failed: {e}",
-                self.name
-            )),
+            // Any other failure: the replog refuses everything after it; the core halts.
+            Err(e) => Input::LogFailed {
+                reason: format!("append of lsn {lsn}: {e}"),
+            },
         }
     }
 

@@ -226,22 +226,26 @@ pub(crate) fn spawn(shared: &Arc<Shared>, rx: Receivers) -> Vec<JoinHandle<()>> 
 /// handle already queued in one go.
 fn log_written(s: &Shared, rx: Receiver<Appending>) {
     while let Ok(first) = rx.recv() {
-        let mut upto = wait_written(s, first);
+        let mut result = wait_written(first);
         while let Ok(next) = rx.try_recv() {
-            upto = upto.max(wait_written(s, next));
+            result = match (result, wait_written(next)) {
+                (Ok(a), Ok(b)) => Ok(a.max(b)),
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            };
         }
-        s.input(Input::LogWritten { upto });
+        // Never drop a result on the durability path: a failed write halts the core.
+        match result {
+            Ok(upto) => s.input(Input::LogWritten { upto }),
+            Err(reason) => s.input(Input::LogFailed { reason }),
+        }
     }
 }
 
-fn wait_written(s: &Shared, a: Appending) -> Lsn {
+fn wait_written(a: Appending) -> Result<Lsn, String> {
     let lsn = a.lsn();
-    match a.wait() {
-        Ok(l) => l.max(lsn),
-        // Never drop a result on the durability path: the entry may be half on disk and the
-        // core cannot take "written, but wrong" as an input.
-        Err(e) => stop_the_process(&format!("group {}: replog write of lsn {lsn}: {e}", s.name)),
-    }
+    a.wait()
+        .map(|l| l.max(lsn))
+        .map_err(|e| format!("write of lsn {lsn}: {e}"))
 }
 
 fn log_flush(s: &Shared, rx: Receiver<()>) {
@@ -249,7 +253,9 @@ fn log_flush(s: &Shared, rx: Receiver<()>) {
         while rx.try_recv().is_ok() {}
         match s.replog.flush().wait() {
             Ok(upto) => s.input(Input::LogDurable { upto }),
-            Err(e) => stop_the_process(&format!("group {}: replog flush: {e}", s.name)),
+            Err(e) => s.input(Input::LogFailed {
+                reason: format!("flush: {e}"),
+            }),
         }
     }
 }

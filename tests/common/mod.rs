@@ -4,6 +4,8 @@
 
 mod sites;
 
+// Not every test crate uses the two-site helpers (as with dead_code above).
+#[allow(unused_imports)]
 pub use sites::*;
 
 use std::net::TcpListener;

@@ -11,13 +11,12 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
 const DEV_MIB: u64 = 32;
 const LAG_TIMEOUT: Duration = Duration::from_secs(120);
-const KEY: &str = "correct horse battery staple 0123456789";
 
 fn primary_table(mode: &str, link: &str) -> String {
     let size = if mode == "open" {
@@ -42,62 +41,25 @@ fn secondary_table() -> String {
     )
 }
 
-fn write_table(d: &Daemon, name: &str, text: &str) -> String {
-    let p = d.dir.join(format!("{name}.table"));
-    std::fs::write(&p, text).unwrap();
-    p.display().to_string()
-}
-
-fn with_key(extra: &[&str]) -> Daemon {
-    let mut d = Daemon::prepare(extra);
-    std::fs::write(d.dir.join("key"), KEY).unwrap();
-    d.spawn();
-    d
-}
-
-struct Sites {
-    p: Daemon,
-    s: Daemon,
-    listen: String,
-}
-
-/// A secondary daemon (siteB) holding one secondary device, and a primary daemon (siteA) not yet
-/// holding any.
+/// Both sites, the secondary holding one secondary device and the primary none yet.
 fn sites() -> Sites {
-    let listen = format!("127.0.0.1:{}", free_port());
-    let s = with_key(&[
-        "--site-id",
-        "siteB",
-        "--psk-file",
-        "{dir}/key",
-        "--slink-listen",
-        &listen,
-        "--allow",
-        "siteA",
-    ]);
-    s.ok(&[
+    let sites = Sites::start(&[]);
+    sites.s.ok(&[
         "create",
         "--secondary",
         "dev0",
-        &write_table(&s, "s0", &secondary_table()),
+        &sites.s.table_file("s0", &secondary_table()),
     ]);
-    let peer = format!("siteB@{listen}");
-    let p = with_key(&[
-        "--site-id",
-        "siteA",
-        "--psk-file",
-        "{dir}/key",
-        "--peer",
-        &peer,
-    ]);
-    Sites { p, s, listen }
+    sites
 }
 
 fn create_primary(sites: &Sites) {
     sites.p.ok(&[
         "create",
         "dev0",
-        &write_table(&sites.p, "p0", &primary_table("create", &sites.listen)),
+        &sites
+            .p
+            .table_file("p0", &primary_table("create", &sites.listen)),
     ]);
 }
 
@@ -111,28 +73,8 @@ fn inspect(d: &Daemon, replog: &str) -> serde_json::Value {
     serde_json::from_str(&out).unwrap()
 }
 
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<String>) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(found) = check() {
-            return found;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn link_state(p: &Daemon) -> String {
-    p.status("dev0")["slinks"][1]["link"]["state"]
-        .as_str()
-        .unwrap_or("")
-        .to_string()
-}
-
-fn wait_link_up(p: &Daemon) {
-    wait_for("the link to come up", Duration::from_secs(30), || {
-        (link_state(p) == "up").then_some(String::new())
-    });
+fn wait_link_up(sites: &Sites) {
+    sites.wait_link_up("dev0", Duration::from_secs(30));
 }
 
 /// The stored resync seq the secondary reported in its last admission log line.
@@ -212,7 +154,7 @@ fn a_secondarys_binding_survives_a_restart_and_another_group_is_still_refused() 
     assert_eq!(st["role"], "secondary");
     assert_eq!(st["binding"]["peer_group_uuid"], puuid.as_str(), "{st:#}");
     assert_eq!(st["binding"]["peer_site_id"], "siteA");
-    wait_link_up(&sites.p);
+    wait_link_up(&sites);
 
     // A new primary group (new replog, new uuid) is refused by the restarted secondary.
     sites.p.ok(&["remove", "dev0"]);
@@ -224,7 +166,7 @@ fn a_secondarys_binding_survives_a_restart_and_another_group_is_still_refused() 
         e.contains("group uuid mismatch").then_some(e)
     });
     eprintln!("refused as expected: {err}");
-    assert_ne!(link_state(&sites.p), "up");
+    assert_ne!(sites.link_state("dev0"), "up");
     assert_eq!(
         inspect(&sites.s, "srep.img")["binding"]["peer_group_uuid"],
         puuid.as_str(),
@@ -239,7 +181,7 @@ fn an_older_builds_binding_file_is_adopted_once_and_removed() {
         "create",
         "--secondary",
         "dev0",
-        &write_table(&d, "s0", &secondary_table()),
+        &d.table_file("s0", &secondary_table()),
     ]);
     assert!(inspect(&d, "srep.img")["binding"].is_null());
     d.stop();
@@ -302,14 +244,14 @@ fn a_restarted_primary_numbers_resync_pieces_above_its_persisted_mark() {
     sites.s.stop();
     sites.s.spawn();
     sites.p.spawn();
-    wait_link_up(&sites.p);
+    wait_link_up(&sites);
     sites.p.wait_lag_zero("dev0", LAG_TIMEOUT);
     resync_and_wait(&sites);
 
     // The next admission reports the highest seq the secondary stored since its restart.
     sites.p.stop();
     sites.p.spawn();
-    wait_link_up(&sites.p);
+    wait_link_up(&sites);
     let reported = last_reported_seq(&sites.s);
     assert!(
         reported > mark1,
@@ -346,13 +288,13 @@ fn begin_epoch(replog: &Path, epoch: u64) {
 fn the_handshake_carries_the_replogs_epoch() {
     let mut sites = sites();
     create_primary(&sites);
-    wait_link_up(&sites.p);
+    wait_link_up(&sites);
     assert!(sites.s.log().contains("at epoch 1,"), "{}", sites.s.log());
     sites.p.stop();
     begin_epoch(&sites.p.path("prep.img"), 7);
     sites.p.spawn();
     assert_eq!(sites.p.status("dev0")["epoch"], 7);
-    wait_link_up(&sites.p);
+    wait_link_up(&sites);
     wait_for(
         "the secondary to see epoch 7",
         Duration::from_secs(20),
@@ -393,7 +335,7 @@ fn a_sender_that_will_use_unknown_features_is_refused() {
         .unwrap();
     let cfg = slink::SiteConfig::new(
         slink::SiteId::new("siteA").unwrap(),
-        slink::Psk::new(KEY.as_bytes().to_vec()).unwrap(),
+        slink::Psk::new(SITE_KEY.as_bytes().to_vec()).unwrap(),
     );
     let ident = slink::LinkIdentity {
         receiver_site: slink::SiteId::new("siteB").unwrap(),

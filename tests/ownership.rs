@@ -20,34 +20,64 @@ use common::*;
 const LAG_TIMEOUT: Duration = Duration::from_secs(60);
 const DEV_MIB: u64 = 16;
 
-/// A table with a local primary (slink 0) and a second local site (slink 1) with a `disk` dirty
-/// log; every path as given (relative ones resolve against the daemon's directory).
-fn table(replog: &str, mode: &str, primary: &str, secondary: &str, dirty: &str) -> String {
-    let sectors = DEV_MIB * 2048;
-    let (n, size) = if mode == "open" {
-        (3, String::new())
-    } else {
-        (4, format!(" {}", 16 * 2048))
-    };
-    format!(
-        "0 {sectors} replicator \\\n\
-         default {n} {replog} 0 {mode}{size} \\\n\
-         local 2 0 async ios=0 \\\n\
-         2 0 {primary} \\\n\
-         - 0 \\\n\
-         local 2 1 async ios=100 \\\n\
-         2 0 {secondary} \\\n\
-         disk 3 128 {dirty} nosync\n"
-    )
+/// The files of a table with a local primary (slink 0) and a second local site (slink 1) with a
+/// `disk` dirty log; every path as given (relative ones resolve against the daemon's directory).
+struct Files<'a> {
+    replog: &'a str,
+    /// How the replog is opened: `create`, `open` or `auto`.
+    mode: &'a str,
+    primary: &'a str,
+    secondary: &'a str,
+    dirty: &'a str,
 }
 
-/// The group every test starts from: `a` on replog.img, primary0.img, secondary0.img,
-/// slink1_dev0.dirty.
-fn live_group(d: &Daemon) {
+/// A second group `b` with files of its own; a test names the ones it points elsewhere
+/// (`Files { primary: "replog.img", ..B }`).
+const B: Files<'static> = Files {
+    replog: "b_replog.img",
+    mode: "create",
+    primary: "b_pri.img",
+    secondary: "b_sec.img",
+    dirty: "b.dirty",
+};
+
+impl Files<'_> {
+    fn table(&self) -> String {
+        let Files {
+            replog,
+            mode,
+            primary,
+            secondary,
+            dirty,
+        } = self;
+        let sectors = DEV_MIB * 2048;
+        let (n, size) = if *mode == "open" {
+            (3, String::new())
+        } else {
+            (4, format!(" {}", 16 * 2048))
+        };
+        format!(
+            "0 {sectors} replicator \\\n\
+             default {n} {replog} 0 {mode}{size} \\\n\
+             local 2 0 async ios=0 \\\n\
+             2 0 {primary} \\\n\
+             - 0 \\\n\
+             local 2 1 async ios=100 \\\n\
+             2 0 {secondary} \\\n\
+             disk 3 128 {dirty} nosync\n"
+        )
+    }
+}
+
+/// A daemon with the group most tests start from: `a` on replog.img, primary0.img,
+/// secondary0.img, slink1_dev0.dirty.
+fn live_group() -> Daemon {
+    let d = Daemon::start();
     d.create(
         "a",
         &two_site_table(DEV_MIB, 16, "async ios=100", 0, "create"),
     );
+    d
 }
 
 /// `create` must fail; returns its stderr. The device must not exist afterwards.
@@ -74,13 +104,9 @@ fn names(d: &Daemon) -> Vec<String> {
         .collect()
 }
 
+/// qemu-io `cmds` on `uri`, which must succeed and verify; returns its output.
 fn qemu_io(uri: &str, cmds: &[&str]) -> String {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw", uri]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let out = must(&mut c);
+    let out = must(&mut qemu_io_command(uri, cmds));
     assert!(!out.contains("verification failed"), "{out}");
     out
 }
@@ -126,19 +152,16 @@ fn a_table_naming_a_live_groups_replog_as_its_device_is_refused_and_the_group_ke
     if !have("qemu-io") {
         return;
     }
-    let mut d = Daemon::start();
-    live_group(&d);
+    let mut d = live_group();
     let before = std::fs::metadata(d.path("replog.img")).unwrap();
     let err = refused(
         &d,
         "b",
-        &table(
-            "b_replog.img",
-            "create",
-            "replog.img",
-            "b_sec.img",
-            "b.dirty",
-        ),
+        &Files {
+            primary: "replog.img",
+            ..B
+        }
+        .table(),
     );
     let replog = d.path("replog.img");
     assert!(
@@ -157,18 +180,15 @@ fn a_table_naming_a_live_groups_device_is_refused() {
     if !have("qemu-io") {
         return;
     }
-    let mut d = Daemon::start();
-    live_group(&d);
+    let mut d = live_group();
     let err = refused(
         &d,
         "b",
-        &table(
-            "b_replog.img",
-            "create",
-            "primary0.img",
-            "b_sec.img",
-            "b.dirty",
-        ),
+        &Files {
+            primary: "primary0.img",
+            ..B
+        }
+        .table(),
     );
     assert!(
         err.contains("primary0.img is device 0 of slink 0 of group"),
@@ -179,13 +199,11 @@ fn a_table_naming_a_live_groups_device_is_refused() {
     let err = refused(
         &d,
         "b",
-        &table(
-            "b_replog.img",
-            "create",
-            "b_pri.img",
-            "secondary0.img",
-            "b.dirty",
-        ),
+        &Files {
+            secondary: "secondary0.img",
+            ..B
+        }
+        .table(),
     );
     assert!(
         err.contains("secondary0.img is device 0 of slink 1"),
@@ -197,18 +215,15 @@ fn a_table_naming_a_live_groups_device_is_refused() {
 
 #[test]
 fn a_table_naming_a_live_groups_dirty_log_is_refused() {
-    let d = Daemon::start();
-    live_group(&d);
+    let d = live_group();
     let err = refused(
         &d,
         "b",
-        &table(
-            "b_replog.img",
-            "create",
-            "b_pri.img",
-            "b_sec.img",
-            "slink1_dev0.dirty",
-        ),
+        &Files {
+            dirty: "slink1_dev0.dirty",
+            ..B
+        }
+        .table(),
     );
     assert!(
         err.contains("slink1_dev0.dirty is the dirty log of slink 1 for device 0 of group"),
@@ -223,7 +238,12 @@ fn a_table_whose_replog_is_its_own_device_is_refused_and_creates_nothing() {
     let err = refused(
         &d,
         "b",
-        &table("same.img", "create", "same.img", "b_sec.img", "b.dirty"),
+        &Files {
+            replog: "same.img",
+            primary: "same.img",
+            ..B
+        }
+        .table(),
     );
     assert!(
         err.contains("names one file as the replog") && err.contains("device 0 of slink 0"),
@@ -235,7 +255,13 @@ fn a_table_whose_replog_is_its_own_device_is_refused_and_creates_nothing() {
     let err = refused(
         &d,
         "b",
-        &table("same.img", "auto", "b_pri.img", "./same.img", "b.dirty"),
+        &Files {
+            replog: "same.img",
+            mode: "auto",
+            secondary: "./same.img",
+            ..B
+        }
+        .table(),
     );
     assert!(err.contains("names one file as the replog"), "{err}");
     assert_eq!(
@@ -247,13 +273,16 @@ fn a_table_whose_replog_is_its_own_device_is_refused_and_creates_nothing() {
 
 #[test]
 fn the_replog_through_a_symlink_is_refused() {
-    let d = Daemon::start();
-    live_group(&d);
+    let d = live_group();
     std::os::unix::fs::symlink("replog.img", d.path("link.img")).unwrap();
     let err = refused(
         &d,
         "b",
-        &table("b_replog.img", "create", "link.img", "b_sec.img", "b.dirty"),
+        &Files {
+            primary: "link.img",
+            ..B
+        }
+        .table(),
     );
     assert!(err.contains("link.img (= "), "{err}");
     assert!(err.contains("replog.img) is the replog of group"), "{err}");
@@ -262,19 +291,16 @@ fn the_replog_through_a_symlink_is_refused() {
 
 #[test]
 fn the_replog_through_dotdot_is_refused() {
-    let d = Daemon::start();
-    live_group(&d);
+    let d = live_group();
     std::fs::create_dir(d.path("sub")).unwrap();
     let err = refused(
         &d,
         "b",
-        &table(
-            "b_replog.img",
-            "create",
-            "sub/../replog.img",
-            "b_sec.img",
-            "b.dirty",
-        ),
+        &Files {
+            primary: "sub/../replog.img",
+            ..B
+        }
+        .table(),
     );
     assert!(err.contains("is the replog of group"), "{err}");
     // A symlinked directory followed by `..` as well.
@@ -282,13 +308,11 @@ fn the_replog_through_dotdot_is_refused() {
     let err = refused(
         &d,
         "b",
-        &table(
-            "b_replog.img",
-            "create",
-            "b_pri.img",
-            "subl/./../primary0.img",
-            "b.dirty",
-        ),
+        &Files {
+            secondary: "subl/./../primary0.img",
+            ..B
+        }
+        .table(),
     );
     assert!(
         err.contains("is device 0 of slink 1") || err.contains("is device 0 of slink 0"),
@@ -299,20 +323,27 @@ fn the_replog_through_dotdot_is_refused() {
 
 #[test]
 fn the_replog_through_a_hard_link_is_refused() {
-    let d = Daemon::start();
-    live_group(&d);
+    let d = live_group();
     std::fs::hard_link(d.path("replog.img"), d.path("hard.img")).unwrap();
     let err = refused(
         &d,
         "b",
-        &table("b_replog.img", "create", "hard.img", "b_sec.img", "b.dirty"),
+        &Files {
+            primary: "hard.img",
+            ..B
+        }
+        .table(),
     );
     assert!(err.contains("hard.img is the replog of group"), "{err}");
     // As a replog too: `create` would re-create (wipe) the live one.
     let err = refused(
         &d,
         "b",
-        &table("hard.img", "create", "b_pri.img", "b_sec.img", "b.dirty"),
+        &Files {
+            replog: "hard.img",
+            ..B
+        }
+        .table(),
     );
     assert!(err.contains("hard.img is in use as the replog"), "{err}");
     assert_absent(&d, &["b_replog.img", "b_pri.img", "b_sec.img", "b.dirty"]);
@@ -320,12 +351,17 @@ fn the_replog_through_a_hard_link_is_refused() {
 
 #[test]
 fn a_second_table_joins_a_group_but_not_with_a_device_in_use() {
-    let d = Daemon::start();
-    live_group(&d);
+    let d = live_group();
     let err = refused(
         &d,
         "b",
-        &table("replog.img", "open", "primary0.img", "b_sec.img", "b.dirty"),
+        &Files {
+            replog: "replog.img",
+            mode: "open",
+            primary: "primary0.img",
+            ..B
+        }
+        .table(),
     );
     assert!(err.contains("primary0.img is device 0 of slink 0"), "{err}");
     assert_absent(&d, &["b_sec.img", "b.dirty"]);
@@ -347,8 +383,7 @@ fn a_second_daemon_on_the_same_replog_is_refused() {
     if !have("qemu-io") {
         return;
     }
-    let mut d = Daemon::start();
-    live_group(&d);
+    let mut d = live_group();
     let other = Daemon::start();
     let replog = d.path("replog.img");
     // `create` would wipe the replog, `open` would run a second writer on it: both refused.
@@ -356,13 +391,12 @@ fn a_second_daemon_on_the_same_replog_is_refused() {
         let err = refused(
             &other,
             "b",
-            &table(
-                replog.to_str().unwrap(),
+            &Files {
+                replog: replog.to_str().unwrap(),
                 mode,
-                "b_pri.img",
-                "b_sec.img",
-                "b.dirty",
-            ),
+                ..B
+            }
+            .table(),
         );
         assert!(
             err.contains(&format!(
@@ -379,13 +413,11 @@ fn a_second_daemon_on_the_same_replog_is_refused() {
     let err = refused(
         &other,
         "b",
-        &table(
-            "b_replog.img",
-            "create",
-            d.path("primary0.img").to_str().unwrap(),
-            "b_sec.img",
-            "b.dirty",
-        ),
+        &Files {
+            primary: d.path("primary0.img").to_str().unwrap(),
+            ..B
+        }
+        .table(),
     );
     assert!(err.contains("is locked by another process"), "{err}");
     assert_absent(&other, &["b_replog.img"]);
@@ -429,7 +461,14 @@ fn a_loop_device_used_by_one_group_is_refused_for_another() {
 
     d.create(
         "a",
-        &table("replog.img", "create", "primary0.img", &loopdev, "a.dirty"),
+        &Files {
+            replog: "replog.img",
+            primary: "primary0.img",
+            secondary: &loopdev,
+            dirty: "a.dirty",
+            ..B
+        }
+        .table(),
     );
     // Another node for the same disk.
     let rdev = std::fs::metadata(&loopdev).unwrap().rdev();
@@ -441,13 +480,11 @@ fn a_loop_device_used_by_one_group_is_refused_for_another() {
     let err = refused(
         &d,
         "b",
-        &table(
-            "b_replog.img",
-            "create",
-            "b_pri.img",
-            alias.to_str().unwrap(),
-            "b.dirty",
-        ),
+        &Files {
+            secondary: alias.to_str().unwrap(),
+            ..B
+        }
+        .table(),
     );
     assert!(err.contains("is device 0 of slink 1 of group"), "{err}");
     assert_absent(&d, &["b_replog.img", "b_pri.img", "b.dirty"]);
@@ -456,7 +493,11 @@ fn a_loop_device_used_by_one_group_is_refused_for_another() {
     let err = refused(
         &other,
         "b",
-        &table("b_replog.img", "create", "b_pri.img", &loopdev, "b.dirty"),
+        &Files {
+            secondary: &loopdev,
+            ..B
+        }
+        .table(),
     );
     assert!(
         err.contains("is in exclusive use by another process"),
@@ -478,7 +519,11 @@ fn a_loop_device_used_by_one_group_is_refused_for_another() {
     d.ok(&["remove", "a"]);
     other.create(
         "b",
-        &table("b_replog.img", "create", "b_pri.img", &loopdev, "b.dirty"),
+        &Files {
+            secondary: &loopdev,
+            ..B
+        }
+        .table(),
     );
     other.ok(&["remove", "b"]);
     d.stop();
@@ -486,8 +531,7 @@ fn a_loop_device_used_by_one_group_is_refused_for_another() {
 
 #[test]
 fn remove_releases_the_claims_in_this_daemon_and_for_others() {
-    let d = Daemon::start();
-    live_group(&d);
+    let d = live_group();
     d.ok(&["remove", "a"]);
     // The same files again, here.
     d.create(
@@ -500,13 +544,14 @@ fn remove_releases_the_claims_in_this_daemon_and_for_others() {
     let abs = |f: &str| d.path(f).to_str().unwrap().to_string();
     other.create(
         "b",
-        &table(
-            &abs("replog.img"),
-            "open",
-            &abs("primary0.img"),
-            &abs("secondary0.img"),
-            &abs("slink1_dev0.dirty"),
-        ),
+        &Files {
+            replog: &abs("replog.img"),
+            mode: "open",
+            primary: &abs("primary0.img"),
+            secondary: &abs("secondary0.img"),
+            dirty: &abs("slink1_dev0.dirty"),
+        }
+        .table(),
     );
     // Which now holds them: this daemon is refused.
     let err = refused(
@@ -527,13 +572,14 @@ fn a_restarted_daemon_gets_its_groups_back_without_refusal() {
     d.create("lv1", &two_site_table(8, 16, "async ios=100", 1, "open"));
     d.create(
         "other",
-        &table(
-            "o_replog.img",
-            "create",
-            "o_pri.img",
-            "o_sec.img",
-            "o.dirty",
-        ),
+        &Files {
+            replog: "o_replog.img",
+            primary: "o_pri.img",
+            secondary: "o_sec.img",
+            dirty: "o.dirty",
+            ..B
+        }
+        .table(),
     );
     qemu_io(&d.uri("lv1"), &["write -P 0x21 0 1M"]);
     for restart in ["stop", "kill -9"] {
@@ -563,13 +609,11 @@ fn a_restarted_daemon_gets_its_groups_back_without_refusal() {
         let err = refused(
             &d,
             "b",
-            &table(
-                "b_replog.img",
-                "create",
-                "o_pri.img",
-                "b_sec.img",
-                "b.dirty",
-            ),
+            &Files {
+                primary: "o_pri.img",
+                ..B
+            }
+            .table(),
         );
         assert!(err.contains("o_pri.img is device 0 of slink 0"), "{err}");
     }

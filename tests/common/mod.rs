@@ -2,6 +2,12 @@
 //! file-backed devices in a temporary directory.
 #![allow(dead_code)]
 
+mod sites;
+
+// Not every test crate uses the two-site helpers (as with dead_code above).
+#[allow(unused_imports)]
+pub use sites::*;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -193,10 +199,15 @@ impl Daemon {
         }
     }
 
+    /// Write `text` to `{file}.table` in the daemon's directory; returns the file's path.
+    pub fn table_file(&self, file: &str, text: &str) -> String {
+        let p = self.dir.join(format!("{file}.table"));
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    }
+
     pub fn create(&self, name: &str, table: &str) {
-        let p = self.dir.join(format!("{name}.table"));
-        std::fs::write(&p, table).unwrap();
-        self.ok(&["create", name, p.to_str().unwrap()]);
+        self.ok(&["create", name, &self.table_file(name, table)]);
     }
 
     pub fn uri(&self, name: &str) -> String {

@@ -491,16 +491,7 @@ impl Shared {
             return e.clone();
         }
         match self.replog.read(lsn) {
-            Ok(e) => Arc::new(MemEntry {
-                lsn: e.lsn,
-                device: e.device,
-                offset: e.offset,
-                kind: e.kind,
-                len: e.len,
-                data: e.data,
-                appended_at: Instant::now(),
-                timestamp_ns: e.timestamp_ns,
-            }),
+            Ok(e) => Arc::new(MemEntry::from(e)),
             Err(e) => stop_the_process(&format!(
                 "group {}: lsn {lsn} is neither cached nor readable from the replog: {e}",
                 self.name

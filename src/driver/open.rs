@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use replog::dirtylog::DirtyLog;
 use replog::Replog;
 
 use crate::core::activity::ExtentKey;
@@ -13,8 +12,9 @@ use crate::core::index::Retained;
 use crate::core::slink::{DownWait, SlinkConfig, Transport};
 use crate::core::{Core, CoreConfig, DeviceConfig, Extent, Restored, Role};
 use crate::engine::blockfile::BlockFile;
+use crate::engine::group::{open_dirty_log, open_replog_with};
 use crate::engine::policy;
-use crate::engine::spec::{DeviceSpec, DirtyLogSpec, GroupSpec, ReplogOpen};
+use crate::engine::spec::{DeviceSpec, GroupSpec};
 
 use super::workers::{self, Queues};
 use super::{GroupDriver, LocalSite, Shared, State};
@@ -63,6 +63,8 @@ pub enum OpenError {
     },
     #[error("{0}")]
     Unsupported(String),
+    #[error(transparent)]
+    Open(#[from] crate::engine::CoreError),
 }
 
 fn file_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> OpenError + '_ {
@@ -91,7 +93,7 @@ impl GroupDriver {
                 s.nr, s.transport
             )));
         }
-        let replog = Arc::new(open_replog(cfg, group).map_err(replog_err)?);
+        let replog = Arc::new(open_replog_with(group, cfg.replog_direct)?);
         if replog.role() == replog::Role::Secondary {
             return Err(OpenError::Unsupported(
                 "the replog belongs to a secondary: this driver runs primaries only".into(),
@@ -248,64 +250,4 @@ fn retained(replog: &Replog) -> Vec<Retained> {
         }
     }
     out
-}
-
-fn open_replog(cfg: &DriverConfig, spec: &GroupSpec) -> replog::Result<Replog> {
-    let io = replog::io::IoOptions {
-        direct: cfg.replog_direct,
-        ..Default::default()
-    };
-    let path = &spec.replog_path;
-    let create = |size: u64| {
-        Replog::create(
-            path,
-            &replog::CreateOptions {
-                offset: spec.replog_offset,
-                size,
-                io: io.clone(),
-            },
-        )
-    };
-    let open = || {
-        Replog::open(
-            path,
-            &replog::OpenOptions {
-                offset: spec.replog_offset,
-                io: io.clone(),
-            },
-        )
-        .map(|(r, report)| {
-            tracing::info!(replog = %path.display(), "recovered: {report:?}");
-            r
-        })
-    };
-    match spec.open {
-        ReplogOpen::Open => open(),
-        ReplogOpen::Create { size } => create(size),
-        ReplogOpen::Auto { size } => match (open(), size) {
-            (Ok(r), _) => Ok(r),
-            (Err(_), Some(size)) => create(size),
-            (Err(e), None) => Err(e),
-        },
-    }
-}
-
-fn open_dirty_log(spec: &DirtyLogSpec, device_size: u64) -> Result<Option<DirtyLog>, OpenError> {
-    let err =
-        |e: replog::dirtylog::DirtyLogError| OpenError::Unsupported(format!("dirty log: {e}"));
-    let log = match spec {
-        DirtyLogSpec::None => return Ok(None),
-        DirtyLogSpec::Core {
-            region_size,
-            initially_dirty,
-        } => DirtyLog::core(device_size, *region_size, *initially_dirty).map_err(err)?,
-        DirtyLogSpec::Disk {
-            region_size,
-            path,
-            initially_dirty,
-            ..
-        } => DirtyLog::open_or_create_disk(path, device_size, *region_size, *initially_dirty)
-            .map_err(err)?,
-    };
-    Ok(Some(log))
 }

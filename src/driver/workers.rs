@@ -360,18 +360,7 @@ fn read_back(s: &Shared, from: Lsn, upto: Lsn) -> Result<Vec<Arc<MemEntry>>, Str
     let out: Vec<Arc<MemEntry>> = batch
         .into_iter()
         .filter(|e| e.lsn <= upto)
-        .map(|e| {
-            Arc::new(MemEntry {
-                lsn: e.lsn,
-                device: e.device,
-                offset: e.offset,
-                kind: e.kind,
-                len: e.len,
-                data: e.data,
-                appended_at: std::time::Instant::now(),
-                timestamp_ns: e.timestamp_ns,
-            })
-        })
+        .map(|e| Arc::new(MemEntry::from(e)))
         .collect();
     // The core ships only what the ring retains: a gap is a broken invariant.
     if out.first().map(|e| e.lsn) != Some(from) {

@@ -1425,8 +1425,13 @@ fn settle_role(replog: &Replog, path: &Path, asked: Role) -> CoreResult<Role> {
 }
 
 fn open_replog(spec: &GroupSpec) -> CoreResult<Replog> {
+    open_replog_with(spec, REPLOG_DIRECT.load(Ordering::Relaxed))
+}
+
+/// Open (or create, as the spec says) a group's replog; `direct`: O_DIRECT.
+pub(crate) fn open_replog_with(spec: &GroupSpec, direct: bool) -> CoreResult<Replog> {
     let io = replog::io::IoOptions {
-        direct: REPLOG_DIRECT.load(Ordering::Relaxed),
+        direct,
         ..Default::default()
     };
     let path = &spec.replog_path;
@@ -1471,7 +1476,10 @@ fn open_replog(spec: &GroupSpec) -> CoreResult<Replog> {
     }
 }
 
-fn open_dirty_log(spec: &DirtyLogSpec, device_size: u64) -> CoreResult<Option<DirtyLog>> {
+pub(crate) fn open_dirty_log(
+    spec: &DirtyLogSpec,
+    device_size: u64,
+) -> CoreResult<Option<DirtyLog>> {
     let mut log = match spec {
         DirtyLogSpec::None => return Ok(None),
         DirtyLogSpec::Core {

@@ -24,6 +24,22 @@ pub struct MemEntry {
     pub timestamp_ns: u64,
 }
 
+impl From<replog::Entry> for MemEntry {
+    /// An entry read back from the replog.
+    fn from(e: replog::Entry) -> Self {
+        MemEntry {
+            lsn: e.lsn,
+            device: e.device,
+            offset: e.offset,
+            kind: e.kind,
+            len: e.len,
+            data: e.data,
+            appended_at: Instant::now(),
+            timestamp_ns: e.timestamp_ns,
+        }
+    }
+}
+
 impl MemEntry {
     /// Bytes this entry holds in memory (what counts against a feed's budget).
     pub fn mem_bytes(&self) -> usize {

@@ -37,7 +37,7 @@ mod tests;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use replog::{EntryKind, Record, Replog};
 
@@ -103,13 +103,6 @@ fn stop_the_process(what: &str) -> ! {
     tracing::error!("{what}");
     eprintln!("replicator: {what}");
     std::process::abort()
-}
-
-fn now_unix_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }
 
 impl GroupDriver {
@@ -242,39 +235,30 @@ impl Shared {
         data: Vec<u8>,
         fua: bool,
     ) -> tokio::sync::oneshot::Receiver<Result<(), Failure>> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let mut st = self.lock();
-        let id = st.next_id;
-        st.next_id += 1;
-        st.requests.insert(
-            id,
-            Request {
-                reply: tx,
-                write: Some((kind, data)),
-            },
-        );
         let extent = Extent {
             device,
             offset,
             len,
         };
-        self.run(&mut st, Input::Write { id, extent, fua });
-        rx
+        self.submit(Some((kind, data)), |id| Input::Write { id, extent, fua })
     }
 
     fn submit_flush(&self) -> tokio::sync::oneshot::Receiver<Result<(), Failure>> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(None, |id| Input::Flush { id })
+    }
+
+    /// Register a client request (with a write's bytes) and hand it to the core.
+    fn submit(
+        &self,
+        write: Option<(EntryKind, Vec<u8>)>,
+        input: impl FnOnce(RequestId) -> Input,
+    ) -> tokio::sync::oneshot::Receiver<Result<(), Failure>> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
         let mut st = self.lock();
         let id = st.next_id;
         st.next_id += 1;
-        st.requests.insert(
-            id,
-            Request {
-                reply: tx,
-                write: None,
-            },
-        );
-        self.run(&mut st, Input::Flush { id });
+        st.requests.insert(id, Request { reply, write });
+        self.run(&mut st, input(id));
         rx
     }
 
@@ -459,7 +443,7 @@ impl Shared {
                     len: extent.len,
                     data,
                     appended_at: Instant::now(),
-                    timestamp_ns: now_unix_ns(),
+                    timestamp_ns: crate::engine::group::now_ns(),
                 });
                 st.entry_bytes += entry.mem_bytes();
                 st.entries.insert(lsn, entry);

@@ -172,7 +172,8 @@ pub struct Group {
     pub write_latency: prometheus::Histogram,
 }
 
-fn now_ns() -> u64 {
+/// Wall-clock nanoseconds since the Unix epoch (entry timestamps).
+pub(crate) fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)

@@ -173,6 +173,13 @@ impl DirtyRegions {
             .sum()
     }
 
+    /// Dirty bytes of one device (status shows them per device).
+    pub fn device_dirty_bytes(&self, device: u32) -> u64 {
+        self.devices
+            .get(&device)
+            .map_or(0, |d| d.dirty.saturating_mul(d.region_bytes))
+    }
+
     pub fn is_clean(&self) -> bool {
         self.dirty_regions() == 0
     }

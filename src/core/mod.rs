@@ -307,6 +307,14 @@ pub enum Input {
     ResyncAll {
         slink: u8,
     },
+    /// A full resync of one device for a slink (operator: `message DEV 0 resync N`).
+    ResyncDevice {
+        slink: u8,
+        device: u32,
+    },
+    /// Every slink that can move its cursor checkpoints now (operator: `message DEV 0
+    /// checkpoint`), without waiting for its interval.
+    CheckpointNow,
     /// Secondary: items from the primary in stream order.
     Received {
         items: Vec<Received>,
@@ -927,17 +935,19 @@ impl Core {
                 }
             }
             Input::ResyncAll { slink } => {
-                if let Some(i) = self.slink_index(slink) {
-                    if self.slinks[i].cfg.region_bytes.is_some() && i > 0 {
-                        self.slinks[i].dirty.mark_all();
-                        let token = self.token();
-                        out.push(Command::MarkDirty {
-                            slink,
-                            token,
-                            extents: whole_devices(&self.cfg),
-                        });
-                        self.slink_changed(i, SlinkEvent::DirtyChanged { dirty: true }, out);
-                    }
+                let extents = whole_devices(&self.cfg);
+                self.resync_extents(slink, extents, out);
+            }
+            Input::ResyncDevice { slink, device } => {
+                let extents: Vec<Extent> = whole_devices(&self.cfg)
+                    .into_iter()
+                    .filter(|e| e.device == device)
+                    .collect();
+                self.resync_extents(slink, extents, out);
+            }
+            Input::CheckpointNow => {
+                for i in 0..self.slinks.len() {
+                    self.checkpoint(i, out);
                 }
             }
             Input::Received { items } => {
@@ -970,6 +980,27 @@ impl Core {
             }
         }
         self.progress(out);
+    }
+
+    /// Mark `extents` dirty for a remote or local site (not slink 0) with a dirty log: the
+    /// resync copies them. A slink without a dirty log cannot resync; nothing happens.
+    fn resync_extents(&mut self, slink: u8, extents: Vec<Extent>, out: &mut Vec<Command>) {
+        let Some(i) = self.slink_index(slink) else {
+            return;
+        };
+        if i == 0 || self.slinks[i].cfg.region_bytes.is_none() || extents.is_empty() {
+            return;
+        }
+        for e in &extents {
+            self.slinks[i].dirty.mark(e.device, e.offset, e.len.max(1));
+        }
+        let token = self.token();
+        out.push(Command::MarkDirty {
+            slink,
+            token,
+            extents,
+        });
+        self.slink_changed(i, SlinkEvent::DirtyChanged { dirty: true }, out);
     }
 
     /// Stop this instance: fail every waiting request (never acknowledged), refuse the rest.

@@ -1963,3 +1963,66 @@ proptest! {
         }
     }
 }
+
+// ---- operator requests ----
+
+#[test]
+fn a_device_resync_marks_only_that_device_dirty() {
+    let mut setup = primary().async_site(1);
+    setup.cfg.devices.push(DeviceConfig {
+        device: 1,
+        size: 1 << 20,
+    });
+    let mut rig = setup.start();
+    rig.connect(1, 0);
+    let out = rig.feed(Input::ResyncDevice {
+        slink: 1,
+        device: 1,
+    });
+    let m = marks(&out, 1);
+    assert_eq!(m.len(), 1, "{out:?}");
+    assert!(m[0].iter().all(|e| e.device == 1), "{m:?}");
+    assert_eq!(
+        rig.core.slink(1).unwrap().dirty.device_dirty_bytes(0),
+        0,
+        "device 0 stays clean"
+    );
+    assert!(rig.core.slink(1).unwrap().dirty.device_dirty_bytes(1) > 0);
+    // Slink 0 and unknown devices: nothing to copy.
+    assert!(marks(
+        &rig.feed(Input::ResyncDevice {
+            slink: 0,
+            device: 0
+        }),
+        0
+    )
+    .is_empty());
+    assert!(marks(
+        &rig.feed(Input::ResyncDevice {
+            slink: 1,
+            device: 9
+        }),
+        1
+    )
+    .is_empty());
+}
+
+#[test]
+fn checkpoint_now_checkpoints_every_slink_that_can_move_its_cursor() {
+    let mut rig = primary().sync_site(1).start();
+    rig.connect(1, 0);
+    let lsn = appended(&rig.write(1, 0, 4096));
+    rig.written(lsn);
+    rig.durable(lsn);
+    rig.applied(lsn);
+    rig.feed(Input::SiteAck {
+        slink: 1,
+        pos: pos(lsn),
+    });
+    let out = rig.feed(Input::CheckpointNow);
+    let mut got = checkpoints(&out);
+    got.sort();
+    assert_eq!(got, vec![(0, lsn), (1, lsn)], "{out:?}");
+    // In flight: asking again does not duplicate them.
+    assert!(checkpoints(&rig.feed(Input::CheckpointNow)).is_empty());
+}

@@ -197,19 +197,18 @@ impl Metrics {
                 self.slink_applied_lsn
                     .with_label_values(&l)
                     .set(s.applied_lsn as i64);
-                if let Some(sl) = h.group.slink(s.slink) {
-                    self.slink_resync_regions_copied.with_label_values(&l).set(
-                        sl.resync_regions_copied_total
-                            .load(std::sync::atomic::Ordering::Relaxed)
-                            as i64,
-                    );
+                if let Some(copied) = h.group.regions_copied(s.slink) {
+                    self.slink_resync_regions_copied
+                        .with_label_values(&l)
+                        .set(copied as i64);
                 }
             }
         }
         for g in devices.groups() {
             let key = g.replog_path.display().to_string();
             let l = [key.as_str()];
-            let space = g.replog.space();
+            let Some(replog) = g.replog() else { continue };
+            let space = replog.space();
             self.replog_capacity_bytes
                 .with_label_values(&l)
                 .set(space.capacity_bytes as i64);
@@ -221,7 +220,7 @@ impl Metrics {
                 .set(space.entries as i64);
             self.replog_last_lsn
                 .with_label_values(&l)
-                .set(g.written_lsn() as i64);
+                .set(replog.next_lsn().saturating_sub(1) as i64);
             self.group_writes
                 .with_label_values(&l)
                 .set(g.writes_total.load(std::sync::atomic::Ordering::Relaxed) as i64);

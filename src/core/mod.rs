@@ -220,6 +220,17 @@ pub enum Failure {
     OutOfRange,
 }
 
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::ReadOnly => f.write_str("the device is read-only here (a secondary)"),
+            Failure::NoSpace => f.write_str("the replog stayed full"),
+            Failure::Io(e) => write!(f, "I/O error: {e}"),
+            Failure::OutOfRange => f.write_str("outside the device"),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Input {
     /// A client write (also zeroes and discard: the driver keeps the data and the kind).
@@ -703,9 +714,11 @@ impl Core {
         let Some(s) = self.slink(nr) else {
             return Lag::default();
         };
-        let (bytes, age) = self.index.lag_above(s.acked, self.written, self.now);
+        // Slink 0 has what it applied; a site what it acknowledged.
+        let has = if nr == 0 { self.applied0 } else { s.acked };
+        let (bytes, age) = self.index.lag_above(has, self.written, self.now);
         Lag {
-            ios: self.written.saturating_sub(s.acked),
+            ios: self.written.saturating_sub(has),
             bytes,
             age: std::time::Duration::from_nanos(age),
         }

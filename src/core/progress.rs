@@ -400,6 +400,7 @@ impl Core {
             }
         }
         let clean = s.dirty.acked(pos.resync_seq);
+        s.regions_copied += clean.len() as u64;
         for (device, region) in clean {
             out.push(Command::ClearDirty {
                 slink,

@@ -134,6 +134,8 @@ pub struct SlinkCore {
     pub drop_floor: Option<Lsn>,
     pub checkpoint_in_flight: Option<Lsn>,
     pub last_checkpoint: Nanos,
+    /// Dirty regions the site confirmed it copied, since this core started (metrics).
+    pub regions_copied: u64,
     connected: bool,
     down_since: Option<Nanos>,
     outdated: bool,
@@ -169,6 +171,7 @@ impl SlinkCore {
             drop_floor: None,
             checkpoint_in_flight: None,
             last_checkpoint: now,
+            regions_copied: 0,
             connected: local,
             down_since: if local { None } else { Some(now) },
             outdated: false,

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use replog::EntryKind;
 
-use crate::engine::CoreError;
+use crate::core::Failure;
 use crate::nbd::{BlockError, Export, Exports};
 
 use super::registry::{DeviceHandle, Registry};
@@ -13,20 +13,17 @@ pub struct DeviceExport {
     handle: DeviceHandle,
 }
 
-fn to_block_error(e: CoreError) -> BlockError {
+fn to_block_error(e: Failure) -> BlockError {
     match e {
-        CoreError::NoSpace(msg) => {
-            tracing::warn!("write refused: {msg}");
+        Failure::NoSpace => {
+            tracing::warn!("write refused: the replog stayed full");
             BlockError::NoSpace
         }
-        CoreError::Full { .. } => BlockError::NoSpace,
-        CoreError::Invalid(msg) => {
-            tracing::warn!("{msg}");
-            BlockError::Invalid
-        }
-        other => {
-            tracing::warn!("I/O error: {other}");
-            BlockError::Io(std::io::Error::other(other.to_string()))
+        Failure::OutOfRange => BlockError::Invalid,
+        Failure::ReadOnly => BlockError::ReadOnly,
+        Failure::Io(msg) => {
+            tracing::warn!("I/O error: {msg}");
+            BlockError::Io(std::io::Error::other(msg))
         }
     }
 }
@@ -63,7 +60,7 @@ impl Export for DeviceExport {
         })
         .await
         .map_err(|e| BlockError::Io(std::io::Error::other(e.to_string())))?
-        .map_err(to_block_error)
+        .map_err(BlockError::Io)
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), BlockError> {

@@ -19,7 +19,9 @@ use slink::{
     Refusal, SiteSink,
 };
 
-use crate::engine::group::{Group, Role};
+use crate::engine::group::Role;
+
+use super::group::Group;
 
 use super::registry::Registry;
 
@@ -45,8 +47,8 @@ fn unhex_uuid(s: &str) -> Option<[u8; 16]> {
     Some(out)
 }
 
-fn legacy_binding_path(g: &Group) -> PathBuf {
-    let mut p = g.replog_path.clone().into_os_string();
+fn legacy_binding_path(replog_path: &Path) -> PathBuf {
+    let mut p = replog_path.to_path_buf().into_os_string();
     p.push(".binding.json");
     PathBuf::from(p)
 }
@@ -64,8 +66,8 @@ fn remove_durably(path: &Path) -> std::io::Result<()> {
 /// which is a no-op). When the replog already has a binding the file is stale: the replog wins, a
 /// disagreement is logged, the file is deleted. A file that cannot be read or parsed is left
 /// where it is and refuses the open: dropping it could let the group bind to another primary.
-pub fn adopt_legacy_binding(g: &Group) -> Result<(), String> {
-    let path = legacy_binding_path(g);
+pub fn adopt_legacy_binding(replog: &replog::Replog, replog_path: &Path) -> Result<(), String> {
+    let path = legacy_binding_path(replog_path);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -84,13 +86,13 @@ pub fn adopt_legacy_binding(g: &Group) -> Result<(), String> {
         peer_group_uuid,
         peer_site_id: old.primary_site,
     };
-    match g.replog.binding() {
+    match replog.binding() {
         None => {
-            g.replog
+            replog
                 .set_binding(Some(legacy.clone()))
                 .map_err(|e| bad(format!("adopting it into the replog: {e}")))?;
             tracing::info!(
-                replog = %g.replog_path.display(),
+                replog = %replog_path.display(),
                 "binding to group {} of site {} moved from {} into the replog",
                 old.group_uuid,
                 legacy.peer_site_id,
@@ -99,7 +101,7 @@ pub fn adopt_legacy_binding(g: &Group) -> Result<(), String> {
         }
         Some(b) if b == legacy => {}
         Some(b) => tracing::warn!(
-            replog = %g.replog_path.display(),
+            replog = %replog_path.display(),
             "stale binding file {} names group {} of site {}; the replog's binding (group {} of \
              site {}) wins",
             path.display(),
@@ -113,17 +115,13 @@ pub fn adopt_legacy_binding(g: &Group) -> Result<(), String> {
 }
 
 fn devices_of(g: &Group) -> Vec<DeviceInfo> {
-    g.devices
-        .read()
-        .map(|d| {
-            d.values()
-                .map(|i| DeviceInfo {
-                    device: i.dev_nr,
-                    size_bytes: i.size,
-                })
-                .collect()
+    g.devices()
+        .iter()
+        .map(|i| DeviceInfo {
+            device: i.dev_nr,
+            size_bytes: i.size,
         })
-        .unwrap_or_default()
+        .collect()
 }
 
 pub struct SecondarySink {
@@ -148,7 +146,7 @@ impl SecondarySink {
         let site = peer.sender_site.as_str();
         let mut bound_elsewhere = None;
         for g in &secondaries {
-            match g.replog.binding() {
+            match g.replog().and_then(|r| r.binding()) {
                 Some(b) if b.peer_group_uuid == peer.group_uuid && b.peer_site_id == site => {
                     return Ok(g.clone())
                 }
@@ -167,7 +165,8 @@ impl SecondarySink {
         }
         let mut last_refusal = None;
         for g in &secondaries {
-            if g.replog.binding().is_some() {
+            let Some(replog) = g.replog() else { continue };
+            if replog.binding().is_some() {
                 continue;
             }
             match check_devices(&peer.devices, &devices_of(g)) {
@@ -176,7 +175,7 @@ impl SecondarySink {
                         peer_group_uuid: peer.group_uuid,
                         peer_site_id: site.to_string(),
                     };
-                    g.replog.set_binding(Some(b)).map_err(|e| {
+                    replog.set_binding(Some(b)).map_err(|e| {
                         Refusal::new(ErrorCode::StoreFailed, format!("binding the group: {e}"))
                     })?;
                     g.events.raise(
@@ -217,7 +216,7 @@ impl SiteSink for SecondarySink {
         }
         let g = self.group_for(peer)?;
         check_devices(&peer.devices, &devices_of(&g))?;
-        let durable = g.stored_position();
+        let durable = g.durable_position().map_err(|e| Refusal::new(ErrorCode::Other, e))?;
         tracing::info!(
             peer = %peer.peer_addr,
             site = peer.sender_site.as_str(),
@@ -236,6 +235,6 @@ impl SiteSink for SecondarySink {
 
     async fn store(&self, peer: &PeerHello, items: Vec<Item>) -> Result<Position, String> {
         let g = self.group_for(peer).map_err(|r| r.message)?;
-        g.store_replicated(items).await.map_err(|e| e.to_string())
+        g.store(items).await
     }
 }

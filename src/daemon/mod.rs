@@ -8,13 +8,13 @@ pub mod allocator;
 pub mod claims;
 pub mod control_server;
 pub mod export;
+pub mod group;
 pub mod link;
 pub mod registry;
 pub mod state;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
@@ -25,10 +25,6 @@ use crate::nbd::{self, ServerConfig, ServerStats};
 use self::export::RegistryExports;
 use self::registry::Registry;
 use self::state::StateDir;
-
-/// How often slink modes are re-evaluated when no writes come (for `timeout=` and the way back
-/// from sync to async).
-const MODE_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
@@ -148,24 +144,6 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), String> {
         state.clone(),
         shutdown_rx.clone(),
     ));
-
-    {
-        let registry = registry.clone();
-        let mut shutdown = shutdown_rx.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(MODE_CHECK_INTERVAL);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        for g in registry.groups() {
-                            g.update_modes();
-                        }
-                    }
-                    _ = shutdown.wait_for(|s| *s) => return,
-                }
-            }
-        });
-    }
 
     let mut listener = None;
     if let Some(addr) = cfg.slink_listen {

@@ -8,14 +8,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use crate::control::{BindingStatus, DeviceStatus, ReplogStatus, SlinkStatus};
-use crate::engine::group::{Group, Role};
-use crate::engine::slink::Health;
+use crate::control::{BindingStatus, DeviceStatus, ReplogStatus};
+use crate::engine::group::Role;
 use crate::engine::spec::{self, ReplogOpen};
 use crate::engine::tcp::LinkSettings;
 use crate::table;
 
 use super::claims::{self, Book, GroupTag, Ticket};
+use super::group::Group;
 
 #[derive(Clone)]
 pub struct DeviceHandle {
@@ -72,6 +72,14 @@ impl Registry {
             .read()
             .map(|d| d.keys().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// How this daemon's groups run (what their tables do not say).
+    fn driver_config(&self) -> crate::driver::DriverConfig {
+        crate::driver::DriverConfig {
+            replog_direct: crate::engine::group::replog_direct(),
+            ..Default::default()
+        }
     }
 
     pub fn groups(&self) -> Vec<Arc<Group>> {
@@ -205,15 +213,9 @@ impl Registry {
                 table_text,
                 self.event_hook.clone(),
                 role,
-                self.links.clone(),
+                self.driver_config(),
             )
             .map_err(|e| e.to_string())?;
-            if g.role() == Role::Secondary {
-                if let Err(e) = super::link::adopt_legacy_binding(&g) {
-                    g.shutdown();
-                    return Err(e);
-                }
-            }
             if let Ok(mut groups) = self.groups.write() {
                 groups.insert(ticket.group, g.clone());
             }
@@ -303,79 +305,29 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn state_letter(s: crate::engine::slink::SlinkState) -> char {
-    use crate::engine::slink::SlinkState::*;
-    match s {
-        Down => 'D',
-        Up => 'U',
-        Resync => 'R',
-        Faulty => 'F',
-        Stopped => 'S',
-        Outdated => 'O',
-    }
-}
-
 pub fn device_status(h: &DeviceHandle) -> DeviceStatus {
     let g = &h.group;
-    let space = g.replog.space();
-    let mut slinks = Vec::new();
+    let replog = g.replog();
+    let views = g.slink_views(h.dev_nr);
     let mut line_slinks = String::new();
-    for s in &g.slinks {
-        let lag = g.lag(s);
-        let dev = s.device(h.dev_nr);
-        let health = dev
-            .as_ref()
-            .map(|d| Health::letter(d.health.load(std::sync::atomic::Ordering::Relaxed)))
-            .unwrap_or('-');
-        let dirty_bytes = dev.as_ref().map(|d| d.dirty_bytes()).unwrap_or(0);
-        let mode = format!("{:?}", s.mode()).to_lowercase();
-        let state = s.state();
+    for v in &views {
+        let s = &v.status;
         line_slinks.push_str(&format!(
             " {} {}{} {} {} {} {}",
-            s.nr,
-            state_letter(state),
-            health,
-            mode,
-            lag.ios,
-            lag.bytes,
-            dirty_bytes
+            s.slink, v.state_letter, v.health_letter, s.mode, s.lag_ios, s.lag_bytes, s.dirty_bytes
         ));
-        let mut policy = format!("{:?}", s.policy).to_lowercase();
-        if let Some(v) = s.fallbehind.ios {
-            policy.push_str(&format!(" ios={v}"));
-        }
-        if let Some(v) = s.fallbehind.bytes {
-            policy.push_str(&format!(" size={v}"));
-        }
-        if let Some(v) = s.fallbehind.timeout {
-            policy.push_str(&format!(" timeout={}ms", v.as_millis()));
-        }
-        slinks.push(SlinkStatus {
-            slink: s.nr,
-            transport: s.transport.to_string(),
-            policy,
-            mode,
-            state: serde_json::to_value(state)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
-            applied_lsn: s.applied(),
-            cursor_lsn: g.replog.cursor(s.nr).unwrap_or(0),
-            lag_ios: lag.ios,
-            lag_bytes: lag.bytes,
-            lag_seconds: lag.age.as_secs_f64(),
-            dirty_bytes,
-            health: health.to_string(),
-            device_path: dev.as_ref().map(|d| d.location.clone()).unwrap_or_default(),
-            link: s.link.lock().ok().and_then(|l| l.clone()),
-        });
     }
+    let space = replog.as_ref().map(|r| r.space());
+    let space = space.as_ref();
+    let (capacity_bytes, used_bytes, free_bytes, entries) = space.map_or((0, 0, 0, 0), |s| {
+        (s.capacity_bytes, s.used_bytes, s.free_bytes, s.entries)
+    });
     let sectors = h.size / 512;
     let line = format!(
         "0 {sectors} replicator {}/{} {}{}",
-        space.used_bytes / 512,
-        space.capacity_bytes / 512,
-        g.slinks.len(),
+        used_bytes / 512,
+        capacity_bytes / 512,
+        views.len(),
         line_slinks
     );
     DeviceStatus {
@@ -384,8 +336,8 @@ pub fn device_status(h: &DeviceHandle) -> DeviceStatus {
             Role::Primary => "primary".into(),
             Role::Secondary => "secondary".into(),
         },
-        epoch: g.replog.current_epoch().map(|e| e.epoch),
-        binding: g.replog.binding().map(|b| BindingStatus {
+        epoch: replog.as_ref().and_then(|r| r.current_epoch()).map(|e| e.epoch),
+        binding: replog.as_ref().and_then(|r| r.binding()).map(|b| BindingStatus {
             peer_group_uuid: hex(&b.peer_group_uuid),
             peer_site_id: b.peer_site_id,
         }),
@@ -393,21 +345,20 @@ pub fn device_status(h: &DeviceHandle) -> DeviceStatus {
         size_bytes: h.size,
         replog: ReplogStatus {
             path: g.replog_path.display().to_string(),
-            capacity_bytes: space.capacity_bytes,
-            used_bytes: space.used_bytes,
-            free_bytes: space.free_bytes,
-            entries: space.entries,
-            first_lsn: g.replog.first_lsn(),
-            last_lsn: g.written_lsn(),
-            durable_lsn: g.replog.durable_lsn(),
-            io_backend: format!("{:?}", g.replog.io_backend()).to_lowercase(),
-            devices: g
-                .devices
-                .read()
-                .map(|d| d.values().map(|i| i.name.clone()).collect())
+            capacity_bytes,
+            used_bytes,
+            free_bytes,
+            entries,
+            first_lsn: replog.as_ref().map_or(0, |r| r.first_lsn()),
+            last_lsn: replog.as_ref().map_or(0, |r| r.next_lsn().saturating_sub(1)),
+            durable_lsn: replog.as_ref().map_or(0, |r| r.durable_lsn()),
+            io_backend: replog
+                .as_ref()
+                .map(|r| format!("{:?}", r.io_backend()).to_lowercase())
                 .unwrap_or_default(),
+            devices: g.devices().into_iter().map(|i| i.name).collect(),
         },
-        slinks,
+        slinks: views.into_iter().map(|v| v.status).collect(),
         event_nr: g.events.current(),
         line,
     }
@@ -425,56 +376,32 @@ pub async fn message(h: &DeviceHandle, sector: u64, args: &[String]) -> crate::c
         return Response::err(format!("messages go to sector 0, not {sector}"));
     }
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    let done = |r: Result<(), String>| match r {
+        Ok(()) => Response::ok(serde_json::Value::Null),
+        Err(e) => Response::err(e),
+    };
     match words.as_slice() {
-        ["checkpoint"] => {
-            for s in &h.group.slinks {
-                s.checkpoint_now().await;
-            }
-            Response::ok(serde_json::Value::Null)
-        }
+        ["checkpoint"] => done(
+            h.group
+                .checkpoint_now()
+                .then_some(())
+                .ok_or_else(|| "checkpoint: the group is not running".to_string()),
+        ),
         ["resync", nr] => {
             let Ok(nr) = nr.parse::<u8>() else {
                 return Response::err(format!("resync: expected a slink number, found `{nr}`"));
             };
-            let Some(s) = h.group.slink(nr).filter(|s| s.nr != 0) else {
-                return Response::err(format!("resync: no remote slink {nr}"));
-            };
-            let Some(dev) = s.device(h.dev_nr) else {
-                return Response::err(format!("resync: slink {nr} has no device {}", h.dev_nr));
-            };
-            let Some(dirty) = &dev.dirty else {
-                return Response::err(format!("resync: slink {nr} has no dirty log (`- 0`)"));
-            };
-            let res = match dirty.lock() {
-                Ok(mut d) => {
-                    d.mark_range(0, h.size);
-                    d.persist().map_err(|e| e.to_string())
-                }
-                Err(_) => Err("dirty log lock poisoned".to_string()),
-            };
-            match res {
-                Ok(()) => {
-                    s.feed.kick();
-                    h.group
-                        .events
-                        .raise("resync-requested", format!("slink {nr} device {} full resync", h.dev_nr));
-                    Response::ok(serde_json::Value::Null)
-                }
-                Err(e) => Response::err(e),
-            }
+            done(h.group.resync_device(nr, h.dev_nr))
         }
         [verb @ ("pause" | "resume"), nr] => {
-            let Some(s) = nr.parse::<u8>().ok().and_then(|n| h.group.slink(n)).filter(|s| s.nr != 0) else {
+            let Ok(nr) = nr.parse::<u8>() else {
                 return Response::err(format!("{verb}: no remote slink `{nr}`"));
             };
-            let pause = *verb == "pause";
-            if s.set_paused(pause) {
-                h.group.events.raise(
-                    if pause { "slink-paused" } else { "slink-resumed" },
-                    format!("slink {} {verb}d by operator", s.nr),
-                );
-            }
-            Response::ok(serde_json::Value::Null)
+            done(
+                h.group
+                    .pause(nr, *verb == "pause")
+                    .map_err(|e| format!("{verb}: {e}")),
+            )
         }
         _ => Response::err(format!(
             "unknown message `{}`; known: checkpoint, resync <slink>, pause <slink>, resume <slink>",

@@ -45,7 +45,7 @@ use crate::core::{Command, Core, Extent, Failure, Input, Lsn, RequestId};
 use crate::engine::blockfile::BlockFile;
 use crate::engine::queue::MemEntry;
 
-pub use open::{DriverConfig, OpenError};
+pub use open::{DriverConfig, EventSink, OpenError};
 use workers::{Queues, SiteWork, StoreWork};
 
 /// How often the core is told the time (fallbehind timeouts, checkpoint interval, batched
@@ -90,6 +90,7 @@ pub(crate) struct Shared {
     pub dirty: BTreeMap<(u8, u32), Mutex<replog::dirtylog::DirtyLog>>,
     queues: Queues,
     entry_cache_bytes: usize,
+    events: Option<EventSink>,
 }
 
 /// A running group on the core.
@@ -99,7 +100,7 @@ pub struct GroupDriver {
 }
 
 /// A broken invariant or a poisoned lock: stop rather than go on with wrong data.
-fn stop_the_process(what: &str) -> ! {
+pub(crate) fn stop_the_process(what: &str) -> ! {
     tracing::error!("{what}");
     eprintln!("replicator: {what}");
     std::process::abort()
@@ -178,6 +179,35 @@ impl GroupDriver {
         self.shared.lock().core.summary()
     }
 
+    /// The group's replog (status: space, positions, identity).
+    pub fn replog(&self) -> &Arc<Replog> {
+        &self.shared.replog
+    }
+
+    /// Blocks until the core stopped: `true` when it halted (the group must be opened again),
+    /// `false` after a shutdown.
+    pub fn wait_stopped(&self) -> bool {
+        let mut st = self.shared.lock();
+        while !st.stopped {
+            st = self
+                .shared
+                .stopped
+                .wait(st)
+                .unwrap_or_else(|_| stop_the_process("driver state lock poisoned"));
+        }
+        st.core.is_halted()
+    }
+
+    /// Operator: every slink checkpoints now.
+    pub fn checkpoint_now(&self) {
+        self.shared.input(Input::CheckpointNow);
+    }
+
+    /// Operator: copy one device to a site again.
+    pub fn resync_device(&self, slink: u8, device: u32) {
+        self.shared.input(Input::ResyncDevice { slink, device });
+    }
+
     /// Run `f` on the core (status queries).
     pub fn with_core<T>(&self, f: impl FnOnce(&Core) -> T) -> T {
         f(&self.shared.lock().core)
@@ -186,16 +216,7 @@ impl GroupDriver {
     /// Drain, checkpoint, empty the activity log, stop the workers.
     pub fn shutdown(&self) {
         self.shared.input(Input::Shutdown);
-        {
-            let mut st = self.shared.lock();
-            while !st.stopped {
-                st = self
-                    .shared
-                    .stopped
-                    .wait(st)
-                    .unwrap_or_else(|_| stop_the_process("driver state lock poisoned"));
-            }
-        }
+        self.wait_stopped();
         self.shared.queues.close();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         for t in threads {
@@ -375,9 +396,10 @@ impl Shared {
                     let _ = r.reply.send(result);
                 }
             }
-            Command::Event { kind, detail } => {
-                tracing::info!(group = %self.name, event = kind, "{detail}");
-            }
+            Command::Event { kind, detail } => match &self.events {
+                Some(sink) => (sink.0)(kind, detail),
+                None => tracing::info!(group = %self.name, event = kind, "{detail}"),
+            },
             // The replog (or a store the core cannot do without) failed: every waiting request
             // got EIO. The group is reopened from its disks by whoever owns the driver (a new
             // `GroupDriver::open`: the recovery of a kill -9).

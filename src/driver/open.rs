@@ -32,6 +32,19 @@ pub struct DriverConfig {
     pub activity_extents_max: usize,
     /// Open the replog with O_DIRECT.
     pub replog_direct: bool,
+    /// Where the core's events go (the daemon's event log); without one they are only logged.
+    pub events: Option<EventSink>,
+}
+
+/// Receives the core's events (`kind`, detail) as they happen, under the core's lock: it must
+/// not block (the daemon's `Events::raise` bumps a counter and runs a hook in the background).
+#[derive(Clone)]
+pub struct EventSink(pub Arc<dyn Fn(&'static str, String) + Send + Sync>);
+
+impl std::fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventSink")
+    }
 }
 
 impl Default for DriverConfig {
@@ -43,6 +56,7 @@ impl Default for DriverConfig {
             default_down_wait: Duration::from_secs(10),
             activity_extents_max: replog::format::AL_EXTENTS_MAX,
             replog_direct: false,
+            events: None,
         }
     }
 }
@@ -211,6 +225,7 @@ impl GroupDriver {
             dirty: dirty_logs,
             queues,
             entry_cache_bytes: cfg.entry_cache_bytes,
+            events: cfg.events.clone(),
         });
         let threads = workers::spawn(&shared, receivers);
         {

@@ -61,6 +61,11 @@ pub fn set_replog_direct(direct: bool) {
     REPLOG_DIRECT.store(direct, Ordering::Relaxed);
 }
 
+/// Whether replogs are opened with O_DIRECT (see [`set_replog_direct`]).
+pub fn replog_direct() -> bool {
+    REPLOG_DIRECT.load(Ordering::Relaxed)
+}
+
 /// Ring fill (percent) at which appliers checkpoint without waiting for their interval.
 const RING_PRESSURE_PERCENT: u64 = 50;
 /// How long a write waits for ring space before it fails with ENOSPC.
@@ -1392,7 +1397,7 @@ impl Role {
 ///   restart, and trusting the record would undo a durable promotion.
 /// - A primary with no epoch yet begins epoch 1 at the replog's next lsn, in the same write as
 ///   its role (a primary always has a current epoch: the link handshake carries it).
-fn settle_role(replog: &Replog, path: &Path, asked: Role) -> CoreResult<Role> {
+pub(crate) fn settle_role(replog: &Replog, path: &Path, asked: Role) -> CoreResult<Role> {
     let stored = replog.role();
     let role = match Role::from_replog(stored) {
         Some(r) if r != asked => {

@@ -26,8 +26,9 @@ use tokio::sync::RwLock;
 use crate::core::slink::SlinkState;
 use crate::core::Failure;
 use crate::driver::{DriverConfig, EventSink, GroupDriver};
+use crate::engine::blockfile::BlockFile;
 use crate::engine::events::Events;
-use crate::engine::group::{open_replog_with, settle_role, Role};
+use crate::engine::group::{open_dirty_log, open_replog_with, settle_role, Role};
 use crate::engine::spec::{DeviceSpec, DirtyLogSpec, GroupSpec, ReplogOpen, SlinkSpec};
 use crate::engine::CoreError;
 
@@ -215,6 +216,22 @@ impl Group {
                 })?;
             joined.push((s.nr, site.clone()));
         }
+        // The files exist (are created) now, before the caller locks what it claimed; the
+        // table's one-shot dirty log choice (overwrite all dirty or all clean) is spent here.
+        for (nr, site) in &mut joined {
+            let remote = spec
+                .slinks
+                .iter()
+                .any(|s| s.nr == *nr && s.remote_addr.is_some());
+            if !remote {
+                BlockFile::open(&site.path, device.size, true)
+                    .map_err(|e| CoreError::Io(format!("slink {nr}: {e}")))?;
+            }
+            if let DirtyLogSpec::Disk { .. } = site.dirty_log {
+                open_dirty_log(&site.dirty_log, device.size)?;
+            }
+            site.dirty_log = reopened_dirty_log(&site.dirty_log, false);
+        }
         for (nr, site) in joined {
             if let Some(mine) = m.spec.slinks.iter_mut().find(|x| x.nr == nr) {
                 mine.devices.push(site);
@@ -263,7 +280,11 @@ impl Group {
     }
 
     pub fn devices(&self) -> Vec<DeviceInfo> {
-        self.members().devices.values().map(|(_, i)| i.clone()).collect()
+        self.members()
+            .devices
+            .values()
+            .map(|(_, i)| i.clone())
+            .collect()
     }
 
     /// Open the driver (once every device of the group joined).
@@ -297,7 +318,7 @@ impl Group {
             let mut m = self.members();
             for s in &mut m.spec.slinks {
                 for d in &mut s.devices {
-                    d.dirty_log = reopened_dirty_log(&d.dirty_log);
+                    d.dirty_log = reopened_dirty_log(&d.dirty_log, true);
                 }
             }
         }
@@ -313,15 +334,15 @@ impl Group {
         let spawned = std::thread::Builder::new()
             .name("group-watch".into())
             .spawn(move || {
-            let halted = match d.upgrade() {
-                Some(d) => d.wait_stopped(),
-                None => return,
-            };
-            let Some(g) = me.upgrade() else { return };
-            if halted && !g.stopping.load(Ordering::Acquire) {
-                g.reopen_after_halt();
-            }
-        });
+                let halted = match d.upgrade() {
+                    Some(d) => d.wait_stopped(),
+                    None => return,
+                };
+                let Some(g) = me.upgrade() else { return };
+                if halted && !g.stopping.load(Ordering::Acquire) {
+                    g.reopen_after_halt();
+                }
+            });
         if let Err(e) = spawned {
             crate::driver::stop_the_process(&format!(
                 "group {}: no thread to watch the driver: {e}",
@@ -470,15 +491,19 @@ impl Group {
     }
 }
 
-/// What a dirty log spec becomes for the opens after the first: an on-disk log keeps what it
-/// holds (the table's overwrite was done once); an in-memory log lost its marks, so it starts
-/// all dirty (a full copy is the only safe repair of what it forgot).
-fn reopened_dirty_log(spec: &DirtyLogSpec) -> DirtyLogSpec {
+/// What a dirty log spec becomes once its table's choices are spent: an on-disk log keeps what
+/// it holds (the overwrite is done once, when the device joins); an in-memory log, once a
+/// driver ran with it (`core_log_ran`), lost its marks with that driver, so it starts all dirty
+/// (a full copy is the only safe repair of what it forgot).
+fn reopened_dirty_log(spec: &DirtyLogSpec, core_log_ran: bool) -> DirtyLogSpec {
     match spec {
         DirtyLogSpec::None => DirtyLogSpec::None,
-        DirtyLogSpec::Core { region_size, .. } => DirtyLogSpec::Core {
+        DirtyLogSpec::Core {
+            region_size,
+            initially_dirty,
+        } => DirtyLogSpec::Core {
             region_size: *region_size,
-            initially_dirty: true,
+            initially_dirty: *initially_dirty || core_log_ran,
         },
         DirtyLogSpec::Disk {
             region_size,
@@ -558,7 +583,9 @@ impl Group {
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                let core = core_views.as_ref().and_then(|v| v.get(i).copied().flatten());
+                let core = core_views
+                    .as_ref()
+                    .and_then(|v| v.get(i).copied().flatten());
                 let (state, mode, applied, cursor, lag, dirty) = core.unwrap_or((
                     SlinkState::Stopped,
                     crate::engine::policy::Mode::Async,
@@ -568,7 +595,11 @@ impl Group {
                     0,
                 ));
                 let (state_text, state_letter) = state_name(state);
-                let health_letter = if state == SlinkState::Faulty { 'F' } else { 'A' };
+                let health_letter = if state == SlinkState::Faulty {
+                    'F'
+                } else {
+                    'A'
+                };
                 let path = s
                     .devices
                     .iter()
@@ -633,7 +664,12 @@ impl Group {
 
     /// Operator: pause or resume shipping to slink `nr`.
     pub fn pause(&self, nr: u8, paused: bool) -> Result<(), String> {
-        let known = self.members().spec.slinks.iter().any(|s| s.nr == nr && nr != 0);
+        let known = self
+            .members()
+            .spec
+            .slinks
+            .iter()
+            .any(|s| s.nr == nr && nr != 0);
         if !known {
             return Err(format!("no remote slink `{nr}`"));
         }

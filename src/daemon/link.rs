@@ -216,7 +216,9 @@ impl SiteSink for SecondarySink {
         }
         let g = self.group_for(peer)?;
         check_devices(&peer.devices, &devices_of(&g))?;
-        let durable = g.durable_position().map_err(|e| Refusal::new(ErrorCode::Other, e))?;
+        let durable = g
+            .durable_position()
+            .map_err(|e| Refusal::new(ErrorCode::Other, e))?;
         tracing::info!(
             peer = %peer.peer_addr,
             site = peer.sender_site.as_str(),

@@ -336,11 +336,17 @@ pub fn device_status(h: &DeviceHandle) -> DeviceStatus {
             Role::Primary => "primary".into(),
             Role::Secondary => "secondary".into(),
         },
-        epoch: replog.as_ref().and_then(|r| r.current_epoch()).map(|e| e.epoch),
-        binding: replog.as_ref().and_then(|r| r.binding()).map(|b| BindingStatus {
-            peer_group_uuid: hex(&b.peer_group_uuid),
-            peer_site_id: b.peer_site_id,
-        }),
+        epoch: replog
+            .as_ref()
+            .and_then(|r| r.current_epoch())
+            .map(|e| e.epoch),
+        binding: replog
+            .as_ref()
+            .and_then(|r| r.binding())
+            .map(|b| BindingStatus {
+                peer_group_uuid: hex(&b.peer_group_uuid),
+                peer_site_id: b.peer_site_id,
+            }),
         dev_nr: h.dev_nr,
         size_bytes: h.size,
         replog: ReplogStatus {
@@ -350,7 +356,9 @@ pub fn device_status(h: &DeviceHandle) -> DeviceStatus {
             free_bytes,
             entries,
             first_lsn: replog.as_ref().map_or(0, |r| r.first_lsn()),
-            last_lsn: replog.as_ref().map_or(0, |r| r.next_lsn().saturating_sub(1)),
+            last_lsn: replog
+                .as_ref()
+                .map_or(0, |r| r.next_lsn().saturating_sub(1)),
             durable_lsn: replog.as_ref().map_or(0, |r| r.durable_lsn()),
             io_backend: replog
                 .as_ref()

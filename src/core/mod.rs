@@ -218,6 +218,9 @@ pub enum Failure {
     Io(String),
     /// Outside the device.
     OutOfRange,
+    /// Refused by a halted core: never admitted (no lsn, nothing written), so the request may be
+    /// sent again to the group once it is opened again.
+    Halted,
 }
 
 impl std::fmt::Display for Failure {
@@ -227,6 +230,7 @@ impl std::fmt::Display for Failure {
             Failure::NoSpace => f.write_str("the replog stayed full"),
             Failure::Io(e) => write!(f, "I/O error: {e}"),
             Failure::OutOfRange => f.write_str("outside the device"),
+            Failure::Halted => f.write_str("the group halted; it is being opened again"),
         }
     }
 }
@@ -1047,7 +1051,7 @@ impl Core {
         if let Input::Write { id, .. } | Input::Flush { id } = input {
             out.push(Command::Reply {
                 id,
-                result: Err(Failure::Io("group halted".into())),
+                result: Err(Failure::Halted),
             });
         }
     }

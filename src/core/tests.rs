@@ -720,7 +720,7 @@ fn a_failed_replog_write_halts_and_fails_every_waiting_request() {
     assert!(ok_replies(&out).is_empty());
     assert!(rig.core.is_halted());
     let out = rig.write(3, 0, 512);
-    assert!(matches!(replies(&out)[..], [(3, Err(Failure::Io(_)))]));
+    assert!(matches!(replies(&out)[..], [(3, Err(Failure::Halted))]));
     let out = rig.durable(a);
     assert!(out.is_empty(), "a halted core does nothing: {out:?}");
 }

@@ -14,16 +14,17 @@ pub struct DeviceExport {
 }
 
 fn to_block_error(e: Failure) -> BlockError {
-    match e {
+    match &e {
         Failure::NoSpace => {
             tracing::warn!("write refused: the replog stayed full");
             BlockError::NoSpace
         }
         Failure::OutOfRange => BlockError::Invalid,
         Failure::ReadOnly => BlockError::ReadOnly,
+        Failure::Halted => BlockError::Io(std::io::Error::other(e.to_string())),
         Failure::Io(msg) => {
             tracing::warn!("I/O error: {msg}");
-            BlockError::Io(std::io::Error::other(msg))
+            BlockError::Io(std::io::Error::other(msg.clone()))
         }
     }
 }

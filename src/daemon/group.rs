@@ -32,6 +32,11 @@ use crate::engine::group::{open_dirty_log, open_replog_with, settle_role, Role};
 use crate::engine::spec::{DeviceSpec, DirtyLogSpec, GroupSpec, ReplogOpen, SlinkSpec};
 use crate::engine::CoreError;
 
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+#[path = "group_tests.rs"]
+mod tests;
+
 /// How long a request waits for a group that is being opened again.
 pub const REOPEN_WAIT: Duration = Duration::from_secs(30);
 /// Backoff between attempts to open a halted group again.
@@ -405,31 +410,42 @@ impl Group {
         }
     }
 
-    /// The running driver, waiting for a reopen in progress (at most [`REOPEN_WAIT`]).
+    /// The running driver, waiting for a reopen in progress and for a halted driver to be
+    /// replaced (at most [`REOPEN_WAIT`]). The guard keeps a reopen from starting until the
+    /// request is done.
     async fn running(
         &self,
-    ) -> Result<tokio::sync::RwLockReadGuard<'_, Option<Arc<GroupDriver>>>, Failure> {
+    ) -> Result<
+        (
+            tokio::sync::RwLockReadGuard<'_, Option<Arc<GroupDriver>>>,
+            Arc<GroupDriver>,
+        ),
+        Failure,
+    > {
         let deadline = tokio::time::Instant::now() + REOPEN_WAIT;
+        let reopening = || Failure::Io("the group is being opened again; try later".into());
         loop {
             let slot = tokio::time::timeout_at(deadline, self.driver.read())
                 .await
-                .map_err(|_| Failure::Io("the group is being opened again".into()))?;
-            if slot.is_some() {
-                return Ok(slot);
+                .map_err(|_| reopening())?;
+            if let Some(d) = slot.as_ref().filter(|d| !d.is_halted()).cloned() {
+                return Ok((slot, d));
             }
             drop(slot);
             if self.stopping.load(Ordering::Acquire) || !self.started.load(Ordering::Acquire) {
                 return Err(Failure::Io("the group is not running".into()));
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(Failure::Io("the group is being opened again".into()));
+                return Err(reopening());
             }
-            // A reopen that failed leaves the slot empty while it retries.
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // The watcher has not taken the halted driver yet, or a reopen failed and retries.
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
-    /// A client write; resolves once the core's promises for it hold.
+    /// A client write; resolves once the core's promises for it hold. (A core that halts
+    /// between the check in `running` and this write refuses it with `Failure::Halted`: the
+    /// client gets EIO for a write that was never admitted.)
     pub async fn submit(
         &self,
         device: u32,
@@ -440,10 +456,7 @@ impl Group {
         fua: bool,
     ) -> Result<(), Failure> {
         let started = Instant::now();
-        let slot = self.running().await?;
-        let Some(d) = slot.as_ref() else {
-            return Err(Failure::Io("the group is not running".into()));
-        };
+        let (slot, d) = self.running().await?;
         let r = d.write(device, offset, kind, len, data, fua).await;
         drop(slot);
         if r.is_ok() {
@@ -453,11 +466,15 @@ impl Group {
         r
     }
 
+    /// Every write acknowledged before this is durable. A flush a halting core refused is sent
+    /// again to the group opened again (it carries no data).
     pub async fn flush(&self) -> Result<(), Failure> {
-        let slot = self.running().await?;
-        match slot.as_ref() {
-            Some(d) => d.flush().await,
-            None => Err(Failure::Io("the group is not running".into())),
+        loop {
+            let (slot, d) = self.running().await?;
+            match d.flush().await {
+                Err(Failure::Halted) => drop(slot),
+                r => return r,
+            }
         }
     }
 

@@ -198,6 +198,19 @@ impl GroupDriver {
         st.core.is_halted()
     }
 
+    /// Tests: the replog "failed" (as an append or flush error would report): the core halts.
+    #[cfg(test)]
+    pub(crate) fn fail_log_for_test(&self, reason: &str) {
+        self.shared.input(Input::LogFailed {
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Whether the core halted (the group must be opened again).
+    pub fn is_halted(&self) -> bool {
+        self.shared.lock().core.is_halted()
+    }
+
     /// Operator: every slink checkpoints now.
     pub fn checkpoint_now(&self) {
         self.shared.input(Input::CheckpointNow);

@@ -369,6 +369,9 @@ impl Shared {
             Command::PersistResyncSeq { slink, reserved } => self
                 .queues
                 .meta(workers::MetaWork::ResyncSeq { slink, reserved }),
+            Command::PersistDropFloor { slink, floor } => self
+                .queues
+                .meta(workers::MetaWork::DropFloor { slink, floor }),
             Command::Reply { id, result } => {
                 if let Some(r) = st.requests.remove(&id) {
                     // A client that went away no longer waits: nothing to tell it.

@@ -14,7 +14,7 @@ use crate::core::{Core, CoreConfig, DeviceConfig, Extent, Restored, Role};
 use crate::engine::blockfile::BlockFile;
 use crate::engine::group::{open_dirty_log, open_replog_with};
 use crate::engine::policy;
-use crate::engine::spec::{DeviceSpec, GroupSpec};
+use crate::engine::spec::{DeviceSpec, DirtyLogSpec, GroupSpec};
 
 use super::workers::{self, Queues};
 use super::{GroupDriver, LocalSite, Shared, State};
@@ -109,10 +109,14 @@ impl GroupDriver {
         let mut restored_dirty = Vec::new();
         let mut cursors = Vec::new();
         let mut resync_seq = Vec::new();
+        let mut drop_floors = Vec::new();
+        let mut marks_lost = Vec::new();
         for s in &group.slinks {
             let mut files = BTreeMap::new();
             let mut region_bytes = None;
+            let mut marks_kept = !s.devices.is_empty();
             for d in &s.devices {
+                marks_kept &= dirty_log_keeps_marks(&d.dirty_log);
                 let size = *sizes.get(&d.dev_nr).ok_or_else(|| {
                     OpenError::Unsupported(format!("no size for device {}", d.dev_nr))
                 })?;
@@ -135,6 +139,12 @@ impl GroupDriver {
             };
             cursors.push((s.nr, cursor));
             resync_seq.push((s.nr, replog.resync_seq(s.nr).map_err(replog_err)?));
+            if let Some(floor) = replog.drop_floor(s.nr).map_err(replog_err)? {
+                drop_floors.push((s.nr, floor));
+            }
+            if !marks_kept {
+                marks_lost.push(s.nr);
+            }
             let down_wait = match s.down_wait {
                 Some(policy::DownWait::Forever) => DownWait::Forever,
                 Some(policy::DownWait::For(d)) => DownWait::Bounded(d.as_nanos() as u64),
@@ -166,6 +176,8 @@ impl GroupDriver {
             cursors,
             dirty: restored_dirty,
             resync_seq,
+            drop_floors,
+            marks_lost,
             activity_log: replog.activity_log().extents as Vec<ExtentKey>,
             consistent: true,
         };
@@ -229,6 +241,20 @@ impl GroupDriver {
 }
 
 /// The entries the ring retains, in lsn order (their extents only).
+/// Whether a dirty log opens with the marks it persisted before (asked before it is opened, which
+/// may create it): a `disk` log that exists and is not overwritten by the table. A persisted drop
+/// floor holds only together with those marks (`Restored::marks_lost`).
+fn dirty_log_keeps_marks(spec: &DirtyLogSpec) -> bool {
+    match spec {
+        DirtyLogSpec::Disk {
+            path,
+            overwrite_existing: None,
+            ..
+        } => path.exists(),
+        DirtyLogSpec::Disk { .. } | DirtyLogSpec::Core { .. } | DirtyLogSpec::None => false,
+    }
+}
+
 fn retained(replog: &Replog) -> Vec<Retained> {
     let mut out = Vec::new();
     let mut from = replog.first_lsn().max(1);

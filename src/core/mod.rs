@@ -708,6 +708,8 @@ impl Core {
         for i in 0..self.slinks.len() {
             self.slink_changed(i, SlinkEvent::DirtyChanged { dirty: true }, out);
         }
+        // A restored floor that no longer holds is cleared before anything else moves.
+        self.persist_floors(out);
     }
 
     fn token(&mut self) -> u64 {

@@ -667,9 +667,17 @@ impl World {
                 .iter()
                 .find(|(n, _)| *n == slink)
                 .map(|f| f.1);
+            if back.is_some() {
+                *self
+                    .stats
+                    .core_events
+                    .entry("drop-floor-restored")
+                    .or_default() += 1;
+            }
             if effective(back) < effective(truth) {
                 self.fail(format!(
-                    "g{g} slink {slink}: restored drop floor {back:?} is below the stopped core's                      {truth:?} (cursor {cursor})"
+                    "g{g} slink {slink}: restored drop floor {back:?} is below the stopped core's {truth:?} \
+                     (cursor {cursor})"
                 ));
             }
         }

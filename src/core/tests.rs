@@ -1564,23 +1564,20 @@ fn a_site_that_reconnects_after_an_overflow_drop_resyncs_only_the_dropped_region
 /// What the replog and dirty log of `full_ring` hold after `overflow` dropped lsn 1 for slink 2
 /// (region 0 dirty, its cursor at 1), with the drop floor `floor` persisted or not.
 fn restored_after_drop(floor: Option<Lsn>) -> Setup {
-    primary()
-        .ring_bytes(8 * 4096)
-        .async_site(2)
-        .restored(|r| {
-            r.last_lsn = 3;
-            r.retained = (2..=3)
-                .map(|lsn| Retained {
-                    lsn,
-                    extent: ext(lsn * 8192, 4096),
-                    ring_bytes: 4096,
-                    at: 0,
-                })
-                .collect();
-            r.cursors = vec![(0, 3), (2, 1)];
-            r.dirty = vec![(2, 0, 0)];
-            r.drop_floors = floor.map(|f| (2, f)).into_iter().collect();
-        })
+    primary().ring_bytes(8 * 4096).async_site(2).restored(|r| {
+        r.last_lsn = 3;
+        r.retained = (2..=3)
+            .map(|lsn| Retained {
+                lsn,
+                extent: ext(lsn * 8192, 4096),
+                ring_bytes: 4096,
+                at: 0,
+            })
+            .collect();
+        r.cursors = vec![(0, 3), (2, 1)];
+        r.dirty = vec![(2, 0, 0)];
+        r.drop_floors = floor.map(|f| (2, f)).into_iter().collect();
+    })
 }
 
 #[test]
@@ -1631,14 +1628,21 @@ fn repair_after_restart(rig: &mut Rig) -> Vec<Command> {
 fn the_floor_clear_after_a_repair_is_durable_before_the_cursor_moves() {
     let mut rig = restored_after_drop(Some(0)).start();
     let out = repair_after_restart(&mut rig);
-    assert_eq!(floor_writes(&out, 2), vec![None], "the repair clears the floor");
+    assert_eq!(
+        floor_writes(&out, 2),
+        vec![None],
+        "the repair clears the floor"
+    );
     assert!(checkpoints(&out).iter().all(|(nr, _)| *nr != 2));
     // Until the clear is durable the floor still decides and the cursor stays at 1, even when
     // a checkpoint is due and the ring is under pressure.
     let out = rig.tick(10 * CHECKPOINT_INTERVAL);
     assert!(checkpoints(&out).iter().all(|(nr, _)| *nr != 2), "{out:?}");
     assert!(floor_writes(&out, 2).is_empty(), "one write on its way");
-    assert_eq!(rig.core.slink(2).map(|s| (s.drop_floor, s.cursor)), Some((Some(0), 1)));
+    assert_eq!(
+        rig.core.slink(2).map(|s| (s.drop_floor, s.cursor)),
+        Some((Some(0), 1))
+    );
     let out = rig.floor_persisted(
         &[Command::PersistDropFloor {
             slink: 2,
@@ -1663,7 +1667,10 @@ fn a_failed_floor_clear_keeps_the_floor_and_the_cursor_until_a_retry_succeeds() 
     let out = rig.floor_persisted(&out, Err("metadata write failed".into()));
     assert!(events(&out).contains(&"drop-floor-persist-failed"));
     assert!(floor_writes(&out, 2).is_empty(), "not again at once");
-    assert_eq!(rig.core.slink(2).map(|s| (s.drop_floor, s.cursor)), Some((Some(0), 1)));
+    assert_eq!(
+        rig.core.slink(2).map(|s| (s.drop_floor, s.cursor)),
+        Some((Some(0), 1))
+    );
     // The next tick writes the clear again; the cursor still waits for it.
     let out = rig.tick(10 * CHECKPOINT_INTERVAL);
     assert_eq!(floor_writes(&out, 2), vec![None]);
@@ -1671,7 +1678,10 @@ fn a_failed_floor_clear_keeps_the_floor_and_the_cursor_until_a_retry_succeeds() 
     let mut out = rig.floor_persisted(&out, Ok(()));
     out.extend(rig.tick(11 * CHECKPOINT_INTERVAL));
     assert_eq!(rig.core.slink(2).map(|s| s.drop_floor), Some(None));
-    assert_eq!(checkpoints(&out).iter().filter(|(nr, _)| *nr == 2).count(), 1);
+    assert_eq!(
+        checkpoints(&out).iter().filter(|(nr, _)| *nr == 2).count(),
+        1
+    );
 }
 
 #[test]
@@ -1696,7 +1706,10 @@ fn a_failed_floor_write_may_have_reached_the_disk_so_its_clear_is_written_too() 
     let out = rig.ack(2, 3);
     assert_eq!(completions(&out, 2).len(), 1, "{out:?}");
     let out = rig.ack(2, 3);
-    assert!(floor_writes(&out, 2).is_empty(), "the retry waits for a tick");
+    assert!(
+        floor_writes(&out, 2).is_empty(),
+        "the retry waits for a tick"
+    );
     assert_eq!(rig.core.slink(2).map(|s| s.drop_floor), Some(Some(0)));
     let out = rig.tick(10 * CHECKPOINT_INTERVAL);
     assert_eq!(floor_writes(&out, 2), vec![None], "{out:?}");

@@ -14,8 +14,8 @@
 //!   `log-flush` makes the replog durable, `apply-N` write entries to slink 0's devices (the
 //!   core's overlap rule decides what may run in parallel), one `site-N` per local slink applies
 //!   shipped entries and resync pieces to that site's devices, `persist` carries out cursor,
-//!   dirty-log and reclaim work in order, `meta` writes the activity log and resync
-//!   reservations, `tick` gives the core the time every [`TICK`].
+//!   dirty-log and reclaim work in order, `meta` writes the activity log, resync
+//!   reservations and drop floors, `tick` gives the core the time every [`TICK`].
 //! - Every wait is a wake-up: a worker blocks on its queue, a client on its reply channel.
 //!
 //! # Bounds

@@ -24,7 +24,7 @@ pub const BLOCK_BYTES: u64 = 4096;
 pub const META_SLOT_BYTES: u64 = BLOCK_BYTES;
 /// Bytes before the ring: slot 0 at 0, slot 1 at 4096.
 pub const META_AREA_BYTES: u64 = 2 * META_SLOT_BYTES;
-/// Bytes of a slot covered by its layout and checksum: the whole block (format 2).
+/// Bytes of a slot covered by its layout and checksum: the whole block (since format 2).
 pub const META_ENCODED_BYTES: usize = META_SLOT_BYTES as usize;
 /// Bytes a format-1 slot covered (the rest of its block is zero).
 pub const META_V1_ENCODED_BYTES: usize = 512;
@@ -528,7 +528,7 @@ pub fn check_al_extent_bytes(bytes: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// One metadata slot: the whole 4096-byte block (format 2). See FORMAT.md "Metadata slot".
+/// One metadata slot: the whole 4096-byte block (format 3). See FORMAT.md "Metadata slot".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MetaSlot {
     pub uuid: [u8; 16],
@@ -1007,7 +1007,8 @@ impl MetaSlot {
         Ok(slot)
     }
 
-    /// Checks the format-2 fields (features, identity, activity log); `Err` names the field.
+    /// Checks the format-2 fields (features, identity, activity log; drop floors have no rule);
+    /// `Err` names the field.
     /// Every metadata write checks this first, so nothing decode would refuse reaches the disk.
     pub fn check(&self) -> Result<(), String> {
         if self.features & !FEATURES_KNOWN != 0 {
@@ -1162,7 +1163,7 @@ mod tests {
         }
     }
 
-    /// Re-seals a format-2 slot after a field was changed, so the field check (not the crc)
+    /// Re-seals a slot after a field was changed, so the field check (not the crc)
     /// must refuse it.
     fn reseal(mut b: Vec<u8>) -> Vec<u8> {
         let crc = crc32c::crc32c(b.get(..META_CRC_AT).unwrap_or_default());

@@ -545,9 +545,9 @@ impl Replog {
             read_buffer: Mutex::new(None),
         });
         // Bump the generation durably before any append (this sync also makes the scanned
-        // chain durable, so nothing this writer builds on can vanish). A format-1 replog is
-        // upgraded by this same write: it is written in format 2 with every field format 1
-        // had, and the defaults (FORMAT.md "Version history") for the rest.
+        // chain durable, so nothing this writer builds on can vanish). A format-1 or format-2
+        // replog is upgraded by this same write: it is written in format 3 with every field the
+        // old format had, and the defaults (FORMAT.md "Version history") for the rest.
         {
             let mut meta_state = lock(&inner.meta);
             let next = meta_state.clone();

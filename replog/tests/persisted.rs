@@ -147,6 +147,7 @@ fn every_setter_survives_a_reopen_of_the_file() {
     assert_eq!(ins.feature_names, vec!["activity_log"]);
     assert_eq!(ins.activity_log, vec![(0, 2), (0, 4), (1, 9)]);
     assert_eq!(ins.slinks[0].resync_seq, 17);
+    assert_eq!(ins.slinks[0].drop_floor, Some(1));
     let json = serde_json::to_string(&ins).unwrap();
     assert!(json.contains("\"role\":\"Primary\""), "{json}");
 }

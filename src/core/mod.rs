@@ -75,7 +75,13 @@
 //!   than the one the core decides by, and no cursor moves past entries a stale floor would
 //!   vouch for.
 //! - **A failed write** (either kind) leaves the old or the new value on disk, both safe by the
-//!   rules above; the in-memory floor stays as it was and the next tick writes again.
+//!   rules above, so the core counts on the lower of the two (`FloorPersist::write_failed`);
+//!   the in-memory floor stays as it was and the next tick writes again. A clear that keeps
+//!   failing keeps that slink's cursor (and its drops) where they are: writes that need its
+//!   room wait, then fail with ENOSPC after `ring_full_wait`.
+//! - A restored floor whose dirty marks did not survive (`Restored::marks_lost`: an in-memory
+//!   dirty log, or one created or overwritten at open) vouches for nothing: it is cleared at
+//!   boot, like a repaired one, before the cursor moves.
 //!
 //! The simulation checks at every primary restart that the restored floor is never below the
 //! one the stopped core decided by, and counts the full resyncs a lost floor still costs.

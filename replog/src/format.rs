@@ -6,11 +6,13 @@
 
 use serde::Serialize;
 
-/// Format version of the metadata slot written by this code. Format-1 slots are still read
-/// (and upgraded by the first open); any other version is refused.
-pub const FORMAT_VERSION: u16 = 2;
+/// Format version of the metadata slot written by this code. Format-1 and format-2 slots are
+/// still read (and upgraded by the first open); any other version is refused.
+pub const FORMAT_VERSION: u16 = 3;
 /// The first format: 512-byte metadata slots without identity or activity log.
 pub const FORMAT_VERSION_V1: u16 = 1;
+/// The second format: identity and activity log, 12-byte activity-log entries, no drop floors.
+pub const FORMAT_VERSION_V2: u16 = 2;
 /// Version of the entry header, unchanged since format 1 (format 2 changed only the metadata).
 pub const ENTRY_VERSION: u16 = 1;
 
@@ -22,7 +24,7 @@ pub const BLOCK_BYTES: u64 = 4096;
 pub const META_SLOT_BYTES: u64 = BLOCK_BYTES;
 /// Bytes before the ring: slot 0 at 0, slot 1 at 4096.
 pub const META_AREA_BYTES: u64 = 2 * META_SLOT_BYTES;
-/// Bytes of a slot covered by its layout and checksum: the whole block (format 2).
+/// Bytes of a slot covered by its layout and checksum: the whole block (since format 2).
 pub const META_ENCODED_BYTES: usize = META_SLOT_BYTES as usize;
 /// Bytes a format-1 slot covered (the rest of its block is zero).
 pub const META_V1_ENCODED_BYTES: usize = 512;
@@ -195,6 +197,13 @@ fn get_u32(buf: &[u8], at: usize) -> u32 {
 }
 fn get_u64(buf: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(get(buf, at))
+}
+/// The low 7 bytes of a little-endian u64 (a format-3 activity-log extent index).
+fn get_u56(buf: &[u8], at: usize) -> u64 {
+    let low: [u8; 7] = get(buf, at);
+    let mut all = [0u8; 8];
+    all[..7].copy_from_slice(&low);
+    u64::from_le_bytes(all)
 }
 
 fn all_zero(bytes: &[u8]) -> bool {
@@ -519,7 +528,7 @@ pub fn check_al_extent_bytes(bytes: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// One metadata slot: the whole 4096-byte block (format 2). See FORMAT.md "Metadata slot".
+/// One metadata slot: the whole 4096-byte block (format 3). See FORMAT.md "Metadata slot".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MetaSlot {
     pub uuid: [u8; 16],
@@ -552,10 +561,13 @@ pub struct MetaSlot {
     pub features: u64,
     pub identity: Identity,
     pub activity_log: ActivityLogState,
+    /// Per slink: the caller's drop floor (format 3; None in older slots). The replog gives it
+    /// no meaning; it is cleared when the slink is registered or unregistered.
+    pub drop_floors: [Option<u64>; SLOTS_CURSORS],
 }
 
-// Byte offsets of the format-2 fields (FORMAT.md "Metadata slot"). Those below 240 are the
-// format-1 offsets, unchanged.
+// Byte offsets of the format-2 and format-3 fields (FORMAT.md "Metadata slot"). Those below
+// 240 are the format-1 offsets, unchanged.
 const M_RESYNC_SEQS: usize = 240;
 const M_FEATURES: usize = 368;
 const M_ROLE: usize = 376;
@@ -563,22 +575,60 @@ const M_BOUND: usize = 377;
 const M_PEER_SITE_LEN: usize = 378;
 const M_EPOCH_COUNT: usize = 379;
 const M_AL_COUNT: usize = 380;
+/// Format 3: bit i set = slink i has a drop floor (reserved zero in format 2).
+const M_DROP_FLOOR_SET: usize = 382;
 const M_PEER_GROUP_UUID: usize = 384;
 const M_PEER_SITE_ID: usize = 400;
 const M_AL_EXTENT_BYTES: usize = 464;
 const M_EPOCHS: usize = 480;
 const EPOCH_ENTRY_BYTES: usize = 16;
 const M_AL_EXTENTS: usize = M_EPOCHS + EPOCH_HISTORY_MAX * EPOCH_ENTRY_BYTES;
-const AL_ENTRY_BYTES: usize = 12;
-const M_AL_END: usize = M_AL_EXTENTS + AL_EXTENTS_MAX * AL_ENTRY_BYTES;
 const META_V1_CRC_AT: usize = META_V1_ENCODED_BYTES - 4;
 
-// The layout must fit the slot with its checksum last; checked at compile time.
-const _: () = assert!(M_AL_EXTENTS == 992 && M_AL_END == 4064 && M_AL_END <= META_CRC_AT);
+/// Where the two activity-log encodings differ: format 2 stores (device u32, extent u64) in
+/// 12 bytes; format 3 stores the extent in 7 bytes (an extent index is below 2^52, since
+/// `extent * al_extent_bytes < 2^64` and `al_extent_bytes >= 2^12`), which frees the room for
+/// the drop floors after it.
+#[derive(Clone, Copy)]
+struct Layout {
+    version: u16,
+    al_entry_bytes: usize,
+    al_extent_bytes_stored: usize,
+    al_end: usize,
+    /// Offset of `drop_floors[16]`; None in format 2.
+    drop_floors: Option<usize>,
+    reserved: &'static [std::ops::Range<usize>],
+}
 
-/// Reserved (zero) byte ranges of a format-2 slot.
-const META_RESERVED: [std::ops::Range<usize>; 5] =
-    [10..12, 106..112, 382..384, 472..480, M_AL_END..META_CRC_AT];
+const AL_END_V2: usize = M_AL_EXTENTS + AL_EXTENTS_MAX * 12;
+const AL_END_V3: usize = M_AL_EXTENTS + AL_EXTENTS_MAX * 11;
+const M_DROP_FLOORS: usize = AL_END_V3;
+const DROP_FLOORS_END: usize = M_DROP_FLOORS + 8 * SLOTS_CURSORS;
+
+const LAYOUT_V2: Layout = Layout {
+    version: FORMAT_VERSION_V2,
+    al_entry_bytes: 12,
+    al_extent_bytes_stored: 8,
+    al_end: AL_END_V2,
+    drop_floors: None,
+    reserved: &[10..12, 106..112, 382..384, 472..480, AL_END_V2..META_CRC_AT],
+};
+
+const LAYOUT_V3: Layout = Layout {
+    version: FORMAT_VERSION,
+    al_entry_bytes: 11,
+    al_extent_bytes_stored: 7,
+    al_end: AL_END_V3,
+    drop_floors: Some(M_DROP_FLOORS),
+    reserved: &[10..12, 106..112, 472..480, DROP_FLOORS_END..META_CRC_AT],
+};
+
+// The layouts must fit the slot with its checksum last; checked at compile time.
+const _: () = assert!(M_AL_EXTENTS == 992 && AL_END_V2 == 4064 && AL_END_V2 <= META_CRC_AT);
+const _: () =
+    assert!(AL_END_V3 == 3808 && DROP_FLOORS_END == 3936 && DROP_FLOORS_END <= META_CRC_AT);
+// A format-3 extent index fits its 7 bytes: below 2^64 / AL_EXTENT_BYTES_MIN.
+const _: () = assert!(AL_EXTENT_BYTES_MIN >= 1 << 8);
 
 fn range_zero(b: &[u8], r: std::ops::Range<usize>) -> bool {
     all_zero(b.get(r).unwrap_or_default())
@@ -613,6 +663,7 @@ impl MetaSlot {
             features: 0,
             identity: Identity::default(),
             activity_log: ActivityLogState::default(),
+            drop_floors: [None; SLOTS_CURSORS],
         }
     }
 
@@ -639,12 +690,25 @@ impl MetaSlot {
         }
     }
 
-    /// The whole 4096-byte slot (format 2), checksum included. Lists longer than the format
+    /// The whole 4096-byte slot (format 3), checksum included. Lists longer than the format
     /// allows are cut at their bound (never happens for a slot that passes [`MetaSlot::check`],
     /// which every write checks first).
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_as(&LAYOUT_V3)
+    }
+
+    /// The slot a format-2 build wrote, or None when it has a drop floor (format 2 cannot say
+    /// that). Production never writes format 2: this builds the images the upgrade tests open.
+    pub fn encode_v2(&self) -> Option<Vec<u8>> {
+        if self.drop_floors.iter().any(Option::is_some) {
+            return None;
+        }
+        Some(self.encode_as(&LAYOUT_V2))
+    }
+
+    fn encode_as(&self, layout: &Layout) -> Vec<u8> {
         let mut out = vec![0u8; META_ENCODED_BYTES];
-        self.encode_common(&mut out, FORMAT_VERSION);
+        self.encode_common(&mut out, layout.version);
         for (i, seq) in self.resync_seqs.iter().enumerate() {
             put(&mut out, M_RESYNC_SEQS + 8 * i, &seq.to_le_bytes());
         }
@@ -675,9 +739,26 @@ impl MetaSlot {
             put(&mut out, at + 8, &e.start_lsn.to_le_bytes());
         }
         for (i, (device, extent)) in extents.iter().enumerate() {
-            let at = M_AL_EXTENTS + AL_ENTRY_BYTES * i;
+            let at = M_AL_EXTENTS + layout.al_entry_bytes * i;
             put(&mut out, at, &device.to_le_bytes());
-            put(&mut out, at + 4, &extent.to_le_bytes());
+            let extent = extent.to_le_bytes();
+            put(
+                &mut out,
+                at + 4,
+                extent
+                    .get(..layout.al_extent_bytes_stored)
+                    .unwrap_or(&extent),
+            );
+        }
+        if let Some(floors_at) = layout.drop_floors {
+            let mut set = 0u16;
+            for (i, floor) in self.drop_floors.iter().enumerate() {
+                if let Some(floor) = floor {
+                    set |= 1 << i;
+                    put(&mut out, floors_at + 8 * i, &floor.to_le_bytes());
+                }
+            }
+            put(&mut out, M_DROP_FLOOR_SET, &set.to_le_bytes());
         }
         let crc = crc32c::crc32c(out.get(..META_CRC_AT).unwrap_or_default());
         put(&mut out, META_CRC_AT, &crc.to_le_bytes());
@@ -689,6 +770,7 @@ impl MetaSlot {
     /// the upgrade tests open.
     pub fn encode_v1(&self) -> Option<[u8; META_V1_ENCODED_BYTES]> {
         let v1_expressible = self.resync_seqs == [0; SLOTS_CURSORS]
+            && self.drop_floors == [None; SLOTS_CURSORS]
             && self.features == 0
             && self.identity == Identity::default()
             && self.activity_log == ActivityLogState::default();
@@ -707,8 +789,9 @@ impl MetaSlot {
         MetaSlot::decode_versioned(bytes).map(|(m, _)| m)
     }
 
-    /// [`MetaSlot::decode`] that also says which format version the slot was written in (1 or
-    /// 2). A format-1 slot decodes with the defaults of the format-2 fields.
+    /// [`MetaSlot::decode`] that also says which format version the slot was written in (1, 2
+    /// or 3). A format-1 slot decodes with the defaults of the later fields, a format-2 slot
+    /// with no drop floors.
     pub fn decode_versioned(bytes: &[u8]) -> Result<(MetaSlot, u16), HeaderFault> {
         let Some(head) = bytes.get(..META_V1_ENCODED_BYTES) else {
             return Err(HeaderFault::Short);
@@ -722,7 +805,10 @@ impl MetaSlot {
         }
         match get_u16(head, 8) {
             FORMAT_VERSION_V1 => MetaSlot::decode_v1(slot).map(|m| (m, FORMAT_VERSION_V1)),
-            FORMAT_VERSION => MetaSlot::decode_v2(slot).map(|m| (m, FORMAT_VERSION)),
+            FORMAT_VERSION_V2 => {
+                MetaSlot::decode_v2(slot, &LAYOUT_V2).map(|m| (m, FORMAT_VERSION_V2))
+            }
+            FORMAT_VERSION => MetaSlot::decode_v2(slot, &LAYOUT_V3).map(|m| (m, FORMAT_VERSION)),
             other => {
                 // Every version keeps the magic, the version at 8 and a crc32c of the bytes
                 // before it at the end of its layout (512 in format 1, 4096 since): a valid
@@ -761,6 +847,7 @@ impl MetaSlot {
             features: 0,
             identity: Identity::default(),
             activity_log: ActivityLogState::default(),
+            drop_floors: [None; SLOTS_CURSORS],
         }
     }
 
@@ -785,14 +872,15 @@ impl MetaSlot {
         Ok(MetaSlot::decode_common(slot))
     }
 
-    fn decode_v2(b: &[u8]) -> Result<MetaSlot, HeaderFault> {
+    /// A format-2 or format-3 slot (they differ in `layout` only).
+    fn decode_v2(b: &[u8], layout: &Layout) -> Result<MetaSlot, HeaderFault> {
         if b.len() < META_ENCODED_BYTES {
             return Err(HeaderFault::Short);
         }
         if !crc_ok(b, META_CRC_AT) {
             return Err(HeaderFault::BadCrc);
         }
-        if META_RESERVED.iter().any(|r| !range_zero(b, r.clone())) {
+        if layout.reserved.iter().any(|r| !range_zero(b, r.clone())) {
             return Err(HeaderFault::Malformed("reserved metadata bytes not zero"));
         }
         let features = get_u64(b, M_FEATURES);
@@ -860,14 +948,34 @@ impl MetaSlot {
         }
         let extents: Vec<(u32, u64)> = (0..al_count)
             .map(|i| {
-                let at = M_AL_EXTENTS + AL_ENTRY_BYTES * i;
-                (get_u32(b, at), get_u64(b, at + 4))
+                let at = M_AL_EXTENTS + layout.al_entry_bytes * i;
+                let extent = if layout.al_extent_bytes_stored == 8 {
+                    get_u64(b, at + 4)
+                } else {
+                    get_u56(b, at + 4)
+                };
+                (get_u32(b, at), extent)
             })
             .collect();
-        if !range_zero(b, M_AL_EXTENTS + AL_ENTRY_BYTES * al_count..M_AL_END) {
+        if !range_zero(
+            b,
+            M_AL_EXTENTS + layout.al_entry_bytes * al_count..layout.al_end,
+        ) {
             return Err(HeaderFault::Malformed(
                 "unused activity log entries not zero",
             ));
+        }
+        let mut drop_floors = [None; SLOTS_CURSORS];
+        if let Some(floors_at) = layout.drop_floors {
+            let set = get_u16(b, M_DROP_FLOOR_SET);
+            for (i, floor) in drop_floors.iter_mut().enumerate() {
+                let at = floors_at + 8 * i;
+                if set & (1 << i) != 0 {
+                    *floor = Some(get_u64(b, at));
+                } else if !range_zero(b, at..at + 8) {
+                    return Err(HeaderFault::Malformed("unset drop floor not zero"));
+                }
+            }
         }
         let mut resync_seqs = [0u64; SLOTS_CURSORS];
         for (i, seq) in resync_seqs.iter_mut().enumerate() {
@@ -885,6 +993,7 @@ impl MetaSlot {
                 extent_bytes: get_u64(b, M_AL_EXTENT_BYTES),
                 extents,
             },
+            drop_floors,
             ..MetaSlot::decode_common(b)
         };
         if slot.identity.check().is_err() {
@@ -898,7 +1007,8 @@ impl MetaSlot {
         Ok(slot)
     }
 
-    /// Checks the format-2 fields (features, identity, activity log); `Err` names the field.
+    /// Checks the format-2 fields (features, identity, activity log; drop floors have no rule);
+    /// `Err` names the field.
     /// Every metadata write checks this first, so nothing decode would refuse reaches the disk.
     pub fn check(&self) -> Result<(), String> {
         if self.features & !FEATURES_KNOWN != 0 {
@@ -1053,7 +1163,7 @@ mod tests {
         }
     }
 
-    /// Re-seals a format-2 slot after a field was changed, so the field check (not the crc)
+    /// Re-seals a slot after a field was changed, so the field check (not the crc)
     /// must refuse it.
     fn reseal(mut b: Vec<u8>) -> Vec<u8> {
         let crc = crc32c::crc32c(b.get(..META_CRC_AT).unwrap_or_default());
@@ -1072,7 +1182,7 @@ mod tests {
         let m = sample_meta();
         let bytes = m.encode();
         assert_eq!(bytes.len(), META_ENCODED_BYTES);
-        assert_eq!(MetaSlot::decode_versioned(&bytes), Ok((m.clone(), 2)));
+        assert_eq!(MetaSlot::decode_versioned(&bytes), Ok((m.clone(), 3)));
         assert_eq!(m.check_geometry(), Ok(()));
         assert_eq!(m.check(), Ok(()));
         let mut bad = bytes.clone();
@@ -1123,14 +1233,18 @@ mod tests {
             "unused AL entry not zero"
         );
         assert!(
-            malformed(with_byte(M_AL_EXTENTS + 12, 9)),
+            malformed(with_byte(M_AL_EXTENTS + 11, 9)),
             "AL not ascending"
+        );
+        assert!(
+            malformed(with_byte(M_DROP_FLOORS + 8 * 3, 1)),
+            "a floor whose bit is clear is not zero"
         );
         assert!(
             malformed(with_byte(M_AL_EXTENT_BYTES, 1)),
             "AL extent not a power of two"
         );
-        for r in META_RESERVED {
+        for r in LAYOUT_V3.reserved {
             assert!(
                 malformed(with_byte(r.start, 1)),
                 "reserved byte {}",
@@ -1147,13 +1261,52 @@ mod tests {
             Err(HeaderFault::UnknownFeatures(0b10))
         );
         assert_eq!(
-            MetaSlot::decode(&with_byte(8, 3)),
-            Err(HeaderFault::UnsupportedVersion(3))
+            MetaSlot::decode(&with_byte(8, 4)),
+            Err(HeaderFault::UnsupportedVersion(4))
         );
-        // Version 3 without a valid checksum anywhere is garbage, not a newer slot.
-        let mut b = with_byte(8, 3);
+        // Version 4 without a valid checksum anywhere is garbage, not a newer slot.
+        let mut b = with_byte(8, 4);
         put(&mut b, META_CRC_AT, &[0, 0, 0, 0]);
         assert_eq!(MetaSlot::decode(&b), Err(HeaderFault::BadCrc));
+    }
+
+    #[test]
+    fn drop_floors_round_trip_including_zero_and_the_largest_lsn() {
+        let mut m = sample_meta();
+        m.drop_floors[0] = Some(0);
+        m.drop_floors[1] = Some(u64::MAX);
+        m.drop_floors[15] = Some(12345);
+        let bytes = m.encode();
+        assert_eq!(get_u16(&bytes, M_DROP_FLOOR_SET), 0b1000_0000_0000_0011);
+        assert_eq!(MetaSlot::decode_versioned(&bytes), Ok((m.clone(), 3)));
+        assert!(m.encode_v2().is_none(), "format 2 cannot say it");
+        // A set bit with a zero floor is floor 0, not "none".
+        let mut only_zero = sample_meta();
+        only_zero.drop_floors[4] = Some(0);
+        assert_eq!(
+            MetaSlot::decode(&only_zero.encode()).map(|d| d.drop_floors[4]),
+            Ok(Some(0))
+        );
+    }
+
+    #[test]
+    fn v2_slots_decode_with_no_drop_floors_and_their_own_activity_log_layout() {
+        let mut m = sample_meta();
+        // The largest extent index any valid slot can hold: 7 bytes in format 3, 8 in format 2.
+        m.activity_log.extent_bytes = AL_EXTENT_BYTES_MIN;
+        m.activity_log.extents = vec![(0, 3), (7, (u64::MAX / AL_EXTENT_BYTES_MIN) - 1)];
+        assert_eq!(m.check(), Ok(()));
+        let v2 = m.encode_v2().unwrap_or_default();
+        assert_eq!(get_u16(&v2, 8), 2);
+        assert_eq!(MetaSlot::decode_versioned(&v2), Ok((m.clone(), 2)));
+        assert_eq!(MetaSlot::decode_versioned(&m.encode()), Ok((m.clone(), 3)));
+        // Format 2 kept bytes 382..384 reserved: a drop floor bit there is refused.
+        let mut b = v2.clone();
+        put(&mut b, M_DROP_FLOOR_SET, &[1]);
+        assert!(matches!(
+            MetaSlot::decode(&reseal(b)),
+            Err(HeaderFault::Malformed(_))
+        ));
     }
 
     #[test]

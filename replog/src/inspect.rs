@@ -22,6 +22,8 @@ pub struct SlinkInspection {
     pub lag: Lag,
     /// Resync sequence high-water mark.
     pub resync_seq: u64,
+    /// The caller's drop floor (format 3), None when none is set.
+    pub drop_floor: Option<Lsn>,
 }
 
 /// The peer group binding as seen on disk, uuid in hex.
@@ -118,6 +120,7 @@ pub fn inspect_storage(
                 cursor,
                 lag: index.lag_above(cursor),
                 resync_seq: m.resync_seqs.get(i).copied().unwrap_or(0),
+                drop_floor: m.drop_floors.get(i).copied().flatten(),
             })
         })
         .collect();

@@ -243,11 +243,13 @@ pub(crate) struct MetaState {
     pub persisted: Persisted,
 }
 
-/// The format-2 fields: what the group's identity needs across restarts, plus the activity
-/// log. Written with every metadata write; changed only through `Replog::update_persisted`.
+/// The format-2 and format-3 fields: what the group's identity needs across restarts, the
+/// activity log and the slinks' drop floors. Written with every metadata write; changed only
+/// through `Replog::update_persisted` (and cleared drop floors by (un)registering a slink).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Persisted {
     pub resync_seqs: [u64; MAX_SLINKS],
+    pub drop_floors: [Option<Lsn>; MAX_SLINKS],
     pub features: u64,
     pub identity: Identity,
     pub activity_log: ActivityLogState,
@@ -257,6 +259,7 @@ impl Persisted {
     fn from_slot(m: &MetaSlot) -> Persisted {
         Persisted {
             resync_seqs: m.resync_seqs,
+            drop_floors: m.drop_floors,
             features: m.features,
             identity: m.identity.clone(),
             activity_log: m.activity_log.clone(),
@@ -344,6 +347,7 @@ impl Inner {
             features: meta.persisted.features,
             identity: meta.persisted.identity.clone(),
             activity_log: meta.persisted.activity_log.clone(),
+            drop_floors: meta.persisted.drop_floors,
         }
     }
 
@@ -541,9 +545,9 @@ impl Replog {
             read_buffer: Mutex::new(None),
         });
         // Bump the generation durably before any append (this sync also makes the scanned
-        // chain durable, so nothing this writer builds on can vanish). A format-1 replog is
-        // upgraded by this same write: it is written in format 2 with every field format 1
-        // had, and the defaults (FORMAT.md "Version history") for the rest.
+        // chain durable, so nothing this writer builds on can vanish). A format-1 or format-2
+        // replog is upgraded by this same write: it is written in format 3 with every field the
+        // old format had, and the defaults (FORMAT.md "Version history") for the rest.
         {
             let mut meta_state = lock(&inner.meta);
             let next = meta_state.clone();
@@ -1001,6 +1005,11 @@ impl Replog {
         let i = Replog::check_slink(slink)?;
         let mut meta_state = lock(&self.inner.meta);
         let mut next = meta_state.clone();
+        // A floor belongs to the slink's past: a slink registered again starts without one
+        // (a stale floor could be lower than what the new site lacks).
+        if let Some(f) = next.persisted.drop_floors.get_mut(i) {
+            *f = None;
+        }
         match value {
             Some(lsn) => {
                 next.registered |= 1 << i;

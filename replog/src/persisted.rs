@@ -1,6 +1,6 @@
-//! The group state the replog keeps durably for the core (format 2): role, epoch history,
-//! binding to a peer group, per-slink resync sequence high-water marks, feature flags and the
-//! activity log.
+//! The group state the replog keeps durably for the core (formats 2 and 3): role, epoch
+//! history, binding to a peer group, per-slink resync sequence high-water marks and drop floors,
+//! feature flags and the activity log.
 //!
 //! The replog decides nothing here: it checks that a value fits the format (bounds, order,
 //! known bits) and stores it. Every setter writes the whole metadata slot (all fields, the other
@@ -155,6 +155,32 @@ impl Replog {
             Ok(())
         })?;
         Ok(mark)
+    }
+
+    /// A slink's drop floor (None until set, after a clear, and in a replog of format 1 or 2).
+    /// The replog gives it no meaning: the caller stores what it needs to decide, after a
+    /// restart, whether a site lacks entries that are neither in the ring nor dirty.
+    pub fn drop_floor(&self, slink: u8) -> Result<Option<Lsn>> {
+        let i = Replog::check_slink(slink)?;
+        Ok(lock(&self.inner().published)
+            .drop_floors
+            .get(i)
+            .copied()
+            .flatten())
+    }
+
+    /// Sets (Some) or clears (None) a slink's drop floor. Durable when it returns; on an error
+    /// the floor on disk is the old one or the new one (the slot write is all or nothing) and
+    /// [`Replog::drop_floor`] still says the old one. Registering or unregistering the slink
+    /// clears it too.
+    pub fn set_drop_floor(&self, slink: u8, floor: Option<Lsn>) -> Result<()> {
+        let i = Replog::check_slink(slink)?;
+        self.update_persisted(|p| {
+            if let Some(f) = p.drop_floors.get_mut(i) {
+                *f = floor;
+            }
+            Ok(())
+        })
     }
 
     /// Feature bits (see [`crate::format::FEATURES_KNOWN`]).

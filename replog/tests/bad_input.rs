@@ -95,10 +95,10 @@ fn newest_slot(image: &[u8]) -> usize {
 #[test]
 fn other_format_version_is_refused() {
     let mut image = valid_image();
-    // Only the newest slot says version 3: the other, older one is valid, and open must still
+    // Only the newest slot says version 4: the other, older one is valid, and open must still
     // refuse rather than roll back to it.
     let at = newest_slot(&image) * 4096;
-    image[at + 8] = 3; // version 3
+    image[at + 8] = 4; // version 4
     let crc = crc32c::crc32c(&image[at..at + 4092]);
     image[at + 4092..at + 4096].copy_from_slice(&crc.to_le_bytes());
     let err = open_image(image.clone()).err().unwrap();
@@ -106,18 +106,18 @@ fn other_format_version_is_refused() {
         matches!(
             err,
             Error::UnsupportedVersion {
-                found: 3,
-                supported: 2
+                found: 4,
+                supported: 3
             }
         ),
         "{err}"
     );
-    assert!(err.to_string().contains("version 3"), "{err}");
+    assert!(err.to_string().contains("version 4"), "{err}");
     assert!(err.to_string().contains("newer build"), "{err}");
     let disk = MemDisk::from_image(image, 512);
     let err = replog::inspect_storage(disk.as_ref(), 0, 10).err().unwrap();
     assert!(
-        matches!(err, Error::UnsupportedVersion { found: 3, .. }),
+        matches!(err, Error::UnsupportedVersion { found: 4, .. }),
         "{err}"
     );
 }

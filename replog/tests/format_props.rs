@@ -75,6 +75,7 @@ fn meta_slot() -> impl Strategy<Value = MetaSlot> {
         any::<bool>(),
         identity(),
         activity_log(),
+        any::<[Option<u64>; 16]>(),
     )
         .prop_map(
             |(
@@ -90,6 +91,7 @@ fn meta_slot() -> impl Strategy<Value = MetaSlot> {
                 al_feature,
                 identity,
                 activity_log,
+                drop_floors,
             )| MetaSlot {
                 sequence,
                 generation,
@@ -103,6 +105,7 @@ fn meta_slot() -> impl Strategy<Value = MetaSlot> {
                 features: if al_feature { FEATURE_ACTIVITY_LOG } else { 0 },
                 identity,
                 activity_log,
+                drop_floors,
                 ..MetaSlot::fresh(uuid, ring_bytes, sequence ^ 0x5555)
             },
         )
@@ -117,7 +120,10 @@ proptest! {
         prop_assert_eq!(m.check_geometry(), Ok(()));
         let bytes = m.encode();
         prop_assert_eq!(bytes.len(), 4096);
-        prop_assert_eq!(MetaSlot::decode_versioned(&bytes), Ok((m, 2)));
+        prop_assert_eq!(MetaSlot::decode_versioned(&bytes), Ok((m.clone(), 3)));
+        // Without drop floors, format 2 says the same (the upgrade tests build such images).
+        let v2 = MetaSlot { drop_floors: [None; 16], ..m };
+        prop_assert_eq!(MetaSlot::decode_versioned(&v2.encode_v2().unwrap()), Ok((v2, 2)));
     }
 
     #[test]
@@ -157,6 +163,7 @@ proptest! {
             features: 0,
             identity: Identity::default(),
             activity_log: ActivityLogState::default(),
+            drop_floors: [None; 16],
             ..m
         };
         let bytes = v1.encode_v1().unwrap();

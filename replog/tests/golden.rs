@@ -65,6 +65,7 @@ fn golden_meta_v1() -> MetaSlot {
         features: 0,
         identity: Identity::default(),
         activity_log: ActivityLogState::default(),
+        drop_floors: [None; 16],
     }
 }
 
@@ -185,7 +186,9 @@ fn golden_meta_v2() -> MetaSlot {
     }
 }
 
-/// The format-2 slot vector: (offset, bytes) rows; every byte not listed is zero.
+/// The format-2 slot vector (what a format-2 build wrote; this build decodes it with no drop
+/// floors and, only to build upgrade-test images, can still encode it): (offset, bytes) rows;
+/// every byte not listed is zero.
 const META_V2_ROWS: &[(usize, &str)] = &[
     (
         0,
@@ -249,9 +252,9 @@ const META_V2_ROWS: &[(usize, &str)] = &[
     ),
 ];
 
-fn meta_v2_bytes() -> Vec<u8> {
+fn slot_bytes(rows: &[(usize, &str)]) -> Vec<u8> {
     let mut bytes = vec![0u8; 4096];
-    for (at, row) in META_V2_ROWS {
+    for (at, row) in rows {
         let row = unhex(row);
         bytes[*at..*at + row.len()].copy_from_slice(&row);
     }
@@ -260,8 +263,8 @@ fn meta_v2_bytes() -> Vec<u8> {
 
 #[test]
 fn metadata_slot_v2_vector() {
-    let bytes = meta_v2_bytes();
-    assert_eq!(golden_meta_v2().encode(), bytes, "encode");
+    let bytes = slot_bytes(META_V2_ROWS);
+    assert_eq!(golden_meta_v2().encode_v2().unwrap(), bytes, "encode");
     assert_eq!(
         MetaSlot::decode_versioned(&bytes).unwrap(),
         (golden_meta_v2(), 2),
@@ -305,5 +308,131 @@ fn metadata_slot_v2_vector() {
     assert_eq!(
         &bytes[4092..4096],
         &crc32c::crc32c(&bytes[..4092]).to_le_bytes()
+    );
+}
+
+/// The format-3 slot: the format-2 example with drop floors for slinks 1, 2 (floor 0, which a
+/// set bit tells apart from none) and 15. The activity log moved to 11-byte entries.
+fn golden_meta_v3() -> MetaSlot {
+    let mut drop_floors = [None; 16];
+    drop_floors[1] = Some(1200);
+    drop_floors[2] = Some(0);
+    drop_floors[15] = Some(0x0a0b_0c0d_0e0f_1011);
+    MetaSlot {
+        sequence: 44,
+        drop_floors,
+        ..golden_meta_v2()
+    }
+}
+
+/// The format-3 slot vector: (offset, bytes) rows; every byte not listed is zero.
+const META_V3_ROWS: &[(usize, &str)] = &[
+    (
+        0,
+        "52504c47 4d455441 03000000 00100000 30313233 34353637 38396162 63646566",
+    ),
+    (
+        32,
+        "2c000000 00000000 00201000 00000000 00200000 00000000 00001000 00000000",
+    ),
+    (
+        64,
+        "0a000000 08000000 80002000 00000000 e8030000 00000000 00402000 00000000",
+    ),
+    (
+        96,
+        "00002a36 fe9c9717 05800000 00000000 e8030000 00000000 00000000 00000000",
+    ),
+    (
+        128,
+        "dc050000 00000000 00000000 00000000 00000000 00000000 00000000 00000000",
+    ),
+    (
+        224,
+        "00000000 00000000 d2040000 00000000 07000000 00000000 00000000 00000000",
+    ),
+    (
+        256,
+        "08070605 04030201 00000000 00000000 00000000 00000000 00000000 00000000",
+    ),
+    (
+        352,
+        "00000000 00000000 63000000 00000000 01000000 00000000 02010703 03000680",
+    ),
+    (
+        384,
+        "66656463 62613938 37363534 33323130 70617269 732d3200 00000000 00000000",
+    ),
+    (
+        448,
+        "00000000 00000000 00000000 00000000 00004000 00000000 00000000 00000000",
+    ),
+    (
+        480,
+        "01000000 00000000 01000000 00000000 02000000 00000000 e9030000 00000000",
+    ),
+    (
+        512,
+        "05000000 00000000 00000000 01000000 00000000 00000000 00000000 00000000",
+    ),
+    (
+        992,
+        "00000000 00000000 00000000 00000005 00000000 00000300 00000000 00000100",
+    ),
+    (
+        3808,
+        "00000000 00000000 b0040000 00000000 00000000 00000000 00000000 00000000",
+    ),
+    (
+        3904,
+        "00000000 00000000 00000000 00000000 00000000 00000000 11100f0e 0d0c0b0a",
+    ),
+    (
+        4064,
+        "00000000 00000000 00000000 00000000 00000000 00000000 00000000 b9ea6391",
+    ),
+];
+
+#[test]
+fn metadata_slot_v3_vector() {
+    let bytes = slot_bytes(META_V3_ROWS);
+    assert_eq!(golden_meta_v3().encode(), bytes, "encode");
+    assert_eq!(
+        MetaSlot::decode_versioned(&bytes).unwrap(),
+        (golden_meta_v3(), 3),
+        "decode"
+    );
+    // Spot checks against FORMAT.md offsets (little-endian).
+    assert_eq!(&bytes[8..10], &[3, 0]);
+    // Fields before the activity log keep their format-2 offsets.
+    assert_eq!(&bytes[240..248], &7u64.to_le_bytes(), "resync_seqs[0]");
+    assert_eq!(&bytes[380..382], &3u16.to_le_bytes(), "activity log count");
+    assert_eq!(
+        &bytes[382..384],
+        &0b1000_0000_0000_0110u16.to_le_bytes(),
+        "drop_floor_set: slinks 1, 2, 15"
+    );
+    // Activity log entries: device u32 + extent in 7 bytes, 11 bytes each from 992.
+    assert_eq!(&bytes[1003..1007], &0u32.to_le_bytes(), "al[1].device");
+    assert_eq!(&bytes[1007..1014], &5u64.to_le_bytes()[..7], "al[1].extent");
+    assert_eq!(&bytes[1014..1018], &3u32.to_le_bytes(), "al[2].device");
+    assert_eq!(&bytes[1018..1025], &0x1_0000_0000u64.to_le_bytes()[..7]);
+    assert!(bytes[1025..3808].iter().all(|b| *b == 0), "unused entries");
+    // drop_floors[16] from 3808; slink 2's floor 0 is told apart from none by its bit.
+    assert_eq!(&bytes[3816..3824], &1200u64.to_le_bytes(), "drop_floors[1]");
+    assert_eq!(&bytes[3824..3832], &[0; 8], "drop_floors[2] = 0");
+    assert_eq!(
+        &bytes[3928..3936],
+        &0x0a0b_0c0d_0e0f_1011u64.to_le_bytes(),
+        "drop_floors[15]"
+    );
+    assert!(bytes[3936..4092].iter().all(|b| *b == 0), "reserved");
+    assert_eq!(
+        &bytes[4092..4096],
+        &crc32c::crc32c(&bytes[..4092]).to_le_bytes()
+    );
+    assert!(
+        golden_meta_v3().encode_v2().is_none(),
+        "format 2 cannot say it"
     );
 }

@@ -46,6 +46,7 @@ struct Snapshot {
     features: u64,
     al: replog::ActivityLogState,
     cursors: Vec<Option<u64>>,
+    drop_floors: Vec<Option<u64>>,
 }
 
 fn snapshot(log: &Replog) -> Snapshot {
@@ -57,6 +58,7 @@ fn snapshot(log: &Replog) -> Snapshot {
         features: log.features(),
         al: log.activity_log(),
         cursors: (0..16).map(|s| log.cursor(s)).collect(),
+        drop_floors: (0..16).map(|s| log.drop_floor(s).unwrap()).collect(),
     }
 }
 
@@ -75,6 +77,8 @@ fn a_fresh_replog_has_no_identity() {
     assert_eq!(log.binding(), None);
     assert_eq!(log.features(), 0);
     assert_eq!(log.resync_seq(3).unwrap(), 0);
+    assert_eq!(log.drop_floor(3).unwrap(), None);
+    assert!(matches!(log.drop_floor(16), Err(Error::BadSlink { .. })));
     let al = log.activity_log();
     assert_eq!((al.extent_bytes, al.extents.len()), (4 << 20, 0));
     assert!(matches!(log.resync_seq(16), Err(Error::BadSlink { .. })));
@@ -110,8 +114,10 @@ fn every_setter_survives_a_reopen_of_the_file() {
             .unwrap();
     }
     log.set_cursor(2, 3).unwrap();
+    log.set_drop_floor(2, Some(1)).unwrap();
     log.reclaim().unwrap();
     let before = snapshot(&log);
+    assert_eq!(before.drop_floors[2], Some(1));
     assert_eq!(
         before.al.extents,
         vec![(0, 2), (0, 4), (1, 9)],
@@ -127,10 +133,10 @@ fn every_setter_survives_a_reopen_of_the_file() {
     );
     drop(log);
     let (log, report) = Replog::open(&path, &OpenOptions::default()).unwrap();
-    assert_eq!(report.metadata_version_found, 2);
+    assert_eq!(report.metadata_version_found, 3);
     assert_eq!(snapshot(&log), before);
     let ins = Replog::inspect(&path, 0, 0).unwrap();
-    assert_eq!(ins.format_version, 2);
+    assert_eq!(ins.format_version, 3);
     assert_eq!(ins.role, Role::Primary);
     assert_eq!(ins.epochs.len(), 2);
     assert_eq!(ins.binding.as_ref().unwrap().peer_site_id, "site-b");
@@ -141,6 +147,7 @@ fn every_setter_survives_a_reopen_of_the_file() {
     assert_eq!(ins.feature_names, vec!["activity_log"]);
     assert_eq!(ins.activity_log, vec![(0, 2), (0, 4), (1, 9)]);
     assert_eq!(ins.slinks[0].resync_seq, 17);
+    assert_eq!(ins.slinks[0].drop_floor, Some(1));
     let json = serde_json::to_string(&ins).unwrap();
     assert!(json.contains("\"role\":\"Primary\""), "{json}");
 }
@@ -392,14 +399,73 @@ fn a_format_1_replog_opens_and_is_upgraded_in_place() {
         })
         .collect();
     let newest = versions.iter().max().unwrap();
-    assert_eq!(newest.1, 2, "{versions:?}");
+    assert_eq!(newest.1, 3, "{versions:?}");
     assert!(versions.iter().any(|(_, v)| *v == 1), "{versions:?}");
     log.set_role(Role::Primary).unwrap();
     drop(log);
     let (log, report) = Replog::open_on(MemDisk::from_image(disk.durable_image(), 512), 0).unwrap();
-    assert_eq!(report.metadata_version_found, 2);
+    assert_eq!(report.metadata_version_found, 3);
     assert_eq!(log.role(), Role::Primary);
     assert_eq!(log.cursor(4), Some(5));
+}
+
+/// A format-2 replog (a build before drop floors) opens with no floor for any slink, keeps
+/// everything else, and its first open upgrades it to format 3; a floor set then survives.
+#[test]
+fn a_format_2_replog_opens_with_no_drop_floors_and_is_upgraded() {
+    let disk = MemDisk::new(SIZE, 512);
+    let log = Replog::create_on(disk.clone(), 0, SIZE).unwrap();
+    log.register_slink(1, 0).unwrap();
+    log.raise_resync_seq(1, 40).unwrap();
+    log.set_activity_log(&[(0, 3), (1, 1 << 40)]).unwrap();
+    for i in 0..3u8 {
+        let h = log
+            .append(write_rec(&[i; 2000]), Durability::Durable)
+            .unwrap();
+        h.wait().unwrap();
+    }
+    log.set_cursor(1, 2).unwrap();
+    let before = snapshot(&log);
+    drop(log);
+    let mut image = disk.durable_image();
+    for at in [0usize, 4096] {
+        let m = MetaSlot::decode(&image[at..at + 4096]).unwrap();
+        image[at..at + 4096].copy_from_slice(&m.encode_v2().unwrap());
+    }
+    let disk = MemDisk::from_image(image, 512);
+    let (log, report) = Replog::open_on(disk.clone(), 0).unwrap();
+    assert_eq!(report.metadata_version_found, 2);
+    assert_eq!(snapshot(&log), before, "every format-2 field survives");
+    assert!(before.drop_floors.iter().all(Option::is_none));
+    log.set_drop_floor(1, Some(2)).unwrap();
+    drop(log);
+    let (log, report) = Replog::open_on(MemDisk::from_image(disk.durable_image(), 512), 0).unwrap();
+    assert_eq!(report.metadata_version_found, 3);
+    assert_eq!(log.drop_floor(1).unwrap(), Some(2));
+    assert_eq!(log.activity_log().extents, vec![(0, 3), (1, 1 << 40)]);
+    assert_eq!(log.resync_seq(1).unwrap(), 40);
+}
+
+/// A floor is a slink's past: registering the slink again, or unregistering it, clears it in
+/// the same durable write (a stale floor could be lower than what a new site lacks).
+#[test]
+fn registering_a_slink_clears_its_drop_floor() {
+    let disk = MemDisk::new(SIZE, 512);
+    let log = Replog::create_on(disk.clone(), 0, SIZE).unwrap();
+    log.register_slink(3, 0).unwrap();
+    log.register_slink(4, 0).unwrap();
+    log.set_drop_floor(3, Some(0)).unwrap();
+    log.set_drop_floor(4, Some(7)).unwrap();
+    log.register_slink(3, 0).unwrap();
+    log.unregister_slink(4).unwrap();
+    assert_eq!(log.drop_floor(3).unwrap(), None);
+    assert_eq!(log.drop_floor(4).unwrap(), None);
+    let log = reopen_durable(&disk);
+    assert_eq!(log.drop_floor(3).unwrap(), None);
+    assert_eq!(log.drop_floor(4).unwrap(), None);
+    log.set_drop_floor(3, Some(5)).unwrap();
+    log.set_drop_floor(3, None).unwrap();
+    assert_eq!(reopen_durable(&disk).drop_floor(3).unwrap(), None);
 }
 
 /// A power loss in the middle of the upgrade write (any subset of its sectors reached the disk)
@@ -428,7 +494,7 @@ fn a_torn_upgrade_write_falls_back_to_the_format_1_slot() {
         // whole new one: then it is valid, and that is the new state, not a mix.
         let whole_new = torn[slot..slot + 4096] == upgraded[slot..slot + 4096];
         let (log, report) = Replog::open_on(MemDisk::from_image(torn, 512), 0).unwrap();
-        let expected = if whole_new { 2 } else { 1 };
+        let expected = if whole_new { 3 } else { 1 };
         torn_cases += u32::from(!whole_new);
         assert_eq!(report.metadata_version_found, expected, "mask {mask:#x}");
         assert_eq!(log.cursor(4), Some(5), "mask {mask:#x}");
@@ -539,6 +605,8 @@ fn a_torn_resync_or_cursor_write_leaves_the_old_or_the_new_value() {
     });
     check_torn_write(&disk, &log, &masks, |log| log.set_cursor(0, 0));
     check_torn_write(&disk, &log, &masks, |log| log.register_slink(9, 0));
+    check_torn_write(&disk, &log, &masks, |log| log.set_drop_floor(9, Some(3)));
+    check_torn_write(&disk, &log, &masks, |log| log.set_drop_floor(9, None));
 }
 
 #[derive(Debug, Clone)]
@@ -549,6 +617,7 @@ enum Op {
     Resync(u8, u64),
     Features(bool),
     ActivityLog(Vec<(u32, u64)>),
+    DropFloor(u8, Option<u64>),
     Append(usize),
     Cursor(u64),
 }
@@ -561,6 +630,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         (0u8..16, any::<u64>()).prop_map(|(s, q)| Op::Resync(s, q)),
         any::<bool>().prop_map(Op::Features),
         proptest::collection::vec((0u32..4, 0u64..1 << 20), 0..300).prop_map(Op::ActivityLog),
+        (0u8..16, proptest::option::of(any::<u64>())).prop_map(|(s, f)| Op::DropFloor(s, f)),
         (1usize..3000).prop_map(Op::Append),
         (0u64..10).prop_map(Op::Cursor),
     ]
@@ -580,6 +650,7 @@ fn apply(log: &Replog, op: &Op) -> replog::Result<()> {
         Op::Resync(s, q) => log.raise_resync_seq(*s, *q).map(drop),
         Op::Features(on) => log.set_features(if *on { FEATURE_ACTIVITY_LOG } else { 0 }),
         Op::ActivityLog(al) => log.set_activity_log(al),
+        Op::DropFloor(s, f) => log.set_drop_floor(*s, *f),
         Op::Append(len) => {
             let data = vec![*len as u8; *len];
             match log.append(write_rec(&data), Durability::Written) {

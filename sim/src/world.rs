@@ -262,9 +262,10 @@ struct Link {
     last_to_primary: Nanos,
     /// A handshake of the current session is on its way (hello, then the site's reply).
     connecting: bool,
-    /// The primary's `drop_floor` for this site when it last stopped (not persisted: the first
-    /// handshake after its restart counts the full resyncs that forgetting it costs).
-    forgotten_floor: Option<u64>,
+    /// The primary's `drop_floor` for this site when it last stopped: the floor its restart
+    /// restores must never be below it (checked at the restart), and the first handshake after
+    /// it counts the full resyncs a floor lost anyway costs (a write that did not make it).
+    floor_at_stop: Option<u64>,
 }
 
 struct Pending {
@@ -356,7 +357,7 @@ impl Group {
                 last_to_secondary: 0,
                 last_to_primary: 0,
                 connecting: false,
-                forgotten_floor: None,
+                floor_at_stop: None,
             })
             .collect();
         Group {
@@ -614,10 +615,20 @@ impl World {
                 .iter()
                 .map(|n| (*n, log.resync_seq(*n).unwrap_or(0)))
                 .collect(),
+            drop_floors: nrs
+                .iter()
+                .filter_map(|n| log.drop_floor(*n).ok().flatten().map(|f| (*n, f)))
+                .collect(),
+            // The simulated dirty logs keep every persisted mark.
+            marks_lost: Vec::new(),
             activity_log: log.activity_log().extents,
             consistent: site.durable.consistent,
         };
-        let (core, cmds) = Core::new(core_config(site.role), restored, self.now);
+        let role = site.role;
+        if i == PRIMARY {
+            self.check_restored_floors(g, &restored);
+        }
+        let (core, cmds) = Core::new(core_config(role), restored, self.now);
         let site = &mut self.g[g].sites[i];
         site.core = Some(core);
         site.log = Some(log);
@@ -633,6 +644,43 @@ impl World {
         self.run_commands(g, i, cmds);
         let d = self.rng.between(50, 150) * MS;
         self.at(d, Ev::Tick { g, site: i, inc });
+    }
+
+    /// A restored drop floor is never below the one the stopped core decided by (both read
+    /// against the persisted cursor, as the core reads them): a lower one would let a site that
+    /// lost acknowledged entries off with a partial resync.
+    fn check_restored_floors(&mut self, g: usize, restored: &Restored) {
+        for l in 0..self.g[g].links.len() {
+            let slink = l as u8 + 1;
+            let Some(cursor) = restored
+                .cursors
+                .iter()
+                .find(|(n, _)| *n == slink)
+                .map(|c| c.1)
+            else {
+                continue;
+            };
+            let effective = |f: Option<u64>| f.unwrap_or(cursor).min(cursor);
+            let truth = self.g[g].links[l].floor_at_stop;
+            let back = restored
+                .drop_floors
+                .iter()
+                .find(|(n, _)| *n == slink)
+                .map(|f| f.1);
+            if back.is_some() {
+                *self
+                    .stats
+                    .core_events
+                    .entry("drop-floor-restored")
+                    .or_default() += 1;
+            }
+            if effective(back) < effective(truth) {
+                self.fail(format!(
+                    "g{g} slink {slink}: restored drop floor {back:?} is below the stopped core's {truth:?} \
+                     (cursor {cursor})"
+                ));
+            }
+        }
     }
 
     /// kill -9 (power: false) or power loss (true): the process state goes; with power, so do
@@ -723,7 +771,7 @@ impl World {
             self.g[g].apply_failed.clear();
             let grp = &mut self.g[g];
             for (l, link) in grp.links.iter_mut().enumerate() {
-                link.forgotten_floor = grp.sites[PRIMARY]
+                link.floor_at_stop = grp.sites[PRIMARY]
                     .core
                     .as_ref()
                     .and_then(|c| c.slink(l as u8 + 1))
@@ -1166,6 +1214,26 @@ impl World {
                     },
                 );
             }
+            Command::PersistDropFloor { slink, floor } => {
+                let Some(log) = self.g[g].sites[i].log.as_ref() else {
+                    return;
+                };
+                let result = log.set_drop_floor(slink, floor).map_err(|e| e.to_string());
+                let d = self.delay(3);
+                self.at(
+                    d,
+                    Ev::Input {
+                        g,
+                        site: i,
+                        inc,
+                        input: Input::DropFloorPersisted {
+                            slink,
+                            floor,
+                            result,
+                        },
+                    },
+                );
+            }
             Command::StorePiece { seq, extent } => {
                 let data = self.g[g].sites[i]
                     .recv_pieces
@@ -1487,7 +1555,7 @@ impl World {
         link.last_to_secondary = self.now;
         let slink = l as u8 + 1;
         self.note(format!("g{g} link {slink} up, site reports {peer:?}"));
-        if let Some(floor) = self.g[g].links[l].forgotten_floor.take() {
+        if let Some(floor) = self.g[g].links[l].floor_at_stop.take() {
             // What the restarted core repairs from (its own drops since the restart count).
             let now_floor = self.g[g].sites[PRIMARY]
                 .core

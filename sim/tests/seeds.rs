@@ -125,3 +125,39 @@ fn regression_seed_18_a_failed_device_write_on_a_secondary_is_replayed_after_its
 fn regression_seed_12_a_failed_device_write_on_the_primary_is_replayed_after_its_restart() {
     seed_passes(12);
 }
+
+/// Counted (not failed) by the simulation of 6bb9d0d: the primary restarted while entries were
+/// dropped for a lagging site, forgot the site's drop floor and gave it three full resyncs where
+/// partial ones were correct (`resync-full-for-a-forgotten-drop-floor`). The floor is now
+/// persisted in the replog (format 3) and restored; every restart checks it is never below the
+/// one the stopped core decided by.
+#[test]
+fn regression_seed_27_a_primary_restart_keeps_the_drop_floor_so_the_site_resyncs_partially() {
+    let out = run(Options {
+        seed: 27,
+        ..Options::default()
+    });
+    assert!(out.failure.is_none(), "seed 27: {:?}", out.failure);
+    let events = &out.stats.core_events;
+    let count = |kind: &str| events.get(kind).copied().unwrap_or(0);
+    assert!(
+        count("drop-floor-restored") > 0,
+        "the restart restored a floor: {events:?}"
+    );
+    assert_eq!(
+        count("resync-full-for-a-forgotten-drop-floor"),
+        0,
+        "{events:?}"
+    );
+    assert_eq!(count("resync-full"), 0, "{events:?}");
+}
+
+/// Found by the check of restored drop floors (this commit's simulation) in a core that took a
+/// failed floor write for a durable one: a clear that failed left the old, lower floor on disk
+/// while the core forgot it and moved the cursor; the restart restored it ("restored drop floor
+/// Some(234) is below the stopped core's None"). A failed write now leaves the floor and the
+/// cursor where they were until a retry succeeds.
+#[test]
+fn regression_seed_807_a_failed_floor_clear_never_leaves_a_lower_floor_on_disk() {
+    seed_passes(807);
+}

@@ -56,14 +56,36 @@
 //!   persisted cursor lower (the entries stay in the ring, their regions dirty; the next
 //!   checkpoint persists it); a failed reclaim frees nothing (`Reclaimed` with the old space).
 //!
-//! `drop_floor` (see `room`) is not persisted: a restart forgets it and uses the persisted cursor
-//! instead, which is never below it, so a site that reconnects with fewer entries than the cursor
-//! gets a full resync where the remembered floor would have allowed a partial one. That costs a
-//! copy (and the site's consistency while it runs), never correctness: a full resync is always a
-//! correct repair. The simulation counts these full resyncs (README). Persisting the floor safely
-//! needs its clear, at the end of a repair, to be durable before later cursor moves: a stale,
-//! lower floor would let a site that lost acknowledged entries off with a partial resync.
+//! # Drop floor
+//! A slink's `drop_floor` (set in `room` at its first drop since its last repair) is what the
+//! site had then: on `LinkUp`, a site at or above `min(floor, cursor)` lacks only entries that
+//! are in the ring or dirty (a partial resync of the dirty regions); one below it lacks entries
+//! that are neither (a full resync). It is persisted in the replog metadata next to the cursor
+//! (`Command::PersistDropFloor`, `Input::DropFloorPersisted`), and `Restored::drop_floors`
+//! brings it back, so a primary restart during a long outage still repairs partially. What is
+//! safe: a floor on disk that is higher than the true one (or none, which reads as the cursor)
+//! only costs a full resync; one that is lower would let a site that lost acknowledged entries
+//! off with a partial one (wrong data). So the rules, all in `progress` and `room`:
+//! - **Set**: in memory at the drop, then written (no wait: until it is durable the disk holds
+//!   none, which is higher). A restored floor also restores `skip_to` to the cursor: the entries
+//!   between the floor and the cursor are dirty, not to be shipped.
+//! - **Clear**, at the end of a repair (the completion marker acknowledged): the floor keeps
+//!   deciding, the slink's cursor does not move (no checkpoint, no drop) until the clear is
+//!   durable; only then is the floor forgotten in memory. So the disk never holds a floor lower
+//!   than the one the core decides by, and no cursor moves past entries a stale floor would
+//!   vouch for.
+//! - **A failed write** (either kind) leaves the old or the new value on disk, both safe by the
+//!   rules above, so the core counts on the lower of the two (`FloorPersist::write_failed`);
+//!   the in-memory floor stays as it was and the next tick writes again. A clear that keeps
+//!   failing keeps that slink's cursor (and its drops) where they are: writes that need its
+//!   room wait, then fail with ENOSPC after `ring_full_wait`.
+//! - A restored floor whose dirty marks did not survive (`Restored::marks_lost`: an in-memory
+//!   dirty log, or one created or overwritten at open) vouches for nothing: it is cleared at
+//!   boot, like a repaired one, before the cursor moves.
 //!
+//! The simulation checks at every primary restart that the restored floor is never below the
+//! one the stopped core decided by, and counts the full resyncs a lost floor still costs.
+
 //! # Driver contract
 //! Commands are carried out in the order given, per slink. `Append` is carried out at once and its
 //! result (`Input::AppendResult`, or `Input::LogFailed` when the replog failed) reported before
@@ -73,6 +95,7 @@
 
 pub mod activity;
 pub mod dirty;
+mod floor;
 pub mod index;
 pub mod order;
 mod progress;
@@ -172,6 +195,11 @@ pub struct Restored {
     pub dirty: Vec<(u8, u32, u64)>,
     /// Per slink: the highest resync sequence number reserved.
     pub resync_seq: Vec<(u8, u64)>,
+    /// Per slink that has one: its persisted drop floor (see "Drop floor").
+    pub drop_floors: Vec<(u8, Lsn)>,
+    /// Slinks whose dirty logs did not keep their persisted marks (in memory, created afresh or
+    /// overwritten at open): a persisted drop floor does not hold for them and is cleared.
+    pub marks_lost: Vec<u8>,
     /// The activity log: non-empty after an unclean stop.
     pub activity_log: Vec<ExtentKey>,
     /// Secondary: false while a resync from the primary is incomplete.
@@ -314,6 +342,12 @@ pub enum Input {
         reserved: u64,
         result: Result<(), String>,
     },
+    /// The result of `Command::PersistDropFloor` (same slink and floor).
+    DropFloorPersisted {
+        slink: u8,
+        floor: Option<Lsn>,
+        result: Result<(), String>,
+    },
     Pause {
         slink: u8,
         paused: bool,
@@ -415,6 +449,12 @@ pub enum Command {
     PersistResyncSeq {
         slink: u8,
         reserved: u64,
+    },
+    /// Persist a slink's drop floor (None: clear it) in the replog metadata; report
+    /// `DropFloorPersisted`. At most one per slink is on its way.
+    PersistDropFloor {
+        slink: u8,
+        floor: Option<Lsn>,
     },
     /// Secondary: write a received piece to the device, durably; report `PieceStored`.
     StorePiece {
@@ -556,6 +596,27 @@ impl Core {
                 .find(|(n, _)| *n == sc.nr)
                 .map_or(0, |(_, s)| *s);
             let mut s = SlinkCore::new(sc.clone(), cursor, seq, now);
+            let floor = restored
+                .drop_floors
+                .iter()
+                .find(|(n, _)| *n == sc.nr)
+                .map(|(_, f)| *f);
+            let marks_kept = sc.region_bytes.is_some() && !restored.marks_lost.contains(&sc.nr);
+            match floor {
+                Some(floor) if sc.nr != 0 && marks_kept => {
+                    // Entries between the floor and the cursor are dirty, not to be shipped.
+                    s.drop_floor = Some(floor);
+                    s.floor.on_disk = Some(floor);
+                    s.skip_to = cursor;
+                }
+                Some(floor) if sc.nr != 0 => {
+                    // The marks it vouched for are gone: cleared durably before the cursor
+                    // moves, like a repaired site's.
+                    s.floor.on_disk = Some(floor);
+                    s.floor.repaired = true;
+                }
+                _ => {}
+            }
             if let Some(rb) = sc.region_bytes {
                 for d in &cfg.devices {
                     s.dirty.add_device(d.device, d.size, rb);
@@ -676,6 +737,8 @@ impl Core {
         for i in 0..self.slinks.len() {
             self.slink_changed(i, SlinkEvent::DirtyChanged { dirty: true }, out);
         }
+        // A restored floor that no longer holds is cleared before anything else moves.
+        self.persist_floors(out);
     }
 
     fn token(&mut self) -> u64 {
@@ -938,6 +1001,11 @@ impl Core {
                     }
                 }
             }
+            Input::DropFloorPersisted {
+                slink,
+                floor,
+                result,
+            } => self.on_floor_persisted(slink, floor, result, out),
             Input::Pause { slink, paused } => {
                 if let Some(i) = self.slink_index(slink) {
                     self.slink_changed(i, SlinkEvent::Paused(paused), out);

@@ -18,6 +18,7 @@ impl Core {
         }
         self.apply_ready(out);
         self.plan_activity_log(out);
+        self.persist_floors(out);
         if self.role == Role::Primary {
             self.ship(out);
             self.resync(out);
@@ -273,11 +274,12 @@ impl Core {
         has.min(self.durable)
     }
 
-    /// Ask for a checkpoint of slink `i` if it would move its cursor; true when asked.
+    /// Ask for a checkpoint of slink `i` if it would move its cursor; true when asked. Not while
+    /// its drop floor's clear is on its way (see "Drop floor").
     pub(super) fn checkpoint(&mut self, i: usize, out: &mut Vec<Command>) -> bool {
         let lsn = self.checkpointable(i);
         let s = &mut self.slinks[i];
-        if s.checkpoint_in_flight.is_some() || lsn <= s.cursor {
+        if s.checkpoint_in_flight.is_some() || lsn <= s.cursor || s.floor.repaired {
             return false;
         }
         s.checkpoint_in_flight = Some(lsn);
@@ -335,6 +337,7 @@ impl Core {
             if std::mem::take(&mut s.seq_retry) {
                 s.seq_reserving = false;
             }
+            s.floor.retry = false;
         }
         for i in 0..self.slinks.len() {
             let nr = self.slinks[i].nr();
@@ -392,15 +395,17 @@ impl Core {
             return;
         }
         s.acked = s.acked.max(pos.lsn);
+        let mut repaired = false;
         if s.complete_in_flight.is_some_and(|c| pos.resync_seq >= c) {
             s.complete_in_flight = None;
             s.resync_running = false;
-            if s.acked >= s.skip_to {
-                s.drop_floor = None;
-            }
+            repaired = s.acked >= s.skip_to;
         }
         let clean = s.dirty.acked(pos.resync_seq);
         s.regions_copied += clean.len() as u64;
+        if repaired {
+            self.floor_repaired(i);
+        }
         for (device, region) in clean {
             out.push(Command::ClearDirty {
                 slink,

@@ -95,7 +95,9 @@ impl Core {
             .unwrap_or_default();
         for i in 1..self.slinks.len() {
             let s = &self.slinks[i];
-            if !s.droppable() || s.cursor >= target || pending.contains(&s.nr()) {
+            // A floor whose clear is on its way holds the cursor (see "Drop floor").
+            if !s.droppable() || s.cursor >= target || pending.contains(&s.nr()) || s.floor.repaired
+            {
                 continue;
             }
             let nr = s.nr();

@@ -80,6 +80,41 @@ pub enum SlinkEvent {
     Paused(bool),
 }
 
+/// Where a slink's persisted drop floor stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FloorPersist {
+    /// The lowest floor the disk may hold (None: it holds none). Restored at start; after a
+    /// failed write the disk holds the old or the new value, so this is the lower of the two.
+    pub on_disk: Option<Lsn>,
+    /// A write of this value is on its way.
+    pub in_flight: Option<Option<Lsn>>,
+    /// The site's repair completed: the floor is cleared once the clear is durable. Until
+    /// then `drop_floor` keeps deciding and the cursor does not move (nor do drops).
+    pub repaired: bool,
+    /// The last write failed: the next tick may try again.
+    pub retry: bool,
+}
+
+impl FloorPersist {
+    /// The lowest floor the disk may hold after a write of `attempted` failed.
+    pub fn write_failed(&mut self, attempted: Option<Lsn>) {
+        self.on_disk = match (self.on_disk, attempted) {
+            (Some(old), Some(new)) => Some(old.min(new)),
+            (old, new) => old.or(new),
+        };
+        self.retry = true;
+    }
+
+    /// What the disk should hold now.
+    pub fn wanted(&self, drop_floor: Option<Lsn>) -> Option<Lsn> {
+        if self.repaired {
+            None
+        } else {
+            drop_floor
+        }
+    }
+}
+
 /// A state change, for the event log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Change {
@@ -130,8 +165,10 @@ pub struct SlinkCore {
     pub resync_high: Lsn,
     /// What the site had when entries were first dropped for it (since it was last repaired):
     /// a site that reconnects with at least this much lacks only dropped entries, which its dirty
-    /// regions cover; less means it lost entries it had acknowledged.
+    /// regions cover; less means it lost entries it had acknowledged. Persisted (see "Drop
+    /// floor" in `core/mod.rs`): `floor` holds what is on disk and what is on its way.
     pub drop_floor: Option<Lsn>,
+    pub floor: FloorPersist,
     pub checkpoint_in_flight: Option<Lsn>,
     pub last_checkpoint: Nanos,
     /// Dirty regions the site confirmed it copied, since this core started (metrics).
@@ -169,6 +206,7 @@ impl SlinkCore {
             complete_in_flight: None,
             resync_high: 0,
             drop_floor: None,
+            floor: FloorPersist::default(),
             checkpoint_in_flight: None,
             last_checkpoint: now,
             regions_copied: 0,

@@ -355,6 +355,21 @@ impl Rig {
         all
     }
 
+    /// Answer every drop floor write in `out` with `result`.
+    fn floor_persisted(&mut self, out: &[Command], result: Result<(), String>) -> Vec<Command> {
+        let mut all = Vec::new();
+        for c in out {
+            if let Command::PersistDropFloor { slink, floor } = c {
+                all.extend(self.feed(Input::DropFloorPersisted {
+                    slink: *slink,
+                    floor: *floor,
+                    result: result.clone(),
+                }));
+            }
+        }
+        all
+    }
+
     fn dirty_persisted(&mut self, out: &[Command]) -> Vec<Command> {
         let mut all = Vec::new();
         for c in out {
@@ -512,6 +527,15 @@ fn checkpoints(out: &[Command]) -> Vec<(u8, Lsn)> {
     out.iter()
         .filter_map(|c| match c {
             Command::Checkpoint { slink, lsn, .. } => Some((*slink, *lsn)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn floor_writes(out: &[Command], nr: u8) -> Vec<Option<Lsn>> {
+    out.iter()
+        .filter_map(|c| match c {
+            Command::PersistDropFloor { slink, floor } if *slink == nr => Some(*floor),
             _ => None,
         })
         .collect()
@@ -1533,6 +1557,180 @@ fn a_site_that_reconnects_after_an_overflow_drop_resyncs_only_the_dropped_region
         "lsn 1's region is dirty already; 2..=3 are in the ring: {out:?}"
     );
     assert_eq!(ships(&out, 2), vec![(1, 3)]);
+}
+
+// ---- the drop floor across restarts ----
+
+/// What the replog and dirty log of `full_ring` hold after `overflow` dropped lsn 1 for slink 2
+/// (region 0 dirty, its cursor at 1), with the drop floor `floor` persisted or not.
+fn restored_after_drop(floor: Option<Lsn>) -> Setup {
+    primary().ring_bytes(8 * 4096).async_site(2).restored(|r| {
+        r.last_lsn = 3;
+        r.retained = (2..=3)
+            .map(|lsn| Retained {
+                lsn,
+                extent: ext(lsn * 8192, 4096),
+                ring_bytes: 4096,
+                at: 0,
+            })
+            .collect();
+        r.cursors = vec![(0, 3), (2, 1)];
+        r.dirty = vec![(2, 0, 0)];
+        r.drop_floors = floor.map(|f| (2, f)).into_iter().collect();
+    })
+}
+
+#[test]
+fn a_drop_persists_the_floor_and_a_restart_with_it_resyncs_only_the_dirty_regions() {
+    let mut rig = full_ring(|s| s.async_site(2));
+    let out = overflow(&mut rig);
+    assert_eq!(floor_writes(&out, 2), vec![Some(0)], "the site had lsn 0");
+    rig.floor_persisted(&out, Ok(()));
+    let out = rig.dirty_persisted(&out);
+    assert!(out.contains(&Command::DropTo { slink: 2, lsn: 1 }));
+
+    // Restarted with the floor: the site at lsn 0 lacks lsn 1 (dirty) and 2..=3 (in the ring).
+    let mut rig = restored_after_drop(Some(0)).start();
+    assert_eq!(rig.core.slink(2).map(|s| s.drop_floor), Some(Some(0)));
+    let out = rig.feed(Input::LinkUp {
+        slink: 2,
+        peer: pos(0),
+    });
+    assert!(!events(&out).contains(&"resync-full"), "{out:?}");
+    assert!(marks(&out, 2).is_empty(), "no device is marked whole");
+    assert_eq!(ships(&out, 2), vec![(1, 3)], "lsn 1 is dirty, not shipped");
+    assert!(rig.core.slink(2).is_some_and(|s| s.dirty.is_dirty(0, 0)));
+
+    // Without it (a replog of format 2, or a floor that never got to disk): a full resync.
+    let mut rig = restored_after_drop(None).start();
+    let out = rig.feed(Input::LinkUp {
+        slink: 2,
+        peer: pos(0),
+    });
+    assert!(events(&out).contains(&"resync-full"), "{out:?}");
+}
+
+/// From `restored_after_drop(Some(0))`: the site reconnects at lsn 0 and is repaired (pieces,
+/// then the completion marker, all acked up to lsn 3). Returns what the marker's ack decided.
+fn repair_after_restart(rig: &mut Rig) -> Vec<Command> {
+    let mut out = rig.feed(Input::LinkUp {
+        slink: 2,
+        peer: pos(0),
+    });
+    out.extend(rig.seq_persisted(&out));
+    assert!(!pieces(&out, 2).is_empty(), "region 0 is copied: {out:?}");
+    let out = rig.ack(2, 3);
+    assert_eq!(completions(&out, 2).len(), 1, "{out:?}");
+    rig.ack(2, 3)
+}
+
+#[test]
+fn the_floor_clear_after_a_repair_is_durable_before_the_cursor_moves() {
+    let mut rig = restored_after_drop(Some(0)).start();
+    let out = repair_after_restart(&mut rig);
+    assert_eq!(
+        floor_writes(&out, 2),
+        vec![None],
+        "the repair clears the floor"
+    );
+    assert!(checkpoints(&out).iter().all(|(nr, _)| *nr != 2));
+    // Until the clear is durable the floor still decides and the cursor stays at 1, even when
+    // a checkpoint is due and the ring is under pressure.
+    let out = rig.tick(10 * CHECKPOINT_INTERVAL);
+    assert!(checkpoints(&out).iter().all(|(nr, _)| *nr != 2), "{out:?}");
+    assert!(floor_writes(&out, 2).is_empty(), "one write on its way");
+    assert_eq!(
+        rig.core.slink(2).map(|s| (s.drop_floor, s.cursor)),
+        Some((Some(0), 1))
+    );
+    let out = rig.floor_persisted(
+        &[Command::PersistDropFloor {
+            slink: 2,
+            floor: None,
+        }],
+        Ok(()),
+    );
+    assert_eq!(rig.core.slink(2).map(|s| s.drop_floor), Some(None));
+    let mut out = out;
+    out.extend(rig.tick(11 * CHECKPOINT_INTERVAL));
+    assert_eq!(
+        checkpoints(&out).iter().filter(|(nr, _)| *nr == 2).count(),
+        1,
+        "the cursor moves once the clear is durable: {out:?}"
+    );
+}
+
+#[test]
+fn a_failed_floor_clear_keeps_the_floor_and_the_cursor_until_a_retry_succeeds() {
+    let mut rig = restored_after_drop(Some(0)).start();
+    let out = repair_after_restart(&mut rig);
+    let out = rig.floor_persisted(&out, Err("metadata write failed".into()));
+    assert!(events(&out).contains(&"drop-floor-persist-failed"));
+    assert!(floor_writes(&out, 2).is_empty(), "not again at once");
+    assert_eq!(
+        rig.core.slink(2).map(|s| (s.drop_floor, s.cursor)),
+        Some((Some(0), 1))
+    );
+    // The next tick writes the clear again; the cursor still waits for it.
+    let out = rig.tick(10 * CHECKPOINT_INTERVAL);
+    assert_eq!(floor_writes(&out, 2), vec![None]);
+    assert!(checkpoints(&out).iter().all(|(nr, _)| *nr != 2), "{out:?}");
+    let mut out = rig.floor_persisted(&out, Ok(()));
+    out.extend(rig.tick(11 * CHECKPOINT_INTERVAL));
+    assert_eq!(rig.core.slink(2).map(|s| s.drop_floor), Some(None));
+    assert_eq!(
+        checkpoints(&out).iter().filter(|(nr, _)| *nr == 2).count(),
+        1
+    );
+}
+
+#[test]
+fn a_failed_floor_write_may_have_reached_the_disk_so_its_clear_is_written_too() {
+    let mut rig = full_ring(|s| s.async_site(2));
+    let out = overflow(&mut rig);
+    // The set failed: the disk holds no floor or floor 0 (a write that failed may have landed).
+    let failed = rig.floor_persisted(&out, Err("metadata write failed".into()));
+    assert!(events(&failed).contains(&"drop-floor-persist-failed"));
+    rig.dirty_persisted(&out);
+    // The site comes back and is repaired before any retry: the clear is still written (the
+    // floor is not just forgotten in memory), and the cursor waits for it.
+    let mut out = rig.feed(Input::LinkDown {
+        slink: 2,
+        reason: "test".into(),
+    });
+    out.extend(rig.feed(Input::LinkUp {
+        slink: 2,
+        peer: pos(0),
+    }));
+    out.extend(rig.seq_persisted(&out));
+    let out = rig.ack(2, 3);
+    assert_eq!(completions(&out, 2).len(), 1, "{out:?}");
+    let out = rig.ack(2, 3);
+    assert!(
+        floor_writes(&out, 2).is_empty(),
+        "the retry waits for a tick"
+    );
+    assert_eq!(rig.core.slink(2).map(|s| s.drop_floor), Some(Some(0)));
+    let out = rig.tick(10 * CHECKPOINT_INTERVAL);
+    assert_eq!(floor_writes(&out, 2), vec![None], "{out:?}");
+    assert!(checkpoints(&out).iter().all(|(nr, _)| *nr != 2), "{out:?}");
+}
+
+#[test]
+fn a_restored_floor_whose_dirty_marks_were_lost_is_cleared_and_not_trusted() {
+    let mut rig = restored_after_drop(Some(0))
+        .restored(|r| {
+            r.dirty.clear();
+            r.marks_lost = vec![2];
+        })
+        .start();
+    assert_eq!(floor_writes(&rig.boot, 2), vec![None], "{:?}", rig.boot);
+    assert_eq!(rig.core.slink(2).map(|s| s.drop_floor), Some(None));
+    let out = rig.feed(Input::LinkUp {
+        slink: 2,
+        peer: pos(0),
+    });
+    assert!(events(&out).contains(&"resync-full"), "{out:?}");
 }
 
 // ---- unclean start ----

@@ -55,6 +55,8 @@ pub struct DeviceInfo {
 /// What the next open of the driver is built from.
 struct Members {
     spec: GroupSpec,
+    /// Slinks whose dirty logs were created or overwritten since the last driver open.
+    marks_lost: Vec<u8>,
     devices: BTreeMap<u32, (DeviceSpec, DeviceInfo)>,
 }
 
@@ -135,6 +137,7 @@ impl Group {
                 cfg,
                 members: Mutex::new(Members {
                     spec,
+                    marks_lost: Vec::new(),
                     devices: BTreeMap::new(),
                 }),
                 driver: RwLock::new(None),
@@ -223,7 +226,11 @@ impl Group {
         }
         // The files exist (are created) now, before the caller locks what it claimed; the
         // table's one-shot dirty log choice (overwrite all dirty or all clean) is spent here.
+        let mut marks_lost = Vec::new();
         for (nr, site) in &mut joined {
+            if !crate::driver::dirty_log_keeps_marks(&site.dirty_log) {
+                marks_lost.push(*nr);
+            }
             let remote = spec
                 .slinks
                 .iter()
@@ -237,6 +244,7 @@ impl Group {
             }
             site.dirty_log = reopened_dirty_log(&site.dirty_log, false);
         }
+        m.marks_lost.extend(marks_lost);
         for (nr, site) in joined {
             if let Some(mine) = m.spec.slinks.iter_mut().find(|x| x.nr == nr) {
                 mine.devices.push(site);
@@ -312,15 +320,20 @@ impl Group {
 
     /// A new driver from the members; the table's one-shot choices are spent by the first.
     fn open_driver(self: &Arc<Self>) -> Result<Arc<GroupDriver>, CoreError> {
-        let (spec, devices) = {
+        let (spec, devices, marks_lost) = {
             let m = self.members();
             let devices: Vec<DeviceSpec> = m.devices.values().map(|(d, _)| d.clone()).collect();
-            (m.spec.clone(), devices)
+            (m.spec.clone(), devices, m.marks_lost.clone())
         };
-        let driver = GroupDriver::open(&self.cfg, &spec, &devices)
+        let cfg = DriverConfig {
+            marks_lost,
+            ..self.cfg.clone()
+        };
+        let driver = GroupDriver::open(&cfg, &spec, &devices)
             .map_err(|e| CoreError::Invalid(e.to_string()))?;
         {
             let mut m = self.members();
+            m.marks_lost.clear();
             for s in &mut m.spec.slinks {
                 for d in &mut s.devices {
                     d.dirty_log = reopened_dirty_log(&d.dirty_log, true);

@@ -14,8 +14,8 @@
 //!   `log-flush` makes the replog durable, `apply-N` write entries to slink 0's devices (the
 //!   core's overlap rule decides what may run in parallel), one `site-N` per local slink applies
 //!   shipped entries and resync pieces to that site's devices, `persist` carries out cursor,
-//!   dirty-log and reclaim work in order, `meta` writes the activity log and resync
-//!   reservations, `tick` gives the core the time every [`TICK`].
+//!   dirty-log and reclaim work in order, `meta` writes the activity log, resync
+//!   reservations and drop floors, `tick` gives the core the time every [`TICK`].
 //! - Every wait is a wake-up: a worker blocks on its queue, a client on its reply channel.
 //!
 //! # Bounds
@@ -45,6 +45,7 @@ use crate::core::{Command, Core, Extent, Failure, Input, Lsn, RequestId};
 use crate::engine::blockfile::BlockFile;
 use crate::engine::queue::MemEntry;
 
+pub(crate) use open::dirty_log_keeps_marks;
 pub use open::{DriverConfig, EventSink, OpenError};
 use workers::{Queues, SiteWork, StoreWork};
 
@@ -403,6 +404,9 @@ impl Shared {
             Command::PersistResyncSeq { slink, reserved } => self
                 .queues
                 .meta(workers::MetaWork::ResyncSeq { slink, reserved }),
+            Command::PersistDropFloor { slink, floor } => self
+                .queues
+                .meta(workers::MetaWork::DropFloor { slink, floor }),
             Command::Reply { id, result } => {
                 if let Some(r) = st.requests.remove(&id) {
                     // A client that went away no longer waits: nothing to tell it.

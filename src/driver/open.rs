@@ -14,7 +14,7 @@ use crate::core::{Core, CoreConfig, DeviceConfig, Extent, Restored, Role};
 use crate::engine::blockfile::BlockFile;
 use crate::engine::group::{open_dirty_log, open_replog_with};
 use crate::engine::policy;
-use crate::engine::spec::{DeviceSpec, GroupSpec};
+use crate::engine::spec::{DeviceSpec, DirtyLogSpec, GroupSpec};
 
 use super::workers::{self, Queues};
 use super::{GroupDriver, LocalSite, Shared, State};
@@ -32,6 +32,9 @@ pub struct DriverConfig {
     pub activity_extents_max: usize,
     /// Open the replog with O_DIRECT.
     pub replog_direct: bool,
+    /// Slinks whose dirty logs the caller created or overwrote before this open (it opens them
+    /// early to create their files): their persisted marks are not what a drop floor counted on.
+    pub marks_lost: Vec<u8>,
     /// Where the core's events go (the daemon's event log); without one they are only logged.
     pub events: Option<EventSink>,
 }
@@ -57,6 +60,7 @@ impl Default for DriverConfig {
             activity_extents_max: replog::format::AL_EXTENTS_MAX,
             replog_direct: false,
             events: None,
+            marks_lost: Vec::new(),
         }
     }
 }
@@ -123,10 +127,14 @@ impl GroupDriver {
         let mut restored_dirty = Vec::new();
         let mut cursors = Vec::new();
         let mut resync_seq = Vec::new();
+        let mut drop_floors = Vec::new();
+        let mut marks_lost = Vec::new();
         for s in &group.slinks {
             let mut files = BTreeMap::new();
             let mut region_bytes = None;
+            let mut marks_kept = !s.devices.is_empty();
             for d in &s.devices {
+                marks_kept &= dirty_log_keeps_marks(&d.dirty_log);
                 let size = *sizes.get(&d.dev_nr).ok_or_else(|| {
                     OpenError::Unsupported(format!("no size for device {}", d.dev_nr))
                 })?;
@@ -149,6 +157,12 @@ impl GroupDriver {
             };
             cursors.push((s.nr, cursor));
             resync_seq.push((s.nr, replog.resync_seq(s.nr).map_err(replog_err)?));
+            if let Some(floor) = replog.drop_floor(s.nr).map_err(replog_err)? {
+                drop_floors.push((s.nr, floor));
+            }
+            if !marks_kept || cfg.marks_lost.contains(&s.nr) {
+                marks_lost.push(s.nr);
+            }
             let down_wait = match s.down_wait {
                 Some(policy::DownWait::Forever) => DownWait::Forever,
                 Some(policy::DownWait::For(d)) => DownWait::Bounded(d.as_nanos() as u64),
@@ -180,6 +194,8 @@ impl GroupDriver {
             cursors,
             dirty: restored_dirty,
             resync_seq,
+            drop_floors,
+            marks_lost,
             activity_log: replog.activity_log().extents as Vec<ExtentKey>,
             consistent: true,
         };
@@ -240,6 +256,20 @@ impl GroupDriver {
             shared,
             threads: Mutex::new(threads),
         })
+    }
+}
+
+/// Whether a dirty log opens with the marks it persisted before (asked before it is opened, which
+/// may create it): a `disk` log that exists and is not overwritten by the table. A persisted drop
+/// floor holds only together with those marks (`Restored::marks_lost`).
+pub(crate) fn dirty_log_keeps_marks(spec: &DirtyLogSpec) -> bool {
+    match spec {
+        DirtyLogSpec::Disk {
+            path,
+            overwrite_existing: None,
+            ..
+        } => path.exists(),
+        DirtyLogSpec::Disk { .. } | DirtyLogSpec::Core { .. } | DirtyLogSpec::None => false,
     }
 }
 

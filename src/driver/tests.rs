@@ -126,25 +126,25 @@ fn write_load(g: &Arc<GroupDriver>, threads: u64, writes: u64, seed: u64, model:
     }
 }
 
-fn wait_caught_up(g: &GroupDriver, slink: u8) {
+/// Waits (up to 30 s) until `done` says so of the core; `what` names it in the failure.
+fn wait_until(g: &GroupDriver, what: &str, done: impl Fn(&crate::core::Core) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (done, summary) = g.with_core(|c| {
-            let s = c.slink(slink).unwrap();
-            (
-                s.acked >= c.last_lsn() && s.dirty.is_clean() && s.state() == SlinkState::Up,
-                c.summary(),
-            )
-        });
+        let (done, summary) = g.with_core(|c| (done(c), c.summary()));
         if done {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "slink {slink} did not catch up: {summary}"
-        );
+        assert!(Instant::now() < deadline, "{what}: {summary}");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+fn wait_caught_up(g: &GroupDriver, slink: u8) {
+    wait_until(g, &format!("slink {slink} did not catch up"), |c| {
+        c.slink(slink).is_some_and(|s| {
+            s.acked >= c.last_lsn() && s.dirty.is_clean() && s.state() == SlinkState::Up
+        })
+    });
 }
 
 fn images_equal(dir: &Path, model: &[Vec<u8>]) {
@@ -227,4 +227,52 @@ fn a_full_ring_drops_for_a_paused_site_and_the_resync_repairs_it() {
     wait_caught_up(&g, 1);
     g.shutdown();
     images_equal(dir.path(), &model);
+}
+
+#[test]
+fn a_drop_floor_comes_back_after_a_restart_and_the_repair_clears_it_on_disk() {
+    let dir = tmpdir();
+    let (mut group, devices) = spec(dir.path(), 2 << 20, PolicyKind::Async);
+    // The floor holds only with dirty marks that survive the restart: disk dirty logs.
+    for d in &mut group.slinks[1].devices {
+        d.dirty_log = DirtyLogSpec::Disk {
+            region_size: REGION,
+            path: dir.path().join(format!("site1-dev{}.dirty", d.dev_nr)),
+            initially_dirty: false,
+            overwrite_existing: None,
+        };
+    }
+    let g = Arc::new(GroupDriver::open(&DriverConfig::default(), &group, &devices).unwrap());
+    g.pause(1, true);
+    let mut model = empty_model();
+    write_load(&g, 2, 800, 7, &mut model);
+    let floor = g.with_core(|c| c.slink(1).and_then(|s| s.drop_floor));
+    assert!(floor.is_some(), "entries were dropped: {}", g.summary());
+    wait_until(&g, "the floor is durable", |c| {
+        c.slink(1)
+            .is_some_and(|s| s.floor.on_disk == floor && s.floor.in_flight.is_none())
+    });
+    g.shutdown();
+    let log = replog::Replog::open(&group.replog_path, &Default::default())
+        .unwrap()
+        .0;
+    assert_eq!(log.drop_floor(1).unwrap(), floor, "in the replog");
+    drop(log);
+
+    let g = Arc::new(GroupDriver::open(&DriverConfig::default(), &group, &devices).unwrap());
+    assert_eq!(
+        g.with_core(|c| c.slink(1).and_then(|s| s.drop_floor)),
+        floor
+    );
+    wait_caught_up(&g, 1);
+    wait_until(&g, "the repair clears the floor durably", |c| {
+        c.slink(1)
+            .is_some_and(|s| s.drop_floor.is_none() && s.floor.on_disk.is_none())
+    });
+    g.shutdown();
+    images_equal(dir.path(), &model);
+    let log = replog::Replog::open(&group.replog_path, &Default::default())
+        .unwrap()
+        .0;
+    assert_eq!(log.drop_floor(1).unwrap(), None);
 }

@@ -65,6 +65,10 @@ pub(crate) enum MetaWork {
         slink: u8,
         reserved: u64,
     },
+    DropFloor {
+        slink: u8,
+        floor: Option<Lsn>,
+    },
 }
 
 /// The senders of every worker's queue. Closing them (dropping the senders) ends the workers.
@@ -527,6 +531,17 @@ fn meta(s: &Shared, rx: Receiver<MetaWork>) {
                 s.input(Input::ResyncSeqPersisted {
                     slink,
                     reserved,
+                    result,
+                });
+            }
+            MetaWork::DropFloor { slink, floor } => {
+                let result = s
+                    .replog
+                    .set_drop_floor(slink, floor)
+                    .map_err(|e| e.to_string());
+                s.input(Input::DropFloorPersisted {
+                    slink,
+                    floor,
                     result,
                 });
             }

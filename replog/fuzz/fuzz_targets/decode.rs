@@ -16,6 +16,9 @@ fuzz_target!(|data: &[u8]| {
         if version == 1 {
             let v1 = m.encode_v1().expect("a format-1 slot re-encodes as format 1");
             assert_eq!(&v1[..], &data[..META_V1_ENCODED_BYTES]);
+        } else if version == 2 {
+            let v2 = m.encode_v2().expect("a format-2 slot re-encodes as format 2");
+            assert_eq!(&v2[..], &data[..META_ENCODED_BYTES]);
         } else {
             assert_eq!(&m.encode()[..], &data[..META_ENCODED_BYTES]);
         }

@@ -30,14 +30,13 @@ fn main() {
             replog_io,
         } => {
             daemon::allocator::tune_for_large_buffers();
-            replicator::engine::group::set_replog_direct(replog_io == "direct");
-            match replicator::cli::parse_duration(&checkpoint_interval) {
-                Ok(d) => replicator::engine::slink::set_checkpoint_interval(d),
+            let checkpoint_interval = match replicator::cli::parse_duration(&checkpoint_interval) {
+                Ok(d) => d,
                 Err(e) => {
                     eprintln!("replicator: --checkpoint-interval: {e}");
                     std::process::exit(2);
                 }
-            }
+            };
             let links = match replicator::cli::link_settings(
                 site_id,
                 psk_file,
@@ -68,6 +67,13 @@ fn main() {
                 event_hook,
                 links,
                 slink_listen,
+                driver: replicator::driver::DriverConfig {
+                    replog_direct: replog_io == "direct",
+                    // At least 10 ms: a checkpoint syncs devices.
+                    checkpoint_interval: checkpoint_interval
+                        .max(std::time::Duration::from_millis(10)),
+                    ..Default::default()
+                },
             };
             match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

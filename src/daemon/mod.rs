@@ -38,6 +38,8 @@ pub struct DaemonConfig {
     pub links: Option<Arc<crate::engine::tcp::LinkSettings>>,
     /// Accept primaries' links here (this daemon holds secondary groups).
     pub slink_listen: Option<std::net::SocketAddr>,
+    /// How the groups run (what their tables do not say: replog I/O, checkpoint interval).
+    pub driver: crate::driver::DriverConfig,
 }
 
 pub async fn run(cfg: DaemonConfig) -> Result<(), String> {
@@ -45,7 +47,11 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), String> {
         StateDir::open(&cfg.state_dir)
             .map_err(|e| format!("state dir {}: {e}", cfg.state_dir.display()))?,
     );
-    let registry = Arc::new(Registry::new(cfg.event_hook.clone(), cfg.links.clone()));
+    let registry = Arc::new(Registry::new(
+        cfg.event_hook.clone(),
+        cfg.links.clone(),
+        cfg.driver.clone(),
+    ));
 
     // Restore groups: replogs are opened (never re-created) and recovered; appliers catch up
     // from their cursors.

@@ -43,6 +43,8 @@ pub struct Registry {
     claims: Mutex<Book>,
     pub event_hook: Option<String>,
     pub links: Option<Arc<LinkSettings>>,
+    /// How this daemon's groups run (what their tables do not say).
+    driver: crate::driver::DriverConfig,
 }
 
 pub fn valid_name(name: &str) -> bool {
@@ -55,10 +57,15 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 impl Registry {
-    pub fn new(event_hook: Option<String>, links: Option<Arc<LinkSettings>>) -> Self {
+    pub fn new(
+        event_hook: Option<String>,
+        links: Option<Arc<LinkSettings>>,
+        driver: crate::driver::DriverConfig,
+    ) -> Self {
         Registry {
             event_hook,
             links,
+            driver,
             ..Default::default()
         }
     }
@@ -72,14 +79,6 @@ impl Registry {
             .read()
             .map(|d| d.keys().cloned().collect())
             .unwrap_or_default()
-    }
-
-    /// How this daemon's groups run (what their tables do not say).
-    fn driver_config(&self) -> crate::driver::DriverConfig {
-        crate::driver::DriverConfig {
-            replog_direct: crate::engine::group::replog_direct(),
-            ..Default::default()
-        }
     }
 
     pub fn groups(&self) -> Vec<Arc<Group>> {
@@ -213,7 +212,7 @@ impl Registry {
                 table_text,
                 self.event_hook.clone(),
                 role,
-                self.driver_config(),
+                self.driver.clone(),
             )
             .map_err(|e| e.to_string())?;
             if let Ok(mut groups) = self.groups.write() {

@@ -18,7 +18,7 @@ const DEV_BYTES: u64 = 4 << 20;
 const DEVICES: [u32; 2] = [0, 1];
 const REGION: u64 = 64 << 10;
 
-fn tmpdir() -> tempfile::TempDir {
+pub(super) fn tmpdir() -> tempfile::TempDir {
     let base = if Path::new("/work").is_dir() {
         "/work"
     } else {

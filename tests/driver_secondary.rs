@@ -17,10 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use replicator::driver::{DriverConfig, GroupDriver};
-use replicator::engine::policy::{Fallbehind, PolicyKind};
-use replicator::engine::spec::{
-    DeviceSpec, DirtyLogSpec, GroupSpec, ReplogOpen, SiteDeviceSpec, SlinkSpec,
-};
+use replicator::engine::spec::{from_target, GroupSpec};
 use slink::{
     check_devices, Admission, DeviceInfo, Item, PeerHello, Permission, Position, Psk, Refusal,
     SiteConfig, SiteId, SiteSink, SlinkListener,
@@ -77,36 +74,25 @@ fn create_secondary(dir: &Path) {
     }
 }
 
+/// The secondary group as its tables say (one table per device, one replog), gathered the way a
+/// daemon gathers a group's tables.
 fn open_secondary(dir: &Path) -> GroupDriver {
-    let group = GroupSpec {
-        replog_path: dir.join("srep.img"),
-        replog_offset: 0,
-        open: ReplogOpen::Open,
-        slinks: vec![SlinkSpec {
-            nr: 0,
-            transport: "local",
-            remote_addr: None,
-            policy: PolicyKind::Sync,
-            fallbehind: Fallbehind::default(),
-            down_wait: None,
-            devices: DEVICES
-                .iter()
-                .map(|d| SiteDeviceSpec {
-                    dev_nr: *d,
-                    path: sdev(dir, *d),
-                    dirty_log: DirtyLogSpec::None,
-                })
-                .collect(),
-        }],
-    };
-    let devices: Vec<DeviceSpec> = DEVICES
-        .iter()
-        .map(|d| DeviceSpec {
-            dev_nr: *d,
-            size: DEV_MIB << 20,
-        })
-        .collect();
-    GroupDriver::open(&DriverConfig::default(), &group, &devices).unwrap()
+    let mut group: Option<GroupSpec> = None;
+    let mut devices = Vec::new();
+    for d in DEVICES {
+        let text = format!(
+            "0 {} replicator default 3 srep.img 0 open local 2 0 async 2 {d} sdev{d}.img - 0\n",
+            DEV_MIB * 2048
+        );
+        let table = replicator::table::parse(&text, "secondary table").unwrap();
+        let (g, device) = from_target(&table.targets[0], dir, true);
+        devices.push(device);
+        match &mut group {
+            None => group = Some(g),
+            Some(first) => first.slinks[0].devices.extend(g.slinks[0].devices.clone()),
+        }
+    }
+    GroupDriver::open(&DriverConfig::default(), &group.unwrap(), &devices).unwrap()
 }
 
 /// The primary's devices: one group (one replog) with a local slink 0 and an async tcp slink 1
@@ -204,14 +190,7 @@ fn todays_primary_daemon_replicates_into_a_secondary_driver_over_tcp_across_its_
         .enable_all()
         .build()
         .unwrap();
-    let tmp = tempfile::Builder::new()
-        .prefix("driver-secondary-")
-        .tempdir_in(if Path::new("/work").is_dir() {
-            "/work"
-        } else {
-            "/var/tmp"
-        })
-        .unwrap();
+    let tmp = scratch_dir("driver-secondary-");
     create_secondary(tmp.path());
     let driver = Arc::new(open_secondary(tmp.path()));
     let listen = format!("127.0.0.1:{}", free_port());

@@ -9,20 +9,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::core::{Command, Failure, Input};
-use crate::engine::policy::{Fallbehind, PolicyKind};
-use crate::engine::spec::{
-    DeviceSpec, DirtyLogSpec, GroupSpec, ReplogOpen, SiteDeviceSpec, SlinkSpec,
-};
+use crate::engine::policy::PolicyKind;
+use crate::engine::spec::{DeviceSpec, GroupSpec, ReplogOpen};
 
-use super::tests::tmpdir;
+use super::tests::{device_files, device_specs, image, slink, tmpdir, DEVICES, DEV_BYTES};
 use super::{DriverConfig, GroupDriver};
-
-const DEV_BYTES: u64 = 1 << 20;
-const DEVICES: [u32; 2] = [0, 1];
-
-fn dev_path(dir: &Path, d: u32) -> std::path::PathBuf {
-    dir.join(format!("sdev{d}.img"))
-}
 
 /// A secondary group: its replog (created once, role secondary) and slink 0's devices.
 fn secondary_spec(dir: &Path) -> (GroupSpec, Vec<DeviceSpec>) {
@@ -38,42 +29,15 @@ fn secondary_spec(dir: &Path) -> (GroupSpec, Vec<DeviceSpec>) {
         )
         .unwrap();
         log.set_role(replog::Role::Secondary).unwrap();
-        for d in DEVICES {
-            std::fs::File::create(dev_path(dir, d))
-                .unwrap()
-                .set_len(DEV_BYTES)
-                .unwrap();
-        }
+        device_files(dir, 0);
     }
     let group = GroupSpec {
         replog_path,
         replog_offset: 0,
         open: ReplogOpen::Open,
-        slinks: vec![SlinkSpec {
-            nr: 0,
-            transport: "local",
-            remote_addr: None,
-            policy: PolicyKind::Sync,
-            fallbehind: Fallbehind::default(),
-            down_wait: None,
-            devices: DEVICES
-                .iter()
-                .map(|d| SiteDeviceSpec {
-                    dev_nr: *d,
-                    path: dev_path(dir, *d),
-                    dirty_log: DirtyLogSpec::None,
-                })
-                .collect(),
-        }],
+        slinks: vec![slink(dir, 0, PolicyKind::Sync, false)],
     };
-    let devices = DEVICES
-        .iter()
-        .map(|d| DeviceSpec {
-            dev_nr: *d,
-            size: DEV_BYTES,
-        })
-        .collect();
-    (group, devices)
+    (group, device_specs())
 }
 
 fn open(dir: &Path) -> GroupDriver {
@@ -133,7 +97,7 @@ impl Model {
     fn assert_devices(&self, dir: &Path) {
         for d in DEVICES {
             assert!(
-                std::fs::read(dev_path(dir, d)).unwrap() == self.devices[d as usize],
+                image(dir, 0, d) == self.devices[d as usize],
                 "device {d} does not hold what was stored"
             );
         }

@@ -218,6 +218,13 @@ fn todays_primary_daemon_replicates_into_a_secondary_driver_over_tcp_across_its_
     );
     qemu_io(&p.uri("dev0"), &["write -P 0x66 300k 8k"]);
     converge(&p, &driver);
+    // The primary's new dirty logs (`sync`) start all dirty: every region also came as resync
+    // pieces, through the core's StorePiece. Today's primary sends no resync-complete marker, so
+    // the site stays marked inconsistent (see the driver's secondary module).
+    assert!(
+        !driver.with_core(|c| c.consistent()),
+        "resync pieces were received (the consistency flag went down)"
+    );
     rt.block_on(listener.shutdown());
     driver.shutdown();
     drop(driver);

@@ -23,6 +23,12 @@
 //! position, or what open made durable (the replog is flushed before the core starts), whichever
 //! is higher; resync sequence numbers are the core's (not persisted on a secondary: a primary
 //! never reuses one, so pieces after a restart are never mistaken for resent ones).
+//!
+//! # Today's primary
+//! The engine's primary (`engine::tcp`) ships entries and resync pieces but sends no
+//! resync-complete marker (`ResyncDone`): behind it this site turns inconsistent at its first
+//! piece and stays so (the devices are byte-equal once it caught up, but the flag cannot know).
+//! The core's primary ends every repair with a marker.
 
 use std::collections::BTreeMap;
 use std::sync::mpsc::Receiver;
@@ -117,8 +123,10 @@ impl Inbound {
             if let Some(w) = self.waiting.take() {
                 // Items of the call the core skipped (resent ones) left no append to take
                 // their bytes: nothing of the call is needed any more.
-                self.entries = self.entries.split_off(&(w.covers.lsn + 1));
-                self.pieces = self.pieces.split_off(&(w.covers.resync_seq + 1));
+                self.entries = self.entries.split_off(&w.covers.lsn.saturating_add(1));
+                self.pieces = self
+                    .pieces
+                    .split_off(&w.covers.resync_seq.saturating_add(1));
                 // A listener that went away no longer waits: nothing to tell it.
                 let _ = w.reply.send(Ok(wire(pos)));
             }

@@ -93,6 +93,17 @@ impl Inbound {
         }
     }
 
+    /// A store waits until the acked position covers `covers`.
+    pub fn wait(
+        &mut self,
+        covers: Position,
+    ) -> tokio::sync::oneshot::Receiver<Result<slink::Position, String>> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.fail_waiting("a newer store replaced this one");
+        self.waiting = Some(WaitingStore { covers, reply });
+        rx
+    }
+
     /// The entry's bytes for its append (the core appends only what it was handed).
     pub fn take_entry(&mut self, lsn: Lsn) -> Option<(EntryKind, Vec<u8>, u64)> {
         self.entries
@@ -244,8 +255,7 @@ impl Shared {
                 slink::Item::ResyncDone(d) => covers.resync_seq = covers.resync_seq.max(d.seq),
             }
         }
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        st.inbound.waiting = Some(WaitingStore { covers, reply });
+        let rx = st.inbound.wait(covers);
         self.run(&mut st, Input::Received { items: received });
         // Everything already durable (resent items only): answered at once.
         let pos = st.core.secondary_position();

@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::core::{Command, Failure, Input};
+use crate::core::{Command, Failure, Input, Position};
 use crate::engine::policy::PolicyKind;
 use crate::engine::spec::{DeviceSpec, GroupSpec, ReplogOpen};
 
+use super::secondary::Inbound;
 use super::tests::{device_files, device_specs, image, slink, tmpdir, DEVICES, DEV_BYTES};
 use super::{DriverConfig, GroupDriver};
 
@@ -273,4 +274,28 @@ fn a_store_refuses_items_outside_the_devices_and_keeps_nothing_of_them() {
     g.shutdown();
     drop(g);
     model.assert_devices(dir.path());
+}
+
+#[test]
+fn a_store_resolves_only_once_the_acked_position_covers_its_last_item_and_fails_at_a_halt() {
+    let pos = |lsn, resync_seq| Position { lsn, resync_seq };
+    let mut inbound = Inbound::new(pos(9, 0));
+    let mut rx = inbound.wait(pos(12, 3));
+    inbound.acked(pos(12, 2));
+    assert!(rx.try_recv().is_err(), "piece 3 is not stored yet");
+    inbound.acked(pos(12, 3));
+    assert_eq!(
+        rx.try_recv().unwrap(),
+        Ok(slink::Position {
+            lsn: 12,
+            resync_seq: 3
+        })
+    );
+    // What open made durable is never reported lower than it was.
+    let mut rx = inbound.wait(pos(0, 1));
+    inbound.acked(pos(3, 1));
+    assert_eq!(rx.try_recv().unwrap().unwrap().lsn, 9);
+    let mut rx = inbound.wait(pos(20, 0));
+    inbound.end("group halted: injected".into());
+    assert!(rx.try_recv().unwrap().unwrap_err().contains("halted"));
 }

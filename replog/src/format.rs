@@ -66,14 +66,23 @@ pub const AL_EXTENT_BYTES_MAX: u64 = 1 << 40;
 /// extents it lists are the only ones whose device contents may be ahead of the replog. Clear:
 /// the activity log says nothing (a format-1 replog, or a writer that does not keep one).
 pub const FEATURE_ACTIVITY_LOG: u64 = 1 << 0;
+/// Feature bit (a state, persisted as a feature so that a build that does not know it refuses
+/// the replog rather than ignore it): this secondary's devices are not a prefix of the primary's
+/// history (a resync from the primary is incomplete, or the primary dropped entries for it), so
+/// they must not be promoted or exported as a consistent copy. Set before the first resync piece
+/// is written (devices synced first), cleared once the resync is complete.
+pub const FEATURE_RESYNC_INCOMPLETE: u64 = 1 << 1;
 /// Every feature bit this code knows; a slot with any other bit set is refused at open.
-pub const FEATURES_KNOWN: u64 = FEATURE_ACTIVITY_LOG;
+pub const FEATURES_KNOWN: u64 = FEATURE_ACTIVITY_LOG | FEATURE_RESYNC_INCOMPLETE;
 
 /// Names of the known feature bits, for inspection.
 pub fn feature_names(bits: u64) -> Vec<&'static str> {
     let mut names = Vec::new();
     if bits & FEATURE_ACTIVITY_LOG != 0 {
         names.push("activity_log");
+    }
+    if bits & FEATURE_RESYNC_INCOMPLETE != 0 {
+        names.push("resync_incomplete");
     }
     names
 }
@@ -1257,8 +1266,8 @@ mod tests {
         put(&mut b, M_PEER_GROUP_UUID, &[1]);
         assert!(malformed(reseal(b)), "binding bytes while unbound");
         assert_eq!(
-            MetaSlot::decode(&with_byte(M_FEATURES, 0b11)),
-            Err(HeaderFault::UnknownFeatures(0b10))
+            MetaSlot::decode(&with_byte(M_FEATURES, 0b111)),
+            Err(HeaderFault::UnknownFeatures(0b100))
         );
         assert_eq!(
             MetaSlot::decode(&with_byte(8, 4)),

@@ -135,7 +135,7 @@ fn unknown_feature_bits_are_refused() {
             err,
             Error::UnsupportedFeatures {
                 bits: 0x80,
-                known: 1,
+                known: 0b11,
                 ..
             }
         ),

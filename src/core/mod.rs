@@ -368,6 +368,10 @@ pub enum Input {
     Received {
         items: Vec<Received>,
     },
+    /// Secondary: a new session with the primary begins. Items received in an older session and
+    /// not taken yet are dropped: the primary sends again everything after the position this
+    /// site reports now ([`Core::secondary_position`]).
+    SessionStarted,
     /// Secondary: a resync piece was written to the device durably.
     PieceStored {
         seq: u64,
@@ -1044,6 +1048,7 @@ impl Core {
                     self.secondary.inbox.extend(items);
                 }
             }
+            Input::SessionStarted => self.secondary.inbox.clear(),
             Input::PieceStored { seq, result } => {
                 let expected = self.secondary.piece_storing.take();
                 assert_eq!(expected, Some(seq), "piece stored out of order");

@@ -1937,6 +1937,34 @@ fn a_secondary_skips_a_piece_resent_after_a_reconnect() {
 }
 
 #[test]
+fn a_new_session_drops_what_an_older_session_handed_in_and_the_core_did_not_take() {
+    let mut rig = secondary().restored(|r| r.consistent = false).start();
+    let piece = Received::Piece {
+        seq: 7,
+        extent: ext(0, REGION_BYTES),
+    };
+    // The piece waits behind entry 1, which is not applied yet.
+    let out = rig.feed(Input::Received {
+        items: vec![entry(1, 0), piece],
+    });
+    assert_eq!(appends(&out), vec![1]);
+    rig.feed(Input::SessionStarted);
+    rig.written(1);
+    rig.durable(1);
+    let out = rig.applied(1);
+    assert_eq!(
+        count(&out, |c| matches!(c, Command::StorePiece { .. })),
+        0,
+        "the older session's piece was dropped"
+    );
+    // The new session's items are taken as usual.
+    let out = rig.feed(Input::Received {
+        items: vec![entry(2, 8192)],
+    });
+    assert_eq!(appends(&out), vec![2]);
+}
+
+#[test]
 fn a_client_write_on_a_secondary_is_refused_read_only() {
     let mut rig = secondary().start();
     let out = rig.write(1, 0, 4096);

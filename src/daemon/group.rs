@@ -505,14 +505,19 @@ impl Group {
         slot.as_ref().map(|d| f(d))
     }
 
-    /// Secondary: the position this site holds durably (what a primary resends after).
-    pub fn durable_position(&self) -> Result<slink::Position, String> {
-        Err("WIP: the secondary role is not on the driver yet".into())
+    /// Secondary: a primary's new session begins; the position this site holds durably (what
+    /// the primary resends after). Items held from an older session are dropped.
+    pub async fn durable_position(&self) -> Result<slink::Position, String> {
+        let (_slot, d) = self.running().await.map_err(|e| e.to_string())?;
+        Ok(d.durable_position())
     }
 
     /// Secondary: store items from the primary durably; the position now durable.
-    pub async fn store(&self, _items: Vec<slink::Item>) -> Result<slink::Position, String> {
-        Err("WIP: the secondary role is not on the driver yet".into())
+    pub async fn store(&self, items: Vec<slink::Item>) -> Result<slink::Position, String> {
+        let (slot, d) = self.running().await.map_err(|e| e.to_string())?;
+        let r = d.store(items).await;
+        drop(slot);
+        r
     }
 
     /// The replog, for status (None while the group is not running).

@@ -218,6 +218,7 @@ impl SiteSink for SecondarySink {
         check_devices(&peer.devices, &devices_of(&g))?;
         let durable = g
             .durable_position()
+            .await
             .map_err(|e| Refusal::new(ErrorCode::Other, e))?;
         tracing::info!(
             peer = %peer.peer_addr,

@@ -15,7 +15,8 @@
 //!   core's overlap rule decides what may run in parallel), one `site-N` per local slink applies
 //!   shipped entries and resync pieces to that site's devices, `persist` carries out cursor,
 //!   dirty-log and reclaim work in order, `meta` writes the activity log, resync
-//!   reservations and drop floors, `tick` gives the core the time every [`TICK`].
+//!   reservations and drop floors, `tick` gives the core the time every [`TICK`]; a secondary
+//!   also has `secondary-store` (resync pieces and the consistency flag, [`secondary`]).
 //! - Every wait is a wake-up: a worker blocks on its queue, a client on its reply channel.
 //!
 //! # Bounds
@@ -25,15 +26,22 @@
 //! evicted from it is read back from the replog (the one read-back path).
 //!
 //! # Scope of this slice
-//! A primary whose slinks are all `local` (slink 0 and local sites, with or without dirty logs).
-//! Tcp slinks and the secondary role still run on `crate::engine`; `open` refuses them.
+//! A primary whose slinks are all `local` (slink 0 and local sites, with or without dirty logs),
+//! and a secondary (its replog says so; slink 0 only) fed by a slink listener through
+//! [`GroupDriver::durable_position`] and [`GroupDriver::store`] (see [`secondary`]). Tcp slinks
+//! of a primary still run on `crate::engine`; `open` refuses them.
 
 mod open;
+mod secondary;
 mod workers;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod secondary_tests;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -47,6 +55,7 @@ use crate::engine::queue::MemEntry;
 
 pub(crate) use open::dirty_log_keeps_marks;
 pub use open::{DriverConfig, EventSink, OpenError};
+pub use secondary::STORE_CALL_BYTES_MAX;
 use workers::{Queues, SiteWork, StoreWork};
 
 /// How often the core is told the time (fallbehind timeouts, checkpoint interval, batched
@@ -72,6 +81,8 @@ struct State {
     /// Set while a worker's input runs: the first `Apply` is kept for that worker.
     keep_one_apply: bool,
     kept_apply: Option<Arc<MemEntry>>,
+    /// Secondary: received data until the core takes it, the waiting store.
+    inbound: secondary::Inbound,
 }
 
 /// One local site (slink > 0): its devices and dirty logs.
@@ -422,41 +433,48 @@ impl Shared {
             // `GroupDriver::open`: the recovery of a kill -9).
             Command::Halt { reason } => {
                 tracing::error!(group = %self.name, "group halted: {reason}");
+                st.inbound.end(format!("group halted: {reason}"));
                 st.stopped = true;
                 self.stopped.notify_all();
             }
             Command::Stopped => {
+                st.inbound.end("the group stopped".into());
                 st.stopped = true;
                 self.stopped.notify_all();
             }
-            Command::StorePiece { .. }
-            | Command::AckPrimary { .. }
-            | Command::PersistConsistency { .. }
-            | Command::ResetLink { .. } => stop_the_process(&format!(
-                "group {}: the core gave a secondary's command to a primary-only driver: {c:?}",
-                self.name
-            )),
+            Command::StorePiece { seq, extent } => self.store_piece(st, seq, extent),
+            Command::AckPrimary { pos } => st.inbound.acked(pos),
+            Command::PersistConsistency { consistent } => self
+                .queues
+                .secondary(secondary::SecondaryWork::PersistConsistency { consistent }),
+            Command::ResetLink { reason } => {
+                tracing::warn!(group = %self.name, "link to the primary reset: {reason}");
+                st.inbound.reset(format!("link reset: {reason}"));
+            }
         }
         None
     }
 
-    /// `Append`: the request's bytes go into the replog's open batch with the core's lsn.
+    /// `Append`: the entry's bytes (a client request's on a primary, a received entry's on a
+    /// secondary) go into the replog's open batch with the core's lsn.
     fn append(&self, st: &mut State, lsn: Lsn, id: Option<RequestId>) -> Input {
-        let Some(id) = id else {
-            stop_the_process(&format!(
-                "group {}: append of lsn {lsn} without a request on a primary",
-                self.name
-            ));
-        };
         let Some(extent) = st.core.retained_extent(lsn) else {
             stop_the_process(&format!(
                 "group {}: append of lsn {lsn} the core does not retain",
                 self.name
             ));
         };
-        let Some((kind, data)) = st.requests.get_mut(&id).and_then(|r| r.write.take()) else {
+        let bytes = match id {
+            Some(id) => st
+                .requests
+                .get_mut(&id)
+                .and_then(|r| r.write.take())
+                .map(|(kind, data)| (kind, data, crate::engine::group::now_ns())),
+            None => st.inbound.take_entry(lsn),
+        };
+        let Some((kind, data, timestamp_ns)) = bytes else {
             stop_the_process(&format!(
-                "group {}: append of lsn {lsn} for request {id} that has no bytes",
+                "group {}: append of lsn {lsn} (request {id:?}) that has no bytes",
                 self.name
             ));
         };
@@ -482,7 +500,7 @@ impl Shared {
                     len: extent.len,
                     data,
                     appended_at: Instant::now(),
-                    timestamp_ns: crate::engine::group::now_ns(),
+                    timestamp_ns,
                 });
                 st.entry_bytes += entry.mem_bytes();
                 st.entries.insert(lsn, entry);
@@ -493,8 +511,13 @@ impl Shared {
                 }
             }
             Err(replog::Error::Full { .. }) => {
-                if let Some(r) = st.requests.get_mut(&id) {
-                    r.write = Some((kind, data));
+                match id {
+                    Some(id) => {
+                        if let Some(r) = st.requests.get_mut(&id) {
+                            r.write = Some((kind, data));
+                        }
+                    }
+                    None => st.inbound.put_back(lsn, kind, data, timestamp_ns),
                 }
                 Input::AppendResult {
                     lsn,

@@ -1,5 +1,6 @@
-//! Opening a group on the core: the replog, slink 0's devices, the local sites' devices and
-//! dirty logs, what they held ([`Restored`]), and the core's configuration.
+//! Opening a group on the core: the replog (which says the role), slink 0's devices, the local
+//! sites' devices and dirty logs, what they held ([`Restored`], with a secondary's consistency
+//! flag), and the core's configuration.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Condvar, Mutex};
@@ -112,13 +113,31 @@ impl GroupDriver {
             )));
         }
         let replog = Arc::new(open_replog_with(group, cfg.replog_direct)?);
-        if replog.role() == replog::Role::Secondary {
+        // The replog holds the role (every promotion and demotion is written there).
+        let role = match replog.role() {
+            replog::Role::Secondary => Role::Secondary,
+            replog::Role::Primary | replog::Role::Unset => Role::Primary,
+        };
+        if role == Role::Secondary && group.slinks.iter().any(|s| s.nr != 0) {
             return Err(OpenError::Unsupported(
-                "the replog belongs to a secondary: this driver runs primaries only".into(),
+                "a secondary group has only slink 0 (its own devices); the primary ships to it"
+                    .into(),
             ));
         }
         let sizes: BTreeMap<u32, u64> = devices.iter().map(|d| (d.dev_nr, d.size)).collect();
         let last = replog.next_lsn().saturating_sub(1);
+        // A secondary tells a connecting primary what it holds durably: what recovery found is
+        // made durable before the core starts, so that position is known at once.
+        let at_open = match role {
+            Role::Secondary => {
+                let durable = replog.flush().wait().map_err(replog_err)?;
+                crate::core::Position {
+                    lsn: durable.min(last),
+                    resync_seq: 0,
+                }
+            }
+            Role::Primary => crate::core::Position::default(),
+        };
 
         let mut slink0 = BTreeMap::new();
         let mut sites = BTreeMap::new();
@@ -197,11 +216,11 @@ impl GroupDriver {
             drop_floors,
             marks_lost,
             activity_log: replog.activity_log().extents as Vec<ExtentKey>,
-            consistent: true,
+            consistent: role == Role::Primary || super::secondary::consistent_at_open(&replog),
         };
         let space = replog.space();
         let core_cfg = CoreConfig {
-            role: Role::Primary,
+            role,
             devices: sizes
                 .iter()
                 .map(|(d, s)| DeviceConfig {
@@ -231,6 +250,7 @@ impl GroupDriver {
                 stopped: false,
                 keep_one_apply: false,
                 kept_apply: None,
+                inbound: super::secondary::Inbound::new(at_open),
             }),
             stopped: Condvar::new(),
             replog,

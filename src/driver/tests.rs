@@ -14,11 +14,11 @@ use crate::engine::spec::{
 
 use super::{DriverConfig, GroupDriver};
 
-const DEV_BYTES: u64 = 4 << 20;
-const DEVICES: [u32; 2] = [0, 1];
+pub(super) const DEV_BYTES: u64 = 4 << 20;
+pub(super) const DEVICES: [u32; 2] = [0, 1];
 const REGION: u64 = 64 << 10;
 
-fn tmpdir() -> tempfile::TempDir {
+pub(super) fn tmpdir() -> tempfile::TempDir {
     let base = if Path::new("/work").is_dir() {
         "/work"
     } else {
@@ -30,7 +30,7 @@ fn tmpdir() -> tempfile::TempDir {
         .unwrap()
 }
 
-fn slink(dir: &Path, nr: u8, policy: PolicyKind, dirty: bool) -> SlinkSpec {
+pub(super) fn slink(dir: &Path, nr: u8, policy: PolicyKind, dirty: bool) -> SlinkSpec {
     SlinkSpec {
         nr,
         transport: "local",
@@ -56,18 +56,33 @@ fn slink(dir: &Path, nr: u8, policy: PolicyKind, dirty: bool) -> SlinkSpec {
     }
 }
 
-fn spec(dir: &Path, ring: u64, site_policy: PolicyKind) -> (GroupSpec, Vec<DeviceSpec>) {
-    for nr in [0u8, 1] {
-        for d in DEVICES {
-            let p = dir.join(format!("site{nr}-dev{d}.img"));
-            if !p.exists() {
-                std::fs::File::create(&p)
-                    .unwrap()
-                    .set_len(DEV_BYTES)
-                    .unwrap();
-            }
+/// Slink `nr`'s device files (`site{nr}-dev{d}.img`), zero-filled, unless they exist.
+pub(super) fn device_files(dir: &Path, nr: u8) {
+    for d in DEVICES {
+        let p = dir.join(format!("site{nr}-dev{d}.img"));
+        if !p.exists() {
+            std::fs::File::create(&p)
+                .unwrap()
+                .set_len(DEV_BYTES)
+                .unwrap();
         }
     }
+}
+
+/// The sizes of the group's devices.
+pub(super) fn device_specs() -> Vec<DeviceSpec> {
+    DEVICES
+        .iter()
+        .map(|d| DeviceSpec {
+            dev_nr: *d,
+            size: DEV_BYTES,
+        })
+        .collect()
+}
+
+fn spec(dir: &Path, ring: u64, site_policy: PolicyKind) -> (GroupSpec, Vec<DeviceSpec>) {
+    device_files(dir, 0);
+    device_files(dir, 1);
     let group = GroupSpec {
         replog_path: dir.join("replog"),
         replog_offset: 0,
@@ -77,17 +92,10 @@ fn spec(dir: &Path, ring: u64, site_policy: PolicyKind) -> (GroupSpec, Vec<Devic
             slink(dir, 1, site_policy, true),
         ],
     };
-    let devices = DEVICES
-        .iter()
-        .map(|d| DeviceSpec {
-            dev_nr: *d,
-            size: DEV_BYTES,
-        })
-        .collect();
-    (group, devices)
+    (group, device_specs())
 }
 
-fn image(dir: &Path, nr: u8, d: u32) -> Vec<u8> {
+pub(super) fn image(dir: &Path, nr: u8, d: u32) -> Vec<u8> {
     std::fs::read(dir.join(format!("site{nr}-dev{d}.img"))).unwrap()
 }
 

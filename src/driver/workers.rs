@@ -14,6 +14,7 @@ use crate::engine::blockfile::BlockFile;
 use crate::engine::queue::MemEntry;
 use crate::engine::slink::apply_entry;
 
+use super::secondary::{storage_worker, SecondaryWork};
 use super::{stop_the_process, Shared, TICK};
 
 /// Threads that write entries to slink 0's devices (the core's overlap rule keeps overlapping
@@ -84,6 +85,7 @@ struct Senders {
     sites: BTreeMap<u8, Sender<SiteWork>>,
     store: Sender<StoreWork>,
     meta: Sender<MetaWork>,
+    secondary: Sender<SecondaryWork>,
 }
 
 /// The receiving ends, handed to the threads by [`spawn`].
@@ -94,6 +96,7 @@ pub(crate) struct Receivers {
     sites: BTreeMap<u8, Receiver<SiteWork>>,
     store: Receiver<StoreWork>,
     meta: Receiver<MetaWork>,
+    secondary: Receiver<SecondaryWork>,
 }
 
 impl Queues {
@@ -103,6 +106,7 @@ impl Queues {
         let (apply, apply_rx) = channel();
         let (store, store_rx) = channel();
         let (meta, meta_rx) = channel();
+        let (secondary, secondary_rx) = channel();
         let mut sites = BTreeMap::new();
         let mut sites_rx = BTreeMap::new();
         for nr in site_nrs {
@@ -119,6 +123,7 @@ impl Queues {
                     sites,
                     store,
                     meta,
+                    secondary,
                 })),
             },
             Receivers {
@@ -128,6 +133,7 @@ impl Queues {
                 sites: sites_rx,
                 store: store_rx,
                 meta: meta_rx,
+                secondary: secondary_rx,
             },
         )
     }
@@ -183,6 +189,11 @@ impl Queues {
             let _ = s.meta.send(w);
         })
     }
+    pub fn secondary(&self, w: SecondaryWork) {
+        self.with(|s| {
+            let _ = s.secondary.send(w);
+        })
+    }
 }
 
 fn thread(name: String, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
@@ -214,6 +225,12 @@ pub(crate) fn spawn(shared: &Arc<Shared>, rx: Receivers) -> Vec<JoinHandle<()>> 
     threads.push(thread("persist".into(), move || store(&s, rx.store)));
     let s = shared.clone();
     threads.push(thread("meta".into(), move || meta(&s, rx.meta)));
+    if shared.lock().core.role() == crate::core::Role::Secondary {
+        let s = shared.clone();
+        threads.push(thread("secondary-store".into(), move || {
+            storage_worker(&s, rx.secondary)
+        }));
+    }
     let s = Arc::downgrade(shared);
     threads.push(thread("tick".into(), move || loop {
         std::thread::sleep(TICK);

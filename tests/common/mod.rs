@@ -67,6 +67,20 @@ pub fn have(tool: &str) -> bool {
     ok
 }
 
+/// A fresh temporary directory under /work when it exists (O_DIRECT needs a real file system,
+/// and /tmp may be tmpfs), else under /var/tmp.
+pub fn scratch_dir(prefix: &str) -> tempfile::TempDir {
+    let base = if Path::new("/work").is_dir() {
+        Path::new("/work")
+    } else {
+        Path::new("/var/tmp")
+    };
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(base)
+        .unwrap()
+}
+
 pub struct Daemon {
     /// Extra `replicator daemon` flags (site id, keys, links).
     pub extra: Vec<String>,
@@ -94,15 +108,7 @@ impl Daemon {
 
     /// A daemon's directory and ports, not started yet (write keys into `dir`, then `spawn`).
     pub fn prepare(extra: &[&str]) -> Daemon {
-        let base = if Path::new("/work").is_dir() {
-            Path::new("/work")
-        } else {
-            Path::new("/var/tmp")
-        };
-        let tmp = tempfile::Builder::new()
-            .prefix("replicator-test-")
-            .tempdir_in(base)
-            .unwrap();
+        let tmp = scratch_dir("replicator-test-");
         let dir = tmp.path().to_path_buf();
         Daemon {
             extra: extra

@@ -1,5 +1,5 @@
-//! Opening a group on the core: the replog, slink 0's devices, the local sites' devices and
-//! dirty logs, what they held ([`Restored`]), and the core's configuration.
+//! Opening a group on the core: the replog, slink 0's devices, the local sites' devices, the
+//! tcp sites' links, the dirty logs, what they held ([`Restored`]), and the core's configuration.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Condvar, Mutex};
@@ -12,10 +12,13 @@ use crate::core::index::Retained;
 use crate::core::slink::{DownWait, SlinkConfig, Transport};
 use crate::core::{Core, CoreConfig, DeviceConfig, Extent, Restored, Role};
 use crate::engine::blockfile::BlockFile;
-use crate::engine::group::{open_dirty_log, open_replog_with};
+use crate::engine::group::{open_dirty_log, open_replog_with, settle_role, Role as GroupRole};
+use crate::engine::link_thread::ASYNC_LINK_NICE;
 use crate::engine::policy;
-use crate::engine::spec::{DeviceSpec, GroupSpec};
+use crate::engine::spec::{DeviceSpec, GroupSpec, SlinkSpec};
+use crate::engine::tcp::LinkSettings;
 
+use super::tcp::{self, TcpLink, TcpSite};
 use super::workers::{self, Queues};
 use super::{GroupDriver, LocalSite, Shared, State};
 
@@ -32,6 +35,13 @@ pub struct DriverConfig {
     pub activity_extents_max: usize,
     /// Open the replog with O_DIRECT.
     pub replog_direct: bool,
+    /// This site's identity and key, and the site ids of the addresses `tcp` slinks name.
+    /// Default: none (a table with a `tcp` slink is refused).
+    pub links: Option<Arc<LinkSettings>>,
+    /// Entry data a `tcp` slink holds in memory for its link beyond what is on the wire (past it
+    /// entries are read back from the replog when the link gets to them). Default: 16 MiB
+    /// (about the link's default window).
+    pub link_queue_bytes: usize,
 }
 
 impl Default for DriverConfig {
@@ -43,6 +53,8 @@ impl Default for DriverConfig {
             default_down_wait: Duration::from_secs(10),
             activity_extents_max: replog::format::AL_EXTENTS_MAX,
             replog_direct: false,
+            links: None,
+            link_queue_bytes: 16 << 20,
         }
     }
 }
@@ -87,14 +99,17 @@ impl GroupDriver {
             path: group.replog_path.display().to_string(),
             source,
         };
-        if let Some(s) = group.slinks.iter().find(|s| s.transport != "local") {
+        if let Some(s) = group.slinks.iter().find(|s| {
+            !matches!(s.transport, "local" | "tcp") || (s.nr == 0 && s.transport != "local")
+        }) {
             return Err(OpenError::Unsupported(format!(
-                "slink {} is {}: this driver runs local slinks only",
+                "slink {} is {}: this driver runs local slinks and tcp sites",
                 s.nr, s.transport
             )));
         }
         let replog = Arc::new(open_replog_with(group, cfg.replog_direct)?);
-        if replog.role() == replog::Role::Secondary {
+        // A primary has a role and an epoch in its replog (its links name the epoch).
+        if settle_role(&replog, &group.replog_path, GroupRole::Primary)? == GroupRole::Secondary {
             return Err(OpenError::Unsupported(
                 "the replog belongs to a secondary: this driver runs primaries only".into(),
             ));
@@ -109,15 +124,21 @@ impl GroupDriver {
         let mut restored_dirty = Vec::new();
         let mut cursors = Vec::new();
         let mut resync_seq = Vec::new();
+        let mut tcp_sites = BTreeMap::new();
+        let mut links = Vec::new();
         for s in &group.slinks {
+            let remote = s.transport == "tcp";
             let mut files = BTreeMap::new();
             let mut region_bytes = None;
             for d in &s.devices {
                 let size = *sizes.get(&d.dev_nr).ok_or_else(|| {
                     OpenError::Unsupported(format!("no size for device {}", d.dev_nr))
                 })?;
-                let f = BlockFile::open(&d.path, size, true).map_err(file_err(&d.path))?;
-                files.insert(d.dev_nr, Arc::new(f));
+                // A tcp site's device is named at the remote site; only its dirty log is here.
+                if !remote {
+                    let f = BlockFile::open(&d.path, size, true).map_err(file_err(&d.path))?;
+                    files.insert(d.dev_nr, Arc::new(f));
+                }
                 if let Some(log) = open_dirty_log(&d.dirty_log, size)? {
                     region_bytes = Some(log.region_size());
                     for r in log.dirty_regions() {
@@ -142,13 +163,23 @@ impl GroupDriver {
             };
             slink_cfgs.push(SlinkConfig {
                 nr: s.nr,
-                transport: Transport::Local,
+                transport: if remote {
+                    Transport::Remote
+                } else {
+                    Transport::Local
+                },
                 policy: s.policy,
                 fallbehind: s.fallbehind,
                 down_wait,
                 region_bytes: if s.nr == 0 { None } else { region_bytes },
             });
-            if s.nr == 0 {
+            if remote {
+                let link = link_plan(cfg, group, s, &sizes, &replog)?;
+                let done_device = s.devices.first().map_or(0, |d| d.dev_nr);
+                let site = Arc::new(TcpSite::new(s.nr, cfg.link_queue_bytes, done_device));
+                tcp_sites.insert(s.nr, site.clone());
+                links.push((site, link));
+            } else if s.nr == 0 {
                 slink0 = files;
             } else {
                 sites.insert(s.nr, LocalSite { devices: files });
@@ -209,10 +240,12 @@ impl GroupDriver {
             slink0,
             sites,
             dirty: dirty_logs,
+            tcp: tcp_sites,
             queues,
             entry_cache_bytes: cfg.entry_cache_bytes,
         });
-        let threads = workers::spawn(&shared, receivers);
+        let mut threads = workers::spawn(&shared, receivers);
+        threads.extend(tcp::spawn_workers(&shared));
         {
             let mut st = shared.lock();
             for c in first {
@@ -221,11 +254,85 @@ impl GroupDriver {
                 }
             }
         }
-        Ok(GroupDriver {
+        let driver = GroupDriver {
             shared,
             threads: Mutex::new(threads),
-        })
+            links: Mutex::new(Vec::new()),
+        };
+        // Last: a link that comes up hands the core its LinkUp at once.
+        for (site, plan) in links {
+            let link = TcpLink::start(&site, &plan.address, plan.site, plan.identity, plan.nice)
+                .map_err(OpenError::Unsupported)?;
+            driver
+                .links
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(link);
+        }
+        Ok(driver)
     }
+}
+
+/// What starts a tcp slink's link.
+struct LinkPlan {
+    address: String,
+    site: slink::SiteConfig,
+    identity: slink::LinkIdentity,
+    nice: i32,
+}
+
+fn link_plan(
+    cfg: &DriverConfig,
+    group: &GroupSpec,
+    s: &SlinkSpec,
+    sizes: &BTreeMap<u32, u64>,
+    replog: &Replog,
+) -> Result<LinkPlan, OpenError> {
+    let unsupported = |why: String| OpenError::Unsupported(format!("slink {}: {why}", s.nr));
+    let settings = cfg.links.as_ref().ok_or_else(|| {
+        unsupported("tcp, but the driver has no link settings (site id, key, peers)".into())
+    })?;
+    let address = s
+        .remote_addr
+        .clone()
+        .ok_or_else(|| unsupported("tcp without an address".into()))?;
+    let receiver_site = settings.peers.get(&address).cloned().ok_or_else(|| {
+        unsupported(format!(
+            "no site id for {address}; name it with --peer SITE@{address}"
+        ))
+    })?;
+    let epoch = replog.current_epoch().map(|e| e.epoch).ok_or_else(|| {
+        unsupported(format!(
+            "the replog {} has no epoch",
+            group.replog_path.display()
+        ))
+    })?;
+    let devices = s
+        .devices
+        .iter()
+        .map(|d| slink::DeviceInfo {
+            device: d.dev_nr,
+            size_bytes: sizes.get(&d.dev_nr).copied().unwrap_or(0),
+        })
+        .collect();
+    Ok(LinkPlan {
+        address,
+        site: settings.site.clone(),
+        identity: slink::LinkIdentity {
+            receiver_site,
+            group_uuid: replog.uuid(),
+            epoch,
+            devices,
+            // It ships resync pieces (ResyncData) and completion markers (ResyncDone).
+            features: slink::handshake::FEATURE_RESYNC,
+        },
+        // An async site's shipping uses the CPU the application leaves (engine::link_thread).
+        nice: if s.policy == policy::PolicyKind::Async {
+            ASYNC_LINK_NICE
+        } else {
+            0
+        },
+    })
 }
 
 /// The entries the ring retains, in lsn order (their extents only).

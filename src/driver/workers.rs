@@ -181,7 +181,7 @@ impl Queues {
     }
 }
 
-fn thread(name: String, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+pub(crate) fn thread(name: String, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
     match std::thread::Builder::new().name(name.clone()).spawn(f) {
         Ok(h) => h,
         Err(e) => stop_the_process(&format!("spawning thread {name}: {e}")),
@@ -352,7 +352,7 @@ fn site_entries(
 }
 
 /// Entries from the replog (the one read-back path), up to 4 MiB at a time.
-fn read_back(s: &Shared, from: Lsn, upto: Lsn) -> Result<Vec<Arc<MemEntry>>, String> {
+pub(crate) fn read_back(s: &Shared, from: Lsn, upto: Lsn) -> Result<Vec<Arc<MemEntry>>, String> {
     let batch = s
         .replog
         .read_from(from, 256, 4 << 20)
@@ -379,17 +379,23 @@ fn copy_piece(
     devices: &BTreeMap<u32, Arc<BlockFile>>,
     p: &Piece,
 ) -> Result<(), String> {
-    let Some(src) = s.slink0.get(&p.device) else {
-        return Err(format!("resync of unknown device {}", p.device));
-    };
     let Some(dst) = devices.get(&p.device) else {
         return Err(format!("slink has no device {}", p.device));
+    };
+    let buf = read_piece(s, p)?;
+    apply_entry(dst, EntryKind::Write, p.offset, p.len, &buf)
+        .map_err(|e| format!("resync write of device {}: {e}", p.device))
+}
+
+/// A resync piece's bytes, read from slink 0's device.
+pub(crate) fn read_piece(s: &Shared, p: &Piece) -> Result<Vec<u8>, String> {
+    let Some(src) = s.slink0.get(&p.device) else {
+        return Err(format!("resync of unknown device {}", p.device));
     };
     let mut buf = vec![0u8; p.len as usize];
     src.read_at(p.offset, &mut buf)
         .map_err(|e| format!("resync read of device {}: {e}", p.device))?;
-    apply_entry(dst, EntryKind::Write, p.offset, p.len, &buf)
-        .map_err(|e| format!("resync write of device {}: {e}", p.device))
+    Ok(buf)
 }
 
 /// Cursors, dirty logs and reclaim, in the order the core asked for them (a drop's cursor

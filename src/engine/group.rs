@@ -1392,7 +1392,7 @@ impl Role {
 ///   restart, and trusting the record would undo a durable promotion.
 /// - A primary with no epoch yet begins epoch 1 at the replog's next lsn, in the same write as
 ///   its role (a primary always has a current epoch: the link handshake carries it).
-fn settle_role(replog: &Replog, path: &Path, asked: Role) -> CoreResult<Role> {
+pub(crate) fn settle_role(replog: &Replog, path: &Path, asked: Role) -> CoreResult<Role> {
     let stored = replog.role();
     let role = match Role::from_replog(stored) {
         Some(r) if r != asked => {

@@ -1,7 +1,8 @@
 //! The core's production driver (`replicator::driver`) as a primary with a `tcp` slink, shipping
 //! over real TCP to a real secondary daemon process (this repo's binary): the sites end
 //! byte-equal, a secondary killed with -9 and restarted under writes gets its link back without
-//! flapping, and a primary driver reopened after a full sync keeps its link up.
+//! flapping, a primary driver reopened after a full sync keeps its link up, and a hung
+//! secondary's ring overflow is repaired by a resync.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -62,7 +63,9 @@ struct Primary {
 }
 
 impl Primary {
-    fn new(dir: &Path, listen: &str, policy: PolicyKind, full_sync: bool) -> Primary {
+    /// `narrow`: a link window of a few frames, so the driver holds planned entries that the
+    /// link has no room for yet (what a slow link does) when a session ends.
+    fn new(dir: &Path, listen: &str, policy: PolicyKind, full_sync: bool, narrow: bool) -> Primary {
         for d in DEVICES {
             let p = dir.join(format!("pdev{d}.img"));
             let f = std::fs::File::create(&p).unwrap();
@@ -126,6 +129,10 @@ impl Primary {
         );
         // A restarted secondary is found again within a second.
         site_cfg.backoff.max = Duration::from_millis(500);
+        if narrow {
+            site_cfg.batch_bytes_max = 64 << 10;
+            site_cfg.window_bytes = 256 << 10;
+        }
         let peers = HashMap::from([(listen.to_string(), slink::SiteId::new("siteB").unwrap())]);
         let cfg = DriverConfig {
             links: Some(Arc::new(LinkSettings {
@@ -140,6 +147,14 @@ impl Primary {
             devices,
             cfg,
         }
+    }
+
+    /// A ring of `mib` MiB (default 32).
+    fn with_ring(mut self, mib: u64) -> Primary {
+        self.group.open = ReplogOpen::Auto {
+            size: Some(mib << 20),
+        };
+        self
     }
 
     fn open(&self) -> Arc<GroupDriver> {
@@ -192,7 +207,7 @@ impl Writer {
                 let len = 4096 * (1 + (x >> 8) % 16);
                 let offset = ((x >> 16) % ((DEV_BYTES - len) / 4096)) * 4096;
                 let data = vec![(x >> 40) as u8; len as usize];
-                g.write_blocking(device, offset, data, (x >> 32) % 64 == 0)
+                g.write_blocking(device, offset, data, (x >> 32).is_multiple_of(64))
                     .unwrap();
                 d2.fetch_add(1, Ordering::Relaxed);
             }
@@ -260,7 +275,7 @@ fn writes_through_the_driver_reach_a_secondary_daemon_byte_equal() {
     let listen = format!("127.0.0.1:{}", free_port());
     let s = secondary(&listen);
     let dir = tmpdir();
-    let p = Primary::new(dir.path(), &listen, PolicyKind::Async, false);
+    let p = Primary::new(dir.path(), &listen, PolicyKind::Async, false, false);
     let g = p.open();
     wait_link_up(&g, Duration::from_secs(20));
     // 32 MiB of writes (four times each device): what the link ships, timed to convergence.
@@ -297,13 +312,25 @@ fn a_secondary_killed_and_restarted_under_writes_gets_its_link_back_without_flap
     let listen = format!("127.0.0.1:{}", free_port());
     let mut s = secondary(&listen);
     let dir = tmpdir();
-    let p = Primary::new(dir.path(), &listen, PolicyKind::Async, false);
+    let p = Primary::new(dir.path(), &listen, PolicyKind::Async, false, true);
     let g = p.open();
     wait_link_up(&g, Duration::from_secs(20));
     let writer = Writer::start(&g, 7);
     while writer.done() < 200 {
         std::thread::sleep(Duration::from_millis(10));
     }
+    // The secondary hangs first (SIGSTOP): the link's window fills and the driver holds what
+    // the core planned for the session; then it dies with that plan unsent.
+    signal(&s, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(300));
+    let lag = g.with_core(|c| {
+        let sl = c.slink(1).unwrap();
+        sl.shipped - sl.acked
+    });
+    assert!(
+        lag > 0,
+        "the core planned entries the hung site has not acknowledged"
+    );
     s.kill9();
     wait_for("the driver's link down", Duration::from_secs(20), || {
         (link(&g).state != "up").then_some(())
@@ -326,7 +353,10 @@ fn a_secondary_killed_and_restarted_under_writes_gets_its_link_back_without_flap
         std::thread::sleep(Duration::from_millis(50));
     }
     let written = writer.stop();
-    assert!(written > during_outage, "writes went on while the site was away and after");
+    assert!(
+        written > during_outage,
+        "writes went on while the site was away and after"
+    );
     converge_and_compare(&g, &p, &s);
     let l = link(&g);
     // One session before the kill, one after (a connection cut during the secondary's start-up
@@ -352,7 +382,7 @@ fn a_primary_driver_reopened_after_a_full_sync_keeps_its_link_up() {
     let s = secondary(&listen);
     let dir = tmpdir();
     // New dirty logs all dirty: the first link up copies every region (256 pieces).
-    let p = Primary::new(dir.path(), &listen, PolicyKind::Async, true);
+    let p = Primary::new(dir.path(), &listen, PolicyKind::Async, true, true);
     let g = p.open();
     wait_link_up(&g, Duration::from_secs(20));
     let writer = Writer::start(&g, 11);
@@ -388,5 +418,53 @@ fn a_primary_driver_reopened_after_a_full_sync_keeps_its_link_up() {
     converge_and_compare(&g, &p, &s);
     let l = link(&g);
     assert_eq!((l.sessions, l.last_error.as_deref()), (1, None), "{l:?}");
+    g.shutdown();
+}
+
+/// Send `sig` to the daemon's process.
+fn signal(d: &Daemon, sig: i32) {
+    let pid = d.child.as_ref().unwrap().id() as i32;
+    // SAFETY: signals our own child process.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+#[test]
+fn a_hung_secondary_overflows_the_ring_and_the_resync_repairs_it() {
+    eprintln!("link path: direct loopback TCP");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let s = secondary(&listen);
+    let dir = tmpdir();
+    // 4 MiB of ring for 24 MiB of writes while the site does not read.
+    let p = Primary::new(dir.path(), &listen, PolicyKind::Async, false, true).with_ring(4);
+    let g = p.open();
+    wait_link_up(&g, Duration::from_secs(20));
+    signal(&s, libc::SIGSTOP);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for i in 0..(24u64 << 20) / (64 << 10) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let device = DEVICES[(x % 2) as usize];
+        let offset = ((x >> 16) % (DEV_BYTES / (64 << 10))) * (64 << 10);
+        g.write_blocking(
+            device,
+            offset,
+            vec![i as u8 ^ (x >> 40) as u8; 64 << 10],
+            false,
+        )
+        .unwrap();
+    }
+    let (skipped, dirty) = g.with_core(|c| {
+        let sl = c.slink(1).unwrap();
+        (sl.skip_to, sl.dirty.dirty_regions())
+    });
+    assert!(
+        skipped > 0 && dirty > 0,
+        "the ring overflowed for the hung site: skip_to {skipped}, {dirty} dirty regions"
+    );
+    signal(&s, libc::SIGCONT);
+    converge_and_compare(&g, &p, &s);
     g.shutdown();
 }

@@ -250,11 +250,13 @@ impl Plan {
         }
     }
 
-    /// Entries read back from `from` (in lsn order, none above the range asked for).
+    /// Entries of `[from, upto]` read back, in lsn order; those missing at the start were dropped
+    /// for the site (a ring overflow) after the core shipped them: the site skips them.
     pub(crate) fn read_back(
         &mut self,
         session: u64,
         from: Lsn,
+        upto: Lsn,
         read: Result<Vec<Arc<MemEntry>>, String>,
     ) {
         if session != self.session || !self.live {
@@ -272,6 +274,7 @@ impl Plan {
             if *next != from {
                 return;
             }
+            *next = entries.first().map_or(upto + 1, |e| e.lsn);
             let below = held.front().map_or(Lsn::MAX, |e| e.lsn);
             for e in entries.into_iter().rev().filter(|e| e.lsn < below) {
                 self.held_bytes += entry_bytes(&e);
@@ -317,6 +320,11 @@ impl Plan {
                     if *next > *upto {
                         self.pending.pop_front();
                         continue;
+                    }
+                    while held.front().is_some_and(|e| e.lsn < *next) {
+                        if let Some(e) = held.pop_front() {
+                            self.held_bytes = self.held_bytes.saturating_sub(entry_bytes(&e));
+                        }
                     }
                     match held.front() {
                         Some(e) if e.lsn == *next => {
@@ -557,8 +565,8 @@ pub(crate) fn worker(s: &Shared, site: &TcpSite) {
                 from,
                 upto,
             }) => {
-                let read = workers::read_back(s, from, upto);
-                site.lock().plan.read_back(session, from, read);
+                let read = workers::read_back(s, nr, from, upto);
+                site.lock().plan.read_back(session, from, upto, read);
                 site.served.notify_one();
             }
             Job::Read(Work::ReadPiece { session, piece }) => {
@@ -740,7 +748,7 @@ mod tests {
         p.begin(2);
         p.ship(0, 2, &BTreeMap::new());
         // Session 1's reads come back late (one of them failed): both are ignored.
-        p.read_back(1, 1, Ok(vec![entry(1), entry(2), entry(3)]));
+        p.read_back(1, 1, 3, Ok(vec![entry(1), entry(2), entry(3)]));
         p.piece_read(1, 1, Err("device gone".into()));
         assert!(p.serve(1 << 20).unwrap().is_empty());
         assert_eq!(
@@ -751,7 +759,7 @@ mod tests {
                 upto: 2
             })
         );
-        p.read_back(2, 1, Ok(vec![entry(1), entry(2)]));
+        p.read_back(2, 1, 2, Ok(vec![entry(1), entry(2)]));
         assert_eq!(lsns(&p.serve(1 << 20).unwrap()), vec![1, 2]);
     }
 
@@ -784,8 +792,39 @@ mod tests {
                 upto: 6
             })
         );
-        p.read_back(1, 3, Ok((3..=6).map(entry).collect()));
+        p.read_back(1, 3, 6, Ok((3..=6).map(entry).collect()));
         assert_eq!(lsns(&p.serve(1 << 20).unwrap()), vec![3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn entries_dropped_for_the_site_after_they_were_planned_are_skipped() {
+        let mut p = Plan::new(64 << 20, 0);
+        p.begin(1);
+        let c = cache(9..=9);
+        p.ship(0, 9, &c);
+        assert_eq!(
+            p.next_work(),
+            Some(Work::ReadBack {
+                session: 1,
+                from: 1,
+                upto: 8
+            })
+        );
+        // A ring overflow dropped 1..=5 for the site and reclaimed them: the read starts at 6.
+        p.read_back(1, 1, 8, Ok((6..=8).map(entry).collect()));
+        assert_eq!(lsns(&p.serve(1 << 20).unwrap()), vec![6, 7, 8, 9]);
+        // A drop that covers a whole range read back: nothing of it, the plan goes on.
+        p.ship(9, 12, &BTreeMap::new());
+        p.complete(3);
+        let Some(Work::ReadBack { from, upto, .. }) = p.next_work() else {
+            panic!("a read back")
+        };
+        p.read_back(1, from, upto, Ok(Vec::new()));
+        let items = p.serve(1 << 20).unwrap();
+        assert!(
+            matches!(items.as_slice(), [Item::ResyncDone(d)] if d.seq == 3),
+            "{items:?}"
+        );
     }
 
     #[test]

@@ -3,6 +3,12 @@
 //! capped exponential backoff and jitter when anything goes wrong. After every (re)connect it
 //! resends from the position the receiver reports as durable in the handshake.
 //!
+//! Sessions: after each handshake the sender awaits the source's
+//! [`EntrySource::session_started`] before it pulls, reports acks through
+//! [`EntrySource::acked`] and ends with [`EntrySource::session_ended`], so a source can keep
+//! what it serves within what its core planned for this session (a core that plans from the
+//! receiver's position must hear of it before the first pull).
+//!
 //! Invariants:
 //! - bytes in flight (sent, not acknowledged) stay under `window_bytes` plus one pull of items;
 //! - items go on the wire in the order the source gave them, strictly after the last sent

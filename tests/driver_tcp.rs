@@ -468,3 +468,27 @@ fn a_hung_secondary_overflows_the_ring_and_the_resync_repairs_it() {
     converge_and_compare(&g, &p, &s);
     g.shutdown();
 }
+
+/// A sync tcp site: a write is acknowledged only once the secondary daemon acknowledged it, so
+/// when the writers are done the site already has every write, without waiting.
+#[test]
+fn a_sync_tcp_site_has_every_acknowledged_write() {
+    eprintln!("link path: direct loopback TCP");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let s = secondary(&listen);
+    let dir = tmpdir();
+    let p = Primary::new(dir.path(), &listen, PolicyKind::Sync, false, false);
+    let g = p.open();
+    wait_link_up(&g, Duration::from_secs(20));
+    let writers: Vec<Writer> = (0..4).map(|t| Writer::start(&g, 100 + t)).collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let written: u64 = writers.into_iter().map(Writer::stop).sum();
+    let (acked, last) = g.with_core(|c| (c.slink(1).unwrap().acked, c.last_lsn()));
+    assert!(written > 0);
+    assert!(
+        acked >= last,
+        "every acknowledged write is at the sync site: acked {acked}, last lsn {last}"
+    );
+    converge_and_compare(&g, &p, &s);
+    g.shutdown();
+}

@@ -14,9 +14,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -71,43 +69,34 @@ impl Primary {
             let f = std::fs::File::create(&p).unwrap();
             f.set_len(DEV_BYTES).unwrap();
         }
-        let slink0 = SlinkSpec {
-            nr: 0,
-            transport: "local",
-            remote_addr: None,
-            policy: PolicyKind::Sync,
-            fallbehind: Fallbehind::default(),
-            down_wait: None,
-            devices: DEVICES
-                .iter()
-                .map(|d| SiteDeviceSpec {
-                    dev_nr: *d,
-                    path: dir.join(format!("pdev{d}.img")),
-                    dirty_log: DirtyLogSpec::None,
-                })
-                .collect(),
-        };
-        let site = SlinkSpec {
-            nr: 1,
-            transport: "tcp",
-            remote_addr: Some(listen.to_string()),
-            policy,
-            fallbehind: Fallbehind::default(),
-            down_wait: None,
-            devices: DEVICES
-                .iter()
-                .map(|d| SiteDeviceSpec {
-                    dev_nr: *d,
-                    path: PathBuf::from(format!("dev{d}")),
-                    dirty_log: DirtyLogSpec::Disk {
-                        region_size: REGION,
-                        path: dir.join(format!("s1-dev{d}.dirty")),
-                        initially_dirty: full_sync,
-                        overwrite_existing: None,
-                    },
-                })
-                .collect(),
-        };
+        let slink =
+            |nr: u8, policy, remote: Option<&str>, device: &dyn Fn(u32) -> SiteDeviceSpec| {
+                SlinkSpec {
+                    nr,
+                    transport: if remote.is_some() { "tcp" } else { "local" },
+                    remote_addr: remote.map(str::to_string),
+                    policy,
+                    fallbehind: Fallbehind::default(),
+                    down_wait: None,
+                    devices: DEVICES.iter().map(|d| device(*d)).collect(),
+                }
+            };
+        let slink0 = slink(0, PolicyKind::Sync, None, &|d| SiteDeviceSpec {
+            dev_nr: d,
+            path: dir.join(format!("pdev{d}.img")),
+            dirty_log: DirtyLogSpec::None,
+        });
+        // A remote device is named by the secondary's device name; its dirty log is here.
+        let site = slink(1, policy, Some(listen), &|d| SiteDeviceSpec {
+            dev_nr: d,
+            path: PathBuf::from(format!("dev{d}")),
+            dirty_log: DirtyLogSpec::Disk {
+                region_size: REGION,
+                path: dir.join(format!("s1-dev{d}.dirty")),
+                initially_dirty: full_sync,
+                overwrite_existing: None,
+            },
+        });
         let group = GroupSpec {
             replog_path: dir.join("prep.img"),
             replog_offset: 0,
@@ -162,18 +151,6 @@ impl Primary {
     }
 }
 
-fn tmpdir() -> tempfile::TempDir {
-    let base = if Path::new("/work").is_dir() {
-        "/work"
-    } else {
-        "/var/tmp"
-    };
-    tempfile::Builder::new()
-        .prefix("driver-tcp-")
-        .tempdir_in(base)
-        .unwrap()
-}
-
 fn link(g: &GroupDriver) -> LinkView {
     g.link(1).expect("slink 1 is a tcp slink")
 }
@@ -184,45 +161,60 @@ fn wait_link_up(g: &GroupDriver, timeout: Duration) {
     });
 }
 
-/// Writes of 4 to 64 KiB at pseudo-random places of both devices from one thread until
-/// stopped (each write waits for its reply, so their order is the driver's).
-struct Writer {
-    stop: Arc<AtomicBool>,
-    done: Arc<AtomicU64>,
-    thread: JoinHandle<()>,
+/// The next number of a xorshift sequence (a seeded workload that replays).
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
 }
 
-impl Writer {
-    fn start(g: &Arc<GroupDriver>, seed: u64) -> Writer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(AtomicU64::new(0));
-        let (g, s2, d2) = (g.clone(), stop.clone(), done.clone());
-        let thread = std::thread::spawn(move || {
-            let mut x = seed | 1;
-            while !s2.load(Ordering::Relaxed) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let device = DEVICES[(x % 2) as usize];
-                let len = 4096 * (1 + (x >> 8) % 16);
-                let offset = ((x >> 16) % ((DEV_BYTES - len) / 4096)) * 4096;
-                let data = vec![(x >> 40) as u8; len as usize];
-                g.write_blocking(device, offset, data, (x >> 32).is_multiple_of(64))
-                    .unwrap();
-                d2.fetch_add(1, Ordering::Relaxed);
-            }
-        });
-        Writer { stop, done, thread }
-    }
+/// Writes of 4 to 64 KiB at pseudo-random places of both devices from one thread until
+/// stopped (each write waits for its reply, so their order is the driver's).
+fn driver_writer(g: &Arc<GroupDriver>, seed: u64) -> Writer {
+    let g = g.clone();
+    let mut x = seed | 1;
+    Writer::spawn(move |_| {
+        let r = xorshift(&mut x);
+        let device = DEVICES[(r % 2) as usize];
+        let len = 4096 * (1 + (r >> 8) % 16);
+        let offset = ((r >> 16) % ((DEV_BYTES - len) / 4096)) * 4096;
+        let data = vec![(r >> 40) as u8; len as usize];
+        g.write_blocking(device, offset, data, (r >> 32).is_multiple_of(64))
+            .unwrap();
+        1
+    })
+}
 
-    fn done(&self) -> u64 {
-        self.done.load(Ordering::Relaxed)
-    }
+/// A secondary daemon at a fresh address and a primary driver shipping to it, its link up.
+struct Run {
+    s: Daemon,
+    p: Primary,
+    g: Arc<GroupDriver>,
+    /// The primary's files (bound by every test: dropping it removes them).
+    dir: tempfile::TempDir,
+}
 
-    fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap();
-        self.done.load(Ordering::Relaxed)
+fn start(policy: PolicyKind, full_sync: bool, narrow: bool, ring_mib: u64) -> Run {
+    eprintln!("link path: direct loopback TCP");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let s = secondary(&listen);
+    let dir = tmpdir("driver-tcp-");
+    let p = Primary::new(dir.path(), &listen, policy, full_sync, narrow).with_ring(ring_mib);
+    let g = p.open();
+    wait_link_up(&g, Duration::from_secs(20));
+    Run { s, p, g, dir }
+}
+
+/// 64 KiB writes at pseudo-random places of both devices, `bytes` of them.
+fn write_64k(g: &GroupDriver, seed: u64, bytes: u64) {
+    let mut x = seed | 1;
+    for i in 0..bytes / (64 << 10) {
+        let r = xorshift(&mut x);
+        let device = DEVICES[(r % 2) as usize];
+        let offset = ((r >> 16) % (DEV_BYTES / (64 << 10))) * (64 << 10);
+        let data = vec![i as u8 ^ (r >> 40) as u8; 64 << 10];
+        g.write_blocking(device, offset, data, false).unwrap();
     }
 }
 
@@ -271,28 +263,11 @@ fn converge_and_compare(g: &GroupDriver, p: &Primary, s: &Daemon) {
 
 #[test]
 fn writes_through_the_driver_reach_a_secondary_daemon_byte_equal() {
-    eprintln!("link path: direct loopback TCP");
-    let listen = format!("127.0.0.1:{}", free_port());
-    let s = secondary(&listen);
-    let dir = tmpdir();
-    let p = Primary::new(dir.path(), &listen, PolicyKind::Async, false, false);
-    let g = p.open();
-    wait_link_up(&g, Duration::from_secs(20));
+    let Run { s, p, g, dir: _dir } = start(PolicyKind::Async, false, false, 32);
     // 32 MiB of writes (four times each device): what the link ships, timed to convergence.
     let started = Instant::now();
-    let mut bytes = 0u64;
-    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    while bytes < 32 << 20 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let device = DEVICES[(x % 2) as usize];
-        let len = 64 << 10;
-        let offset = ((x >> 16) % (DEV_BYTES / len)) * len;
-        g.write_blocking(device, offset, vec![(x >> 40) as u8; len as usize], false)
-            .unwrap();
-        bytes += len;
-    }
+    let bytes = 32u64 << 20;
+    write_64k(&g, 0x2545_F491_4F6C_DD1D, bytes);
     converge_and_compare(&g, &p, &s);
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
@@ -308,14 +283,13 @@ fn writes_through_the_driver_reach_a_secondary_daemon_byte_equal() {
 
 #[test]
 fn a_secondary_killed_and_restarted_under_writes_gets_its_link_back_without_flapping() {
-    eprintln!("link path: direct loopback TCP");
-    let listen = format!("127.0.0.1:{}", free_port());
-    let mut s = secondary(&listen);
-    let dir = tmpdir();
-    let p = Primary::new(dir.path(), &listen, PolicyKind::Async, false, true);
-    let g = p.open();
-    wait_link_up(&g, Duration::from_secs(20));
-    let writer = Writer::start(&g, 7);
+    let Run {
+        mut s,
+        p,
+        g,
+        dir: _dir,
+    } = start(PolicyKind::Async, false, true, 32);
+    let writer = driver_writer(&g, 7);
     while writer.done() < 200 {
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -377,15 +351,9 @@ fn a_secondary_killed_and_restarted_under_writes_gets_its_link_back_without_flap
 
 #[test]
 fn a_primary_driver_reopened_after_a_full_sync_keeps_its_link_up() {
-    eprintln!("link path: direct loopback TCP");
-    let listen = format!("127.0.0.1:{}", free_port());
-    let s = secondary(&listen);
-    let dir = tmpdir();
     // New dirty logs all dirty: the first link up copies every region (256 pieces).
-    let p = Primary::new(dir.path(), &listen, PolicyKind::Async, true, true);
-    let g = p.open();
-    wait_link_up(&g, Duration::from_secs(20));
-    let writer = Writer::start(&g, 11);
+    let Run { s, p, g, dir: _dir } = start(PolicyKind::Async, true, true, 32);
+    let writer = driver_writer(&g, 11);
     while writer.done() < 100 {
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -401,7 +369,7 @@ fn a_primary_driver_reopened_after_a_full_sync_keeps_its_link_up() {
 
     let g = p.open();
     wait_link_up(&g, Duration::from_secs(20));
-    let writer = Writer::start(&g, 12);
+    let writer = driver_writer(&g, 12);
     let until = Instant::now() + Duration::from_secs(4);
     while Instant::now() < until {
         let l = link(&g);
@@ -432,30 +400,10 @@ fn signal(d: &Daemon, sig: i32) {
 
 #[test]
 fn a_hung_secondary_overflows_the_ring_and_the_resync_repairs_it() {
-    eprintln!("link path: direct loopback TCP");
-    let listen = format!("127.0.0.1:{}", free_port());
-    let s = secondary(&listen);
-    let dir = tmpdir();
     // 4 MiB of ring for 24 MiB of writes while the site does not read.
-    let p = Primary::new(dir.path(), &listen, PolicyKind::Async, false, true).with_ring(4);
-    let g = p.open();
-    wait_link_up(&g, Duration::from_secs(20));
+    let Run { s, p, g, dir: _dir } = start(PolicyKind::Async, false, true, 4);
     signal(&s, libc::SIGSTOP);
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    for i in 0..(24u64 << 20) / (64 << 10) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let device = DEVICES[(x % 2) as usize];
-        let offset = ((x >> 16) % (DEV_BYTES / (64 << 10))) * (64 << 10);
-        g.write_blocking(
-            device,
-            offset,
-            vec![i as u8 ^ (x >> 40) as u8; 64 << 10],
-            false,
-        )
-        .unwrap();
-    }
+    write_64k(&g, 0x9E37_79B9_7F4A_7C15, 24 << 20);
     let (skipped, dirty) = g.with_core(|c| {
         let sl = c.slink(1).unwrap();
         (sl.skip_to, sl.dirty.dirty_regions())
@@ -473,14 +421,8 @@ fn a_hung_secondary_overflows_the_ring_and_the_resync_repairs_it() {
 /// when the writers are done the site already has every write, without waiting.
 #[test]
 fn a_sync_tcp_site_has_every_acknowledged_write() {
-    eprintln!("link path: direct loopback TCP");
-    let listen = format!("127.0.0.1:{}", free_port());
-    let s = secondary(&listen);
-    let dir = tmpdir();
-    let p = Primary::new(dir.path(), &listen, PolicyKind::Sync, false, false);
-    let g = p.open();
-    wait_link_up(&g, Duration::from_secs(20));
-    let writers: Vec<Writer> = (0..4).map(|t| Writer::start(&g, 100 + t)).collect();
+    let Run { s, p, g, dir: _dir } = start(PolicyKind::Sync, false, false, 32);
+    let writers: Vec<Writer> = (0..4).map(|t| driver_writer(&g, 100 + t)).collect();
     std::thread::sleep(Duration::from_secs(2));
     let written: u64 = writers.into_iter().map(Writer::stop).sum();
     let (acked, last) = g.with_core(|c| (c.slink(1).unwrap().acked, c.last_lsn()));

@@ -67,6 +67,57 @@ pub fn have(tool: &str) -> bool {
     ok
 }
 
+/// A fresh temporary directory (under /work when it exists: O_DIRECT needs a real file system,
+/// and /tmp may be tmpfs).
+pub fn tmpdir(prefix: &str) -> tempfile::TempDir {
+    let base = if Path::new("/work").is_dir() {
+        Path::new("/work")
+    } else {
+        Path::new("/var/tmp")
+    };
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(base)
+        .unwrap()
+}
+
+/// A thread that runs rounds of writes (`round(i)` for i = 0, 1, ..., each returning how many
+/// writes it completed) until stopped.
+pub struct Writer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Writer {
+    pub fn spawn(mut round: impl FnMut(u64) -> u64 + Send + 'static) -> Writer {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (s2, d2) = (stop.clone(), done.clone());
+        let thread = std::thread::spawn(move || {
+            let mut i: u64 = 0;
+            while !s2.load(Ordering::Relaxed) {
+                d2.fetch_add(round(i), Ordering::Relaxed);
+                i += 1;
+            }
+        });
+        Writer { stop, done, thread }
+    }
+
+    /// Writes completed so far.
+    pub fn done(&self) -> u64 {
+        self.done.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stop after the current round; returns the writes completed.
+    pub fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap();
+        self.done.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 pub struct Daemon {
     /// Extra `replicator daemon` flags (site id, keys, links).
     pub extra: Vec<String>,
@@ -94,15 +145,7 @@ impl Daemon {
 
     /// A daemon's directory and ports, not started yet (write keys into `dir`, then `spawn`).
     pub fn prepare(extra: &[&str]) -> Daemon {
-        let base = if Path::new("/work").is_dir() {
-            Path::new("/work")
-        } else {
-            Path::new("/var/tmp")
-        };
-        let tmp = tempfile::Builder::new()
-            .prefix("replicator-test-")
-            .tempdir_in(base)
-            .unwrap();
+        let tmp = tmpdir("replicator-test-");
         let dir = tmp.path().to_path_buf();
         Daemon {
             extra: extra

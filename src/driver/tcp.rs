@@ -427,7 +427,12 @@ impl TcpSite {
 
     /// The group stops: the worker ends, pulls fail.
     pub fn close(&self) {
-        self.lock().plan.closed = true;
+        {
+            let mut st = self.lock();
+            st.plan.closed = true;
+            // A link waiting for its LinkUp hears that the group stopped.
+            st.events.clear();
+        }
         self.work.notify_all();
         self.served.notify_waiters();
         self.served.notify_one();
@@ -435,6 +440,9 @@ impl TcpSite {
 
     fn event(&self, ev: LinkEvent) {
         let mut st = self.lock();
+        if st.plan.closed {
+            return;
+        }
         if let (LinkEvent::Ack { session, pos }, Some(LinkEvent::Ack { session: s, pos: p })) =
             (&ev, st.events.back_mut())
         {

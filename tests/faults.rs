@@ -10,9 +10,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -109,57 +106,33 @@ fn timed_write(uri: &str, cmd: &str) -> Duration {
 }
 
 /// qemu-io writes of 64 KiB over both devices at NBD port `port` until stopped; failed writes
-/// (the daemon is down) are retried by the next round. Returns how many succeeded.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    done: Arc<AtomicU64>,
-    thread: JoinHandle<()>,
-}
-
-impl Writer {
-    fn start(port: u16, devs: u32) -> Writer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(AtomicU64::new(0));
-        let (s2, d2) = (stop.clone(), done.clone());
-        let thread = std::thread::spawn(move || {
-            let mut i: u64 = 0;
-            while !s2.load(Ordering::Relaxed) {
-                let dev = i % u64::from(devs);
-                let off = (i * 7 * 64 * 1024) % (DEV_MIB << 20);
-                let pat = (i % 250 + 1) as u8;
-                let uri = format!("nbd://127.0.0.1:{port}/dev{dev}");
-                // Several writes per client: the load is the daemon's, not qemu-io's start-up.
-                let cmds: Vec<String> = (0..8u64)
-                    .map(|k| {
-                        format!(
-                            "write -P {pat} {} 64k",
-                            (off + k * 64 * 1024) % (DEV_MIB << 20)
-                        )
-                    })
-                    .collect();
-                let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
-                if qemu_io_command(&uri, &cmds)
-                    .output()
-                    .map(|o| o.status.success())
-                    .unwrap_or(false)
-                {
-                    d2.fetch_add(8, Ordering::Relaxed);
-                }
-                i += 1;
-            }
-        });
-        Writer { stop, done, thread }
-    }
-
-    fn done(&self) -> u64 {
-        self.done.load(Ordering::Relaxed)
-    }
-
-    fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap();
-        self.done.load(Ordering::Relaxed)
-    }
+/// (the daemon is down) are retried by the next round. Counts those that succeeded.
+fn qemu_writer(port: u16, devs: u32) -> Writer {
+    Writer::spawn(move |i| {
+        let dev = i % u64::from(devs);
+        let off = (i * 7 * 64 * 1024) % (DEV_MIB << 20);
+        let pat = (i % 250 + 1) as u8;
+        let uri = format!("nbd://127.0.0.1:{port}/dev{dev}");
+        // Several writes per client: the load is the daemon's, not qemu-io's start-up.
+        let cmds: Vec<String> = (0..8u64)
+            .map(|k| {
+                format!(
+                    "write -P {pat} {} 64k",
+                    (off + k * 64 * 1024) % (DEV_MIB << 20)
+                )
+            })
+            .collect();
+        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        let ok = qemu_io_command(&uri, &cmds)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if ok {
+            8
+        } else {
+            0
+        }
+    })
 }
 
 /// How often `needle` occurs in `text`.
@@ -186,7 +159,7 @@ fn a_primary_restarted_after_a_resync_keeps_its_link_up_under_writes() {
     for dev in ["dev0", "dev1"] {
         sites.p.wait_lag_zero(dev, LAG_TIMEOUT);
     }
-    let writer = Writer::start(sites.p.nbd_port, 2);
+    let writer = qemu_writer(sites.p.nbd_port, 2);
     while writer.done() < 40 {
         std::thread::sleep(Duration::from_millis(20));
     }

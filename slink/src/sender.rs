@@ -3,6 +3,12 @@
 //! capped exponential backoff and jitter when anything goes wrong. After every (re)connect it
 //! resends from the position the receiver reports as durable in the handshake.
 //!
+//! Sessions: after each handshake the sender awaits the source's
+//! [`EntrySource::session_started`] before it pulls, reports acks through
+//! [`EntrySource::acked`] and ends with [`EntrySource::session_ended`], so a source can keep
+//! what it serves within what its core planned for this session (a core that plans from the
+//! receiver's position must hear of it before the first pull).
+//!
 //! Invariants:
 //! - bytes in flight (sent, not acknowledged) stay under `window_bytes` plus one pull of items;
 //! - items go on the wire in the order the source gave them, strictly after the last sent
@@ -50,6 +56,28 @@ pub trait EntrySource: Send + Sync + 'static {
         after: Position,
         max_bytes: usize,
     ) -> impl Future<Output = Result<Vec<Item>, String>> + Send;
+
+    /// Session `session` (the sender's count of completed handshakes, from 1) began: the
+    /// receiver holds `peer` durably. Awaited after the handshake and before the session's first
+    /// pull, so a source whose plans depend on the receiver's position (a core that must see the
+    /// link up before it plans what to send) can make them first; every item pulled in this
+    /// session comes after it. An error ends the connection (reported as the link's last error).
+    /// Every call is followed by one [`EntrySource::session_ended`] for the same session.
+    fn session_started(
+        &self,
+        _session: u64,
+        _peer: Position,
+    ) -> impl Future<Output = Result<(), String>> + Send {
+        async { Ok(()) }
+    }
+
+    /// The receiver acknowledged `pos` durably in `session` (positions only grow within a
+    /// session). Called on the link's task: it must not block.
+    fn acked(&self, _session: u64, _pos: Position) {}
+
+    /// Session `session` ended (`reason`: why); nothing more is pulled in it. Called on the
+    /// link's task: it must not block.
+    fn session_ended(&self, _session: u64, _reason: &str) {}
 }
 
 /// Connection state of a sender.
@@ -313,11 +341,33 @@ impl<S: EntrySource> Link<S> {
                 }
             }
         };
+        // The session's number: the handshake just counted it.
+        let session = self.status.borrow().sessions;
+        let started = tokio::select! {
+            r = self.source.session_started(session, start) => r,
+            _ = stop.changed() => Err("sender stopping".to_string()),
+        };
         let mut progressed = false;
-        match self.ship(reader, writer, start, &mut progressed).await {
-            Ok(()) => End::Stopped,
-            Err(error) => End::Failed { error, progressed },
-        }
+        let end = match started {
+            Ok(()) => match self
+                .ship(reader, writer, start, session, &mut progressed)
+                .await
+            {
+                Ok(()) => End::Stopped,
+                Err(error) => End::Failed { error, progressed },
+            },
+            Err(_) if *self.stop.borrow() => End::Stopped,
+            Err(e) => End::Failed {
+                error: LinkError::Source(e),
+                progressed: false,
+            },
+        };
+        let reason = match &end {
+            End::Stopped => "sender stopping".to_string(),
+            End::Failed { error, .. } => error.to_string(),
+        };
+        self.source.session_ended(session, &reason);
+        end
     }
 
     /// Runs an authenticated connection until it fails or the link stops (`Ok`). `start` is the
@@ -329,6 +379,7 @@ impl<S: EntrySource> Link<S> {
         mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
         mut writer: OwnedWriteHalf,
         start: Position,
+        session: u64,
         progressed: &mut bool,
     ) -> Result<(), LinkError> {
         let (queue, mut queued) = mpsc::channel::<Bytes>(WRITER_QUEUE_FRAMES_MAX);
@@ -386,6 +437,7 @@ impl<S: EntrySource> Link<S> {
                             self.on_ack(ack, sent, &mut acked, &mut in_flight, &mut in_flight_bytes)?;
                             if acked != before {
                                 *progressed = true;
+                                source.acked(session, acked);
                             }
                         }
                         Some(Frame::Pong(_)) => {}

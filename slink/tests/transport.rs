@@ -577,3 +577,121 @@ async fn a_receiver_that_never_answers_times_out_the_handshake() {
     assert!(s.last_error.unwrap().contains("took over 300ms"));
     sender.shutdown().await;
 }
+
+/// Wraps [`MemSource`] and records what the sender calls: a pull only inside a session whose
+/// `session_started` returned and that has not ended, acks only in the open session.
+struct SessionSource {
+    inner: std::sync::Arc<MemSource>,
+    state: std::sync::Mutex<SessionLog>,
+}
+
+#[derive(Default)]
+struct SessionLog {
+    /// The session whose start returned and that has not ended.
+    open: Option<u64>,
+    /// Per session: the peer position, and the first pull's `after`.
+    starts: Vec<(u64, slink::Position, Option<slink::Position>)>,
+    ended: Vec<u64>,
+    violations: Vec<String>,
+}
+
+impl slink::EntrySource for SessionSource {
+    async fn next_items(
+        &self,
+        after: slink::Position,
+        max_bytes: usize,
+    ) -> Result<Vec<slink::Item>, String> {
+        {
+            let mut st = self.state.lock().unwrap();
+            if st.open.is_none() {
+                st.violations
+                    .push(format!("pull after {after:?} outside a session"));
+            }
+            if let Some((_, _, first)) = st.starts.last_mut() {
+                first.get_or_insert(after);
+            }
+        }
+        self.inner.next_items(after, max_bytes).await
+    }
+
+    async fn session_started(&self, session: u64, peer: slink::Position) -> Result<(), String> {
+        // Slow on purpose: a pull that does not wait for it would come first.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut st = self.state.lock().unwrap();
+        if st.open.is_some() {
+            st.violations
+                .push(format!("session {session} started inside another"));
+        }
+        st.open = Some(session);
+        st.starts.push((session, peer, None));
+        Ok(())
+    }
+
+    fn acked(&self, session: u64, _pos: slink::Position) {
+        let mut st = self.state.lock().unwrap();
+        if st.open != Some(session) {
+            let open = st.open;
+            st.violations
+                .push(format!("ack of session {session} while {open:?} is open"));
+        }
+    }
+
+    fn session_ended(&self, session: u64, _reason: &str) {
+        let mut st = self.state.lock().unwrap();
+        if st.open == Some(session) {
+            st.open = None;
+        }
+        st.ended.push(session);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_is_pulled_from_only_after_its_start_hook_returned_and_until_it_ended() {
+    say_link("direct loopback TCP");
+    let sink = MemSink::new();
+    sink.durable_lag.store(20, Ordering::Relaxed);
+    let listener = SlinkListener::bind(ANY.parse().unwrap(), listener_cfg(), sink.clone()).unwrap();
+    let addr = listener.local_addr();
+    let inner = MemSource::new();
+    inner.publish_to(500);
+    let source = std::sync::Arc::new(SessionSource {
+        inner: inner.clone(),
+        state: Default::default(),
+    });
+    let sender = SlinkSender::spawn(
+        addr.to_string(),
+        cfg("paris", KEY),
+        identity(),
+        source.clone(),
+    )
+    .unwrap();
+    let mut st = sender.status();
+    wait_status(&mut st, 20, "480 acked", |s| s.acked.lsn == 480).await;
+    listener.shutdown().await;
+    sink.crash();
+    wait_status(&mut st, 10, "link down", |s| s.state != LinkState::Up).await;
+    sink.durable_lag.store(0, Ordering::Relaxed);
+    inner.publish_to(800);
+    let listener = SlinkListener::bind(addr, listener_cfg(), sink.clone()).unwrap();
+    wait_status(&mut st, 20, "all acked", |s| s.acked.lsn == 800).await;
+    sender.shutdown().await;
+    listener.shutdown().await;
+    sink.assert_exactly(800);
+    let log = source.state.lock().unwrap();
+    assert!(log.violations.is_empty(), "{:?}", log.violations);
+    assert!(log.starts.len() >= 2, "a second session");
+    for (session, peer, first_pull) in &log.starts {
+        assert!(
+            log.ended.contains(session),
+            "session {session} ended (the sender stopped)"
+        );
+        if let Some(after) = first_pull {
+            assert_eq!(
+                after, peer,
+                "session {session} pulls from the peer's position"
+            );
+        }
+    }
+    // The second session starts where the crashed receiver's durable position left it.
+    assert_eq!(log.starts[1].1.lsn, 480);
+}

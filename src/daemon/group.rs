@@ -593,6 +593,9 @@ impl Group {
     /// bytes); positions and states come from the core.
     pub fn slink_views(&self, dev_nr: u32) -> Vec<SlinkView> {
         let specs = self.members().spec.slinks.clone();
+        let links = self
+            .with_driver(|d| specs.iter().map(|s| d.link(s.nr)).collect::<Vec<_>>())
+            .unwrap_or_default();
         let core_views = self.with_driver(|d| {
             let replog = d.replog().clone();
             d.with_core(|c| {
@@ -659,7 +662,7 @@ impl Group {
                         dirty_bytes: dirty,
                         health: health_letter.to_string(),
                         device_path: path,
-                        link: None,
+                        link: links.get(i).cloned().flatten(),
                     },
                     state_letter,
                     health_letter,

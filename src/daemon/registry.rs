@@ -212,7 +212,10 @@ impl Registry {
                 table_text,
                 self.event_hook.clone(),
                 role,
-                self.driver.clone(),
+                crate::driver::DriverConfig {
+                    links: self.links.clone(),
+                    ..self.driver.clone()
+                },
             )
             .map_err(|e| e.to_string())?;
             if let Ok(mut groups) = self.groups.write() {

@@ -25,14 +25,17 @@
 //! ([`DriverConfig::entry_cache_bytes`]) holds entry data for slink 0 and the sites; an entry
 //! evicted from it is read back from the replog (the one read-back path).
 //!
+//! - A `tcp` slink ships through [`tcp`]: its link on a thread of its own, a `tcp-N` worker for
+//!   its events and reads.
+//!
 //! # Scope of this slice
-//! A primary whose slinks are all `local` (slink 0 and local sites, with or without dirty logs),
-//! and a secondary (its replog says so; slink 0 only) fed by a slink listener through
-//! [`GroupDriver::durable_position`] and [`GroupDriver::store`] (see [`secondary`]). Tcp slinks
-//! of a primary still run on `crate::engine`; `open` refuses them.
+//! A primary whose slinks are `local` (slink 0 and local sites, with or without dirty logs) or
+//! `tcp` ([`tcp`]), and a secondary (its replog says so; slink 0 only) fed by a slink listener
+//! through [`GroupDriver::durable_position`] and [`GroupDriver::store`] (see [`secondary`]).
 
 mod open;
 mod secondary;
+mod tcp;
 mod workers;
 
 #[cfg(test)]
@@ -53,6 +56,7 @@ use crate::core::{Command, Core, Extent, Failure, Input, Lsn, RequestId};
 use crate::engine::blockfile::BlockFile;
 use crate::engine::queue::MemEntry;
 
+pub use crate::engine::slink::LinkView;
 pub(crate) use open::dirty_log_keeps_marks;
 pub use open::{DriverConfig, EventSink, OpenError};
 pub use secondary::STORE_CALL_BYTES_MAX;
@@ -100,6 +104,8 @@ pub(crate) struct Shared {
     pub sites: BTreeMap<u8, LocalSite>,
     /// Dirty logs by (slink, device).
     pub dirty: BTreeMap<(u8, u32), Mutex<replog::dirtylog::DirtyLog>>,
+    /// The `tcp` sites (slink > 0), by slink.
+    tcp: BTreeMap<u8, Arc<tcp::TcpSite>>,
     queues: Queues,
     entry_cache_bytes: usize,
     events: Option<EventSink>,
@@ -109,6 +115,8 @@ pub(crate) struct Shared {
 pub struct GroupDriver {
     shared: Arc<Shared>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The links of the `tcp` slinks (dropped before the workers end: they feed them).
+    links: Mutex<Vec<tcp::TcpLink>>,
 }
 
 /// A broken invariant or a poisoned lock: stop rather than go on with wrong data.
@@ -238,11 +246,22 @@ impl GroupDriver {
         f(&self.shared.lock().core)
     }
 
+    /// The link of a `tcp` slink as status shows it (None for another slink).
+    pub fn link(&self, slink: u8) -> Option<LinkView> {
+        let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        links.iter().find(|l| l.nr == slink).map(|l| l.view())
+    }
+
     /// Drain, checkpoint, empty the activity log, stop the workers.
     pub fn shutdown(&self) {
         self.shared.input(Input::Shutdown);
         self.wait_stopped();
-        self.shared.queues.close();
+        // The links say goodbye while the workers still take their last events.
+        let links = std::mem::take(&mut *self.links.lock().unwrap_or_else(|e| e.into_inner()));
+        for mut l in links {
+            l.stop();
+        }
+        self.shared.close_workers();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         for t in threads {
             let _ = t.join();
@@ -253,7 +272,7 @@ impl GroupDriver {
 impl Drop for GroupDriver {
     fn drop(&mut self) {
         // Workers hold the shared state: close their queues so they end.
-        self.shared.queues.close();
+        self.shared.close_workers();
     }
 }
 
@@ -270,6 +289,13 @@ impl Shared {
 
     fn now(&self) -> u64 {
         self.clock.elapsed().as_nanos() as u64
+    }
+
+    fn close_workers(&self) {
+        self.queues.close();
+        for site in self.tcp.values() {
+            site.close();
+        }
     }
 
     fn submit_write(
@@ -359,27 +385,32 @@ impl Shared {
                     self.queues.apply(entry);
                 }
             }
-            Command::Ship { slink, after, upto } => {
-                let cached: Vec<Arc<MemEntry>> = st
-                    .entries
-                    .range(after + 1..=upto)
-                    .map(|(_, e)| e.clone())
-                    .collect();
-                self.queues.site(
-                    slink,
-                    SiteWork::Entries {
-                        after,
-                        upto,
-                        cached,
-                    },
-                );
-            }
-            Command::ResyncPiece { slink, piece } => {
-                self.queues.site(slink, SiteWork::Piece(piece))
-            }
-            Command::ResyncComplete { slink, seq } => {
-                self.queues.site(slink, SiteWork::Complete { seq })
-            }
+            Command::Ship { slink, after, upto } => match self.tcp.get(&slink) {
+                Some(site) => site.ship(after, upto, &st.entries),
+                None => {
+                    let cached: Vec<Arc<MemEntry>> = st
+                        .entries
+                        .range(after + 1..=upto)
+                        .map(|(_, e)| e.clone())
+                        .collect();
+                    self.queues.site(
+                        slink,
+                        SiteWork::Entries {
+                            after,
+                            upto,
+                            cached,
+                        },
+                    );
+                }
+            },
+            Command::ResyncPiece { slink, piece } => match self.tcp.get(&slink) {
+                Some(site) => site.piece(piece),
+                None => self.queues.site(slink, SiteWork::Piece(piece)),
+            },
+            Command::ResyncComplete { slink, seq } => match self.tcp.get(&slink) {
+                Some(site) => site.complete(seq),
+                None => self.queues.site(slink, SiteWork::Complete { seq }),
+            },
             Command::Checkpoint {
                 slink,
                 lsn,

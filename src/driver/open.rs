@@ -1,6 +1,6 @@
 //! Opening a group on the core: the replog (which says the role), slink 0's devices, the local
-//! sites' devices and dirty logs, what they held ([`Restored`], with a secondary's consistency
-//! flag), and the core's configuration.
+//! sites' devices, the tcp sites' links, the dirty logs, what they held ([`Restored`], with a
+//! secondary's consistency flag), and the core's configuration.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Condvar, Mutex};
@@ -13,10 +13,13 @@ use crate::core::index::Retained;
 use crate::core::slink::{DownWait, SlinkConfig, Transport};
 use crate::core::{Core, CoreConfig, DeviceConfig, Extent, Restored, Role};
 use crate::engine::blockfile::BlockFile;
-use crate::engine::group::{open_dirty_log, open_replog_with};
+use crate::engine::group::{open_dirty_log, open_replog_with, settle_role, Role as GroupRole};
+use crate::engine::link_thread::ASYNC_LINK_NICE;
 use crate::engine::policy;
-use crate::engine::spec::{DeviceSpec, DirtyLogSpec, GroupSpec};
+use crate::engine::spec::{DeviceSpec, DirtyLogSpec, GroupSpec, SlinkSpec};
+use crate::engine::tcp::LinkSettings;
 
+use super::tcp::{self, TcpLink, TcpSite};
 use super::workers::{self, Queues};
 use super::{GroupDriver, LocalSite, Shared, State};
 
@@ -38,6 +41,13 @@ pub struct DriverConfig {
     pub marks_lost: Vec<u8>,
     /// Where the core's events go (the daemon's event log); without one they are only logged.
     pub events: Option<EventSink>,
+    /// This site's identity and key, and the site ids of the addresses `tcp` slinks name.
+    /// Default: none (a table with a `tcp` slink is refused).
+    pub links: Option<Arc<LinkSettings>>,
+    /// Entry data a `tcp` slink holds in memory for its link beyond what is on the wire (past it
+    /// entries are read back from the replog when the link gets to them). Default: 16 MiB
+    /// (about the link's default window).
+    pub link_queue_bytes: usize,
 }
 
 /// Receives the core's events (`kind`, detail) as they happen, under the core's lock: it must
@@ -62,6 +72,8 @@ impl Default for DriverConfig {
             replog_direct: false,
             events: None,
             marks_lost: Vec::new(),
+            links: None,
+            link_queue_bytes: 16 << 20,
         }
     }
 }
@@ -106,9 +118,11 @@ impl GroupDriver {
             path: group.replog_path.display().to_string(),
             source,
         };
-        if let Some(s) = group.slinks.iter().find(|s| s.transport != "local") {
+        if let Some(s) = group.slinks.iter().find(|s| {
+            !matches!(s.transport, "local" | "tcp") || (s.nr == 0 && s.transport != "local")
+        }) {
             return Err(OpenError::Unsupported(format!(
-                "slink {} is {}: this driver runs local slinks only",
+                "slink {} is {}: this driver runs local slinks and tcp sites",
                 s.nr, s.transport
             )));
         }
@@ -118,6 +132,10 @@ impl GroupDriver {
             replog::Role::Secondary => Role::Secondary,
             replog::Role::Primary | replog::Role::Unset => Role::Primary,
         };
+        if role == Role::Primary {
+            // A primary has its role and an epoch in its replog (its links name the epoch).
+            settle_role(&replog, &group.replog_path, GroupRole::Primary)?;
+        }
         if role == Role::Secondary && group.slinks.iter().any(|s| s.nr != 0) {
             return Err(OpenError::Unsupported(
                 "a secondary group has only slink 0 (its own devices); the primary ships to it"
@@ -148,7 +166,10 @@ impl GroupDriver {
         let mut resync_seq = Vec::new();
         let mut drop_floors = Vec::new();
         let mut marks_lost = Vec::new();
+        let mut tcp_sites = BTreeMap::new();
+        let mut links = Vec::new();
         for s in &group.slinks {
+            let remote = s.transport == "tcp";
             let mut files = BTreeMap::new();
             let mut region_bytes = None;
             let mut marks_kept = !s.devices.is_empty();
@@ -157,8 +178,11 @@ impl GroupDriver {
                 let size = *sizes.get(&d.dev_nr).ok_or_else(|| {
                     OpenError::Unsupported(format!("no size for device {}", d.dev_nr))
                 })?;
-                let f = BlockFile::open(&d.path, size, true).map_err(file_err(&d.path))?;
-                files.insert(d.dev_nr, Arc::new(f));
+                // A tcp site's device is named at the remote site; only its dirty log is here.
+                if !remote {
+                    let f = BlockFile::open(&d.path, size, true).map_err(file_err(&d.path))?;
+                    files.insert(d.dev_nr, Arc::new(f));
+                }
                 if let Some(log) = open_dirty_log(&d.dirty_log, size)? {
                     region_bytes = Some(log.region_size());
                     for r in log.dirty_regions() {
@@ -189,13 +213,23 @@ impl GroupDriver {
             };
             slink_cfgs.push(SlinkConfig {
                 nr: s.nr,
-                transport: Transport::Local,
+                transport: if remote {
+                    Transport::Remote
+                } else {
+                    Transport::Local
+                },
                 policy: s.policy,
                 fallbehind: s.fallbehind,
                 down_wait,
                 region_bytes: if s.nr == 0 { None } else { region_bytes },
             });
-            if s.nr == 0 {
+            if remote {
+                let link = link_plan(cfg, group, s, &sizes, &replog)?;
+                let done_device = s.devices.first().map_or(0, |d| d.dev_nr);
+                let site = Arc::new(TcpSite::new(s.nr, cfg.link_queue_bytes, done_device));
+                tcp_sites.insert(s.nr, site.clone());
+                links.push((site, link));
+            } else if s.nr == 0 {
                 slink0 = files;
             } else {
                 sites.insert(s.nr, LocalSite { devices: files });
@@ -259,11 +293,13 @@ impl GroupDriver {
             slink0,
             sites,
             dirty: dirty_logs,
+            tcp: tcp_sites,
             queues,
             entry_cache_bytes: cfg.entry_cache_bytes,
             events: cfg.events.clone(),
         });
-        let threads = workers::spawn(&shared, receivers);
+        let mut threads = workers::spawn(&shared, receivers);
+        threads.extend(tcp::spawn_workers(&shared));
         {
             let mut st = shared.lock();
             for c in first {
@@ -272,10 +308,22 @@ impl GroupDriver {
                 }
             }
         }
-        Ok(GroupDriver {
+        let driver = GroupDriver {
             shared,
             threads: Mutex::new(threads),
-        })
+            links: Mutex::new(Vec::new()),
+        };
+        // Last: a link that comes up hands the core its LinkUp at once.
+        for (site, plan) in links {
+            let link = TcpLink::start(&site, &plan.address, plan.site, plan.identity, plan.nice)
+                .map_err(OpenError::Unsupported)?;
+            driver
+                .links
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(link);
+        }
+        Ok(driver)
     }
 }
 
@@ -291,6 +339,68 @@ pub(crate) fn dirty_log_keeps_marks(spec: &DirtyLogSpec) -> bool {
         } => path.exists(),
         DirtyLogSpec::Disk { .. } | DirtyLogSpec::Core { .. } | DirtyLogSpec::None => false,
     }
+}
+
+/// What starts a tcp slink's link.
+struct LinkPlan {
+    address: String,
+    site: slink::SiteConfig,
+    identity: slink::LinkIdentity,
+    nice: i32,
+}
+
+fn link_plan(
+    cfg: &DriverConfig,
+    group: &GroupSpec,
+    s: &SlinkSpec,
+    sizes: &BTreeMap<u32, u64>,
+    replog: &Replog,
+) -> Result<LinkPlan, OpenError> {
+    let unsupported = |why: String| OpenError::Unsupported(format!("slink {}: {why}", s.nr));
+    let settings = cfg.links.as_ref().ok_or_else(|| {
+        unsupported("tcp, but the driver has no link settings (site id, key, peers)".into())
+    })?;
+    let address = s
+        .remote_addr
+        .clone()
+        .ok_or_else(|| unsupported("tcp without an address".into()))?;
+    let receiver_site = settings.peers.get(&address).cloned().ok_or_else(|| {
+        unsupported(format!(
+            "no site id for {address}; name it with --peer SITE@{address}"
+        ))
+    })?;
+    let epoch = replog.current_epoch().map(|e| e.epoch).ok_or_else(|| {
+        unsupported(format!(
+            "the replog {} has no epoch",
+            group.replog_path.display()
+        ))
+    })?;
+    let devices = s
+        .devices
+        .iter()
+        .map(|d| slink::DeviceInfo {
+            device: d.dev_nr,
+            size_bytes: sizes.get(&d.dev_nr).copied().unwrap_or(0),
+        })
+        .collect();
+    Ok(LinkPlan {
+        address,
+        site: settings.site.clone(),
+        identity: slink::LinkIdentity {
+            receiver_site,
+            group_uuid: replog.uuid(),
+            epoch,
+            devices,
+            // It ships resync pieces (ResyncData) and completion markers (ResyncDone).
+            features: slink::handshake::FEATURE_RESYNC,
+        },
+        // An async site's shipping uses the CPU the application leaves (engine::link_thread).
+        nice: if s.policy == policy::PolicyKind::Async {
+            ASYNC_LINK_NICE
+        } else {
+            0
+        },
+    })
 }
 
 /// The entries the ring retains, in lsn order (their extents only).

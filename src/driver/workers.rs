@@ -196,7 +196,7 @@ impl Queues {
     }
 }
 
-fn thread(name: String, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+pub(crate) fn thread(name: String, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
     match std::thread::Builder::new().name(name.clone()).spawn(f) {
         Ok(h) => h,
         Err(e) => stop_the_process(&format!("spawning thread {name}: {e}")),
@@ -319,7 +319,7 @@ fn site(s: &Shared, nr: u8, rx: Receiver<SiteWork>) {
                 upto,
                 cached,
             } => {
-                let r = site_entries(s, &site.devices, after, upto, &cached);
+                let r = site_entries(s, nr, &site.devices, after, upto, &cached);
                 pos.lsn = pos.lsn.max(upto);
                 r
             }
@@ -345,6 +345,7 @@ fn site(s: &Shared, nr: u8, rx: Receiver<SiteWork>) {
 
 fn site_entries(
     s: &Shared,
+    nr: u8,
     devices: &BTreeMap<u32, Arc<BlockFile>>,
     after: Lsn,
     upto: Lsn,
@@ -358,8 +359,12 @@ fn site_entries(
                 .next()
                 .cloned()
                 .unwrap_or_else(|| stop_the_process("peeked entry vanished"))],
-            _ => read_back(s, next, upto)?,
+            _ => read_back(s, nr, next, upto)?,
         };
+        // Everything left was dropped for the site meanwhile (its regions are dirty).
+        if batch.is_empty() {
+            break;
+        }
         for e in &batch {
             let Some(f) = devices.get(&e.device) else {
                 return Err(format!("slink has no device {}", e.device));
@@ -372,8 +377,16 @@ fn site_entries(
     Ok(())
 }
 
-/// Entries from the replog (the one read-back path), up to 4 MiB at a time.
-fn read_back(s: &Shared, from: Lsn, upto: Lsn) -> Result<Vec<Arc<MemEntry>>, String> {
+/// Entries of `(from - 1, upto]` for slink `nr` from the replog (the one read-back path), up to
+/// 4 MiB at a time. They start at `from` unless the core dropped entries for the site after it
+/// shipped them (a ring overflow: their regions are dirty, and the ring reclaimed them): then at
+/// the first one retained after them, or none when the drop covers the rest.
+pub(crate) fn read_back(
+    s: &Shared,
+    nr: u8,
+    from: Lsn,
+    upto: Lsn,
+) -> Result<Vec<Arc<MemEntry>>, String> {
     let batch = s
         .replog
         .read_from(from, 256, 4 << 20)
@@ -383,13 +396,19 @@ fn read_back(s: &Shared, from: Lsn, upto: Lsn) -> Result<Vec<Arc<MemEntry>>, Str
         .filter(|e| e.lsn <= upto)
         .map(|e| Arc::new(MemEntry::from(e)))
         .collect();
-    // The core ships only what the ring retains: a gap is a broken invariant.
-    if out.first().map(|e| e.lsn) != Some(from) {
-        stop_the_process(&format!(
-            "group {}: shipping lsn {from}..={upto}, the replog starts at {:?}",
-            s.name,
-            out.first().map(|e| e.lsn)
-        ));
+    // The ring reclaims above a site's acknowledged entries only what the core dropped for it:
+    // any other gap is a broken invariant.
+    let first = out.first().map(|e| e.lsn);
+    if first != Some(from) {
+        let missing_upto = first.map_or(upto, |f| f - 1);
+        let skipped_to = s.lock().core.slink(nr).map_or(0, |x| x.skip_to);
+        if skipped_to < missing_upto {
+            stop_the_process(&format!(
+                "group {}: shipping lsn {from}..={upto} to slink {nr}, the replog starts at \
+                 {first:?} and the core dropped only up to {skipped_to}",
+                s.name
+            ));
+        }
     }
     Ok(out)
 }
@@ -400,17 +419,23 @@ fn copy_piece(
     devices: &BTreeMap<u32, Arc<BlockFile>>,
     p: &Piece,
 ) -> Result<(), String> {
-    let Some(src) = s.slink0.get(&p.device) else {
-        return Err(format!("resync of unknown device {}", p.device));
-    };
     let Some(dst) = devices.get(&p.device) else {
         return Err(format!("slink has no device {}", p.device));
+    };
+    let buf = read_piece(s, p)?;
+    apply_entry(dst, EntryKind::Write, p.offset, p.len, &buf)
+        .map_err(|e| format!("resync write of device {}: {e}", p.device))
+}
+
+/// A resync piece's bytes, read from slink 0's device.
+pub(crate) fn read_piece(s: &Shared, p: &Piece) -> Result<Vec<u8>, String> {
+    let Some(src) = s.slink0.get(&p.device) else {
+        return Err(format!("resync of unknown device {}", p.device));
     };
     let mut buf = vec![0u8; p.len as usize];
     src.read_at(p.offset, &mut buf)
         .map_err(|e| format!("resync read of device {}: {e}", p.device))?;
-    apply_entry(dst, EntryKind::Write, p.offset, p.len, &buf)
-        .map_err(|e| format!("resync write of device {}: {e}", p.device))
+    Ok(buf)
 }
 
 /// Cursors, dirty logs and reclaim, in the order the core asked for them (a drop's cursor

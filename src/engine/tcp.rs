@@ -48,7 +48,7 @@ impl AsRef<[u8]> for SharedData {
     }
 }
 
-fn to_wire(e: &Arc<MemEntry>) -> slink::Entry {
+pub(crate) fn to_wire(e: &Arc<MemEntry>) -> slink::Entry {
     slink::Entry {
         lsn: e.lsn,
         device: e.device,
@@ -454,20 +454,7 @@ pub fn spawn_link(
             let Some(g) = weak.upgrade() else { return };
             let c = counters.snapshot();
             if let Ok(mut v) = sl.link.lock() {
-                *v = Some(super::slink::LinkView {
-                    address: addr.clone(),
-                    state: format!("{:?}", st.state).to_lowercase(),
-                    last_error: st.last_error.clone(),
-                    sessions: st.sessions,
-                    reconnects: c.reconnects,
-                    crc_errors: c.crc_errors,
-                    bad_frames: c.bad_frames,
-                    auth_failures: c.auth_failures,
-                    refusals: c.refusals,
-                    keepalive_timeouts: c.keepalive_timeouts,
-                    bytes_sent: c.bytes_sent,
-                    in_flight_bytes: st.in_flight_bytes as u64,
-                });
+                *v = Some(link_view(&addr, &st, &c));
             }
             sl.publish_applied(st.acked.lsn);
             clear_acked_regions(&g, &sl, st.acked.resync_seq).await;
@@ -513,6 +500,28 @@ pub fn spawn_link(
         _sender: sender,
         _thread: thread,
     })
+}
+
+/// A link as status shows it, from its sender's status and counters.
+pub(crate) fn link_view(
+    address: &str,
+    st: &slink::SenderStatus,
+    c: &slink::CountersSnapshot,
+) -> super::slink::LinkView {
+    super::slink::LinkView {
+        address: address.to_string(),
+        state: format!("{:?}", st.state).to_lowercase(),
+        last_error: st.last_error.clone(),
+        sessions: st.sessions,
+        reconnects: c.reconnects,
+        crc_errors: c.crc_errors,
+        bad_frames: c.bad_frames,
+        auth_failures: c.auth_failures,
+        refusals: c.refusals,
+        keepalive_timeouts: c.keepalive_timeouts,
+        bytes_sent: c.bytes_sent,
+        in_flight_bytes: st.in_flight_bytes as u64,
+    }
 }
 
 /// How often a link watcher looks at a down or out-of-date site (for `down_wait=` and catch-up).

@@ -81,6 +81,43 @@ pub fn scratch_dir(prefix: &str) -> tempfile::TempDir {
         .unwrap()
 }
 
+/// A thread that runs rounds of writes (`round(i)` for i = 0, 1, ..., each returning how many
+/// writes it completed) until stopped.
+pub struct Writer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Writer {
+    pub fn spawn(mut round: impl FnMut(u64) -> u64 + Send + 'static) -> Writer {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (s2, d2) = (stop.clone(), done.clone());
+        let thread = std::thread::spawn(move || {
+            let mut i: u64 = 0;
+            while !s2.load(Ordering::Relaxed) {
+                d2.fetch_add(round(i), Ordering::Relaxed);
+                i += 1;
+            }
+        });
+        Writer { stop, done, thread }
+    }
+
+    /// Writes completed so far.
+    pub fn done(&self) -> u64 {
+        self.done.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stop after the current round; returns the writes completed.
+    pub fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap();
+        self.done.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 pub struct Daemon {
     /// Extra `replicator daemon` flags (site id, keys, links).
     pub extra: Vec<String>,

@@ -244,7 +244,8 @@ fn a_sync_site_that_is_down_is_waited_for_only_its_down_wait_then_marked_out_of_
     assert_eq!(slink1_state(&sites, "dev0"), "outdated");
     let line = sites.p.ok(&["status", "dev0"]);
     assert!(line.contains(" 1 OA sync "), "status letter O: {line}");
-    assert_eq!(count(&sites.p.log(), "\"slink-outdated\""), 1);
+    let log = sites.p.log();
+    assert_eq!(count(&log, "\"slink-outdated\""), 1, "{log}");
     // Out of date: writes go on without waiting for it.
     for i in 0..5u64 {
         let quick = timed_write(&uri, &format!("write -P 3 {}k 64k", 128 + i * 64));

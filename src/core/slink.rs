@@ -127,6 +127,8 @@ impl Change {
     pub fn event_kind(&self) -> &'static str {
         match (self.from, self.to) {
             (_, SlinkState::Up) if self.from == SlinkState::Resync => "resync-end",
+            // An out-of-date site is current (waited for) again.
+            (_, SlinkState::Up) if self.from == SlinkState::OutOfDate => "slink-uptodate",
             (_, SlinkState::Up) => "slink-up",
             (_, SlinkState::Resync) => "resync-start",
             (_, SlinkState::Down) => "slink-down",

@@ -214,6 +214,12 @@ impl Registry {
                 role,
                 crate::driver::DriverConfig {
                     links: self.links.clone(),
+                    // A sync site that is down is waited for the link's dead timeout unless its
+                    // table says `down_wait=`.
+                    default_down_wait: self
+                        .links
+                        .as_ref()
+                        .map_or(self.driver.default_down_wait, |l| l.site.dead_peer_timeout),
                     ..self.driver.clone()
                 },
             )
@@ -266,7 +272,12 @@ impl Registry {
         if let Ok(mut d) = self.devices.write() {
             d.remove(name);
         }
-        if handle.group.remove_device(handle.dev_nr) {
+        // Leaving a running group opens it again (blocking work), off the runtime.
+        let (group, dev_nr) = (handle.group.clone(), handle.dev_nr);
+        let last = tokio::task::spawn_blocking(move || group.remove_device(dev_nr))
+            .await
+            .map_err(|e| e.to_string())?;
+        if last {
             if let Ok(mut g) = self.groups.write() {
                 g.retain(|_, g| !Arc::ptr_eq(g, &handle.group));
             }

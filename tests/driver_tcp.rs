@@ -321,7 +321,8 @@ fn a_secondary_killed_and_restarted_under_writes_gets_its_link_back_without_flap
         assert_eq!(
             (l.state.as_str(), l.sessions),
             ("up", back.sessions),
-            "the link flapped after the secondary came back: {l:?}\nsecondary log:\n{}",
+            "the link flapped after the secondary came back: {l:?}\ncore: {}\nsecondary log:\n{}",
+            g.summary(),
             s.log()
         );
         std::thread::sleep(Duration::from_millis(50));

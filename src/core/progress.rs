@@ -437,6 +437,11 @@ impl Core {
             );
             return;
         }
+        // Entries up to here are no longer in the ring (reclaimed below every cursor).
+        let ring_floor = self
+            .index
+            .first_lsn()
+            .map_or(written, |f| f.saturating_sub(1));
         let s = &mut self.slinks[i];
         s.dirty.forget_in_flight();
         s.next_seq = s.next_seq.max(peer.resync_seq + 1);
@@ -445,7 +450,12 @@ impl Core {
         s.resync_running = true;
         s.complete_in_flight = None;
         let floor = s.drop_floor.unwrap_or(s.cursor).min(s.cursor);
-        if peer.lsn < floor {
+        // A partial repair resumes after what the site has or what was dropped for it; it needs
+        // every entry after that in the ring. A site that reports less than it acknowledged
+        // (while a drop floor let it off) can need entries the ring reclaimed: only a full
+        // resync repairs that.
+        let unservable = peer.lsn.max(s.skip_to) < ring_floor;
+        if peer.lsn < floor || unservable {
             // The site lost entries this ring no longer holds: a full resync, or nothing.
             if s.cfg.region_bytes.is_some() {
                 s.dirty.mark_all();

@@ -1016,7 +1016,7 @@ fn a_sync_site_down_past_its_wait_is_outdated_then_sync_again_once_caught_up() {
     });
     assert_eq!(rig.core.slink_state(1), Some(SlinkState::OutOfDate));
     let out = rig.tick(S + DOWN_WAIT + 1);
-    assert!(events(&out).contains(&"slink-up"), "{out:?}");
+    assert!(events(&out).contains(&"slink-uptodate"), "{out:?}");
     assert_eq!(rig.core.waited_slinks(), vec![1]);
 }
 

@@ -387,10 +387,20 @@ pub(crate) fn read_back(
     from: Lsn,
     upto: Lsn,
 ) -> Result<Vec<Arc<MemEntry>>, String> {
-    let batch = s
-        .replog
-        .read_from(from, 256, 4 << 20)
-        .map_err(|e| format!("replog read from lsn {from}: {e}"))?;
+    // Entries the core dropped for this site after it planned them may be reclaimed already:
+    // start at the ring's first entry then (the gap is checked below).
+    let start = from.max(s.replog.first_lsn());
+    let skipped_to = || s.lock().core.slink(nr).map_or(0, |x| x.skip_to);
+    let batch = if start > upto {
+        Vec::new()
+    } else {
+        match s.replog.read_from(start, 256, 4 << 20) {
+            Ok(b) => b,
+            // Reclaimed between the two looks, all of it dropped for the site.
+            Err(_) if skipped_to() >= upto => Vec::new(),
+            Err(e) => return Err(format!("replog read from lsn {start}: {e}")),
+        }
+    };
     let out: Vec<Arc<MemEntry>> = batch
         .into_iter()
         .filter(|e| e.lsn <= upto)
@@ -401,7 +411,7 @@ pub(crate) fn read_back(
     let first = out.first().map(|e| e.lsn);
     if first != Some(from) {
         let missing_upto = first.map_or(upto, |f| f - 1);
-        let skipped_to = s.lock().core.slink(nr).map_or(0, |x| x.skip_to);
+        let skipped_to = skipped_to();
         if skipped_to < missing_upto {
             stop_the_process(&format!(
                 "group {}: shipping lsn {from}..={upto} to slink {nr}, the replog starts at \

@@ -339,20 +339,31 @@ impl Shared {
     /// an apply thread and back is most of a low queue depth write's time); the others go to the
     /// apply threads.
     pub(crate) fn input(&self, input: Input) {
-        let mut next = Some(input);
-        while let Some(input) = next.take() {
-            let kept = {
-                let mut st = self.lock();
-                st.keep_one_apply = true;
-                self.run(&mut st, input);
-                st.keep_one_apply = false;
-                st.kept_apply.take()
-            };
-            if let Some(e) = kept {
-                let result = workers::apply_to_slink0(self, &e);
-                next = Some(Input::Applied { lsn: e.lsn, result });
-            }
+        let mut kept = self.input_keeping_apply(input);
+        while let Some(e) = kept.take() {
+            kept = self.apply_kept(&e);
         }
+    }
+
+    /// [`Shared::input`] without the apply: the first entry the core asks to apply is returned
+    /// for the caller to write ([`Shared::apply_kept`]) or hand on ([`Shared::hand_to_apply`]).
+    pub(crate) fn input_keeping_apply(&self, input: Input) -> Option<Arc<MemEntry>> {
+        let mut st = self.lock();
+        st.keep_one_apply = true;
+        self.run(&mut st, input);
+        st.keep_one_apply = false;
+        st.kept_apply.take()
+    }
+
+    /// Write a kept entry to slink 0 here and report it; returns the next entry kept.
+    pub(crate) fn apply_kept(&self, e: &MemEntry) -> Option<Arc<MemEntry>> {
+        let result = workers::apply_to_slink0(self, e);
+        self.input_keeping_apply(Input::Applied { lsn: e.lsn, result })
+    }
+
+    /// A kept entry the caller has no time for goes to the apply threads.
+    pub(crate) fn hand_to_apply(&self, e: Arc<MemEntry>) {
+        self.queues.apply(e);
     }
 
     fn run(&self, st: &mut State, first: Input) {

@@ -244,20 +244,35 @@ pub(crate) fn spawn(shared: &Arc<Shared>, rx: Receivers) -> Vec<JoinHandle<()>> 
 }
 
 /// Appends are written in lsn order: report the highest written after each wait, taking every
-/// handle already queued in one go.
+/// handle already queued in one go. The entry the core then asks to apply first, this thread
+/// writes itself (no hand-off at low queue depth) unless more appends wait for it: then the
+/// apply threads take it, so that no log write waits behind a device write.
 fn log_written(s: &Shared, rx: Receiver<Appending>) {
-    while let Ok(first) = rx.recv() {
+    let mut next = rx.recv().ok();
+    while let Some(first) = next.take() {
         let mut result = wait_written(first);
-        while let Ok(next) = rx.try_recv() {
-            result = match (result, wait_written(next)) {
+        while let Ok(more) = rx.try_recv() {
+            result = match (result, wait_written(more)) {
                 (Ok(a), Ok(b)) => Ok(a.max(b)),
                 (Err(e), _) | (_, Err(e)) => Err(e),
             };
         }
         // Never drop a result on the durability path: a failed write halts the core.
-        match result {
-            Ok(upto) => s.input(Input::LogWritten { upto }),
-            Err(reason) => s.input(Input::LogFailed { reason }),
+        let mut kept = match result {
+            Ok(upto) => s.input_keeping_apply(Input::LogWritten { upto }),
+            Err(reason) => s.input_keeping_apply(Input::LogFailed { reason }),
+        };
+        while let Some(e) = kept.take() {
+            match rx.try_recv() {
+                Ok(waiting) => {
+                    s.hand_to_apply(e);
+                    next = Some(waiting);
+                }
+                Err(_) => kept = s.apply_kept(&e),
+            }
+        }
+        if next.is_none() {
+            next = rx.recv().ok();
         }
     }
 }
@@ -269,16 +284,32 @@ fn wait_written(a: Appending) -> Result<Lsn, String> {
         .map_err(|e| format!("write of lsn {lsn}: {e}"))
 }
 
+/// Makes the replog durable for the core. First with a sync beside the batch pipeline
+/// (`sync_written`): a flush through the pipeline makes the open batch a syncing one, and every
+/// write appended meanwhile would wait for that fdatasync (at every async site's batched flush).
+/// That sync covers what was written before it; when it moved nothing and appends are still on
+/// their way (a client's flush covers those too), the pipeline flush waits for them, so a
+/// repeated request always makes progress.
 fn log_flush(s: &Shared, rx: Receiver<()>) {
     while rx.recv().is_ok() {
         while rx.try_recv().is_ok() {}
-        match s.replog.flush().wait() {
+        match make_durable(&s.replog) {
             Ok(upto) => s.input(Input::LogDurable { upto }),
             Err(e) => s.input(Input::LogFailed {
                 reason: format!("flush: {e}"),
             }),
         }
     }
+}
+
+fn make_durable(log: &replog::Replog) -> replog::Result<Lsn> {
+    let appended = log.next_lsn().saturating_sub(1);
+    let before = log.durable_lsn();
+    let durable = log.sync_written()?;
+    if durable > before || durable >= appended {
+        return Ok(durable);
+    }
+    log.flush().wait()
 }
 
 fn apply0(s: &Shared, rx: &Mutex<Receiver<Arc<MemEntry>>>) {

@@ -61,11 +61,6 @@ pub fn set_replog_direct(direct: bool) {
     REPLOG_DIRECT.store(direct, Ordering::Relaxed);
 }
 
-/// Whether replogs are opened with O_DIRECT (see [`set_replog_direct`]).
-pub fn replog_direct() -> bool {
-    REPLOG_DIRECT.load(Ordering::Relaxed)
-}
-
 /// Ring fill (percent) at which appliers checkpoint without waiting for their interval.
 const RING_PRESSURE_PERCENT: u64 = 50;
 /// How long a write waits for ring space before it fails with ENOSPC.
